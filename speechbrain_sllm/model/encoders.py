@@ -1,0 +1,317 @@
+"""Speech encoders: HF Whisper / wav2vec2-family wrappers and a small Fbank encoder.
+
+Every encoder maps ``(B, S)`` 16 kHz waveforms with relative lengths to
+``(B, T, D)`` frames with relative lengths, and exposes ``output_size``.
+
+Authors
+ * speechbrain-sllm developers 2026
+"""
+
+import logging
+
+import torch
+from speechbrain.lobes.features import Fbank
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+WAV2VEC2_FAMILY = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "wav2vec2-bert")
+
+
+class SpeechEncoder(nn.Module):
+    """Base class: handles freezing (no grad, eval mode) around ``encode``.
+
+    Arguments
+    ---------
+    freeze : bool
+        If True, parameters are not trained and the forward pass runs in
+        ``torch.no_grad`` and eval mode.
+    """
+
+    def __init__(self, freeze=True):
+        super().__init__()
+        self.freeze = freeze
+
+    def freeze_parameters(self):
+        """Applies ``self.freeze`` to the parameters (call after building)."""
+        for param in self.parameters():
+            param.requires_grad_(not self.freeze)
+
+    def train(self, mode=True):
+        """Keeps a frozen encoder in eval mode (no dropout, fixed norms)."""
+        return super().train(mode and not self.freeze)
+
+    def forward(self, wavs, wav_lens):
+        """Encodes waveforms.
+
+        Arguments
+        ---------
+        wavs : torch.Tensor
+            ``(B, S)`` waveforms at 16 kHz.
+        wav_lens : torch.Tensor
+            ``(B,)`` relative lengths.
+
+        Returns
+        -------
+        feats : torch.Tensor
+            ``(B, T, D)`` frames.
+        lengths : torch.Tensor
+            ``(B,)`` relative lengths of ``feats``.
+        """
+        if self.freeze:
+            with torch.no_grad():
+                feats, lengths = self.encode(wavs, wav_lens)
+            return feats.detach(), lengths
+        return self.encode(wavs, wav_lens)
+
+    def encode(self, wavs, wav_lens):
+        """Subclasses implement the encoding here (see ``forward``)."""
+        raise NotImplementedError
+
+
+class FbankTransformerEncoder(SpeechEncoder):
+    """Small encoder for CPU work: Fbank -> 2 strided convs (4x) -> Transformer.
+
+    Arguments
+    ---------
+    n_mels : int
+        Number of mel filters.
+    d_model : int
+        Transformer width (``output_size``).
+    num_layers : int
+        Number of Transformer encoder layers.
+    nhead : int
+        Attention heads.
+    dropout : float
+        Dropout inside the Transformer.
+    freeze : bool
+        Whether the encoder is frozen.
+    sample_rate : int
+        Input sampling rate.
+
+    Example
+    -------
+    >>> enc = FbankTransformerEncoder(n_mels=20, d_model=16, num_layers=1, nhead=2, freeze=False)
+    >>> feats, lens = enc(torch.randn(2, 16000), torch.tensor([1.0, 0.5]))
+    >>> feats.shape
+    torch.Size([2, 26, 16])
+    """
+
+    def __init__(
+        self,
+        n_mels=40,
+        d_model=256,
+        num_layers=4,
+        nhead=4,
+        dropout=0.1,
+        freeze=False,
+        sample_rate=16000,
+    ):
+        super().__init__(freeze=freeze)
+        self.fbank = Fbank(n_mels=n_mels, sample_rate=sample_rate)
+        self.subsample = nn.Sequential(
+            nn.Conv1d(n_mels, d_model, 3, 2, padding=1),
+            nn.GELU(),
+            nn.Conv1d(d_model, d_model, 3, 2, padding=1),
+            nn.GELU(),
+        )
+        layer = nn.TransformerEncoderLayer(
+            d_model, nhead, 4 * d_model, dropout, batch_first=True, norm_first=True
+        )
+        self.transformer = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.output_size = d_model
+        self.freeze_parameters()
+
+    def encode(self, wavs, wav_lens):
+        """See ``SpeechEncoder.forward``."""
+        feats = self.fbank(wavs)  # (B, F, n_mels)
+        feats = feats - feats.mean(dim=1, keepdim=True)
+        hidden = self.subsample(feats.transpose(1, 2)).transpose(1, 2)  # (B, F/4, D)
+        time = hidden.shape[1]
+        valid = torch.ceil(wav_lens * time).clamp(min=1)
+        pad_mask = torch.arange(time, device=hidden.device)[None, :] >= valid[:, None]
+        hidden = self.transformer(hidden, src_key_padding_mask=pad_mask)
+        return self.norm(hidden), valid / time
+
+
+class HFWhisperEncoder(SpeechEncoder):
+    """Encoder of an HF Whisper model (local path, hub id, or a ``WhisperConfig``).
+
+    Audio is padded to the encoder's fixed window (``2 * max_source_positions``
+    mel frames) as Whisper expects; outputs are trimmed to the longest valid
+    input in the batch.
+
+    Arguments
+    ---------
+    source : str or None
+        Local folder or hub id of a Whisper checkpoint (with its
+        ``preprocessor_config.json``).
+    config : transformers.WhisperConfig or None
+        Builds a randomly initialised encoder instead of loading ``source``.
+    freeze : bool
+        Whether the encoder is frozen.
+    cache_dir : str or None
+        HF cache folder.
+
+    Example
+    -------
+    >>> from transformers import WhisperConfig
+    >>> cfg = WhisperConfig(d_model=16, encoder_layers=1, encoder_attention_heads=2,
+    ...     encoder_ffn_dim=32, num_mel_bins=20, max_source_positions=50,
+    ...     decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32)
+    >>> enc = HFWhisperEncoder(config=cfg)
+    >>> feats, lens = enc(torch.randn(2, 8000), torch.tensor([1.0, 0.5]))
+    >>> feats.shape, lens
+    (torch.Size([2, 25, 16]), tensor([1.0000, 0.5200]))
+    """
+
+    def __init__(self, source=None, config=None, freeze=True, cache_dir=None):
+        super().__init__(freeze=freeze)
+        from transformers import WhisperFeatureExtractor, WhisperModel
+
+        if (source is None) == (config is None):
+            raise ValueError("HFWhisperEncoder: give exactly one of `source` or `config`.")
+        if source is not None:
+            model = WhisperModel.from_pretrained(source, cache_dir=cache_dir)
+            self.feature_extractor = WhisperFeatureExtractor.from_pretrained(
+                source, cache_dir=cache_dir
+            )
+            config = model.config
+        else:
+            model = WhisperModel(config)
+            self.feature_extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
+        self.encoder = model.encoder
+        self.n_frames = 2 * config.max_source_positions
+        self.hop_length = self.feature_extractor.hop_length
+        self.output_size = config.d_model
+        self.freeze_parameters()
+
+    def encode(self, wavs, wav_lens):
+        """See ``SpeechEncoder.forward``."""
+        n_samples = self.n_frames * self.hop_length
+        if wavs.shape[1] > n_samples:
+            raise ValueError(
+                f"HFWhisperEncoder: audio of {wavs.shape[1]} samples exceeds the "
+                f"encoder window of {n_samples} samples; filter long utterances "
+                "(the data pipeline's `max_duration`) or use a longer window."
+            )
+        mels = self.log_mel(wavs)  # (B, n_mels, n_frames)
+        hidden = self.encoder(mels).last_hidden_state  # (B, n_frames/2, D)
+        out_time = hidden.shape[1]
+        valid = torch.ceil(wav_lens * wavs.shape[1] / self.hop_length / 2).clamp(1, out_time)
+        keep = int(valid.max().item())
+        return hidden[:, :keep], valid / keep
+
+    def log_mel(self, wavs):
+        """Whisper log-mel features of waveforms padded to the encoder window.
+
+        Arguments
+        ---------
+        wavs : torch.Tensor
+            ``(B, S)`` waveforms.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, n_mels, n_frames)`` features on the device of ``wavs``.
+        """
+        n_samples = self.n_frames * self.hop_length
+        padded = nn.functional.pad(wavs.float(), (0, n_samples - wavs.shape[1]))
+        feats = self.feature_extractor._torch_extract_fbank_features(
+            padded.cpu().numpy(), device=str(wavs.device)
+        )
+        feats = torch.as_tensor(feats, device=wavs.device)[..., : self.n_frames]
+        return feats.to(next(self.encoder.parameters()).dtype)
+
+
+class HFWav2Vec2Encoder(SpeechEncoder):
+    """wav2vec2-family encoder (wav2vec2, HuBERT, WavLM, data2vec-audio) from HF.
+
+    Arguments
+    ---------
+    source : str or None
+        Local folder or hub id.
+    config : transformers.PretrainedConfig or None
+        Builds a randomly initialised model from this config instead.
+    freeze : bool
+        Whether the encoder is frozen.
+    normalize : bool
+        Normalise each waveform to zero mean, unit variance over its valid part.
+    cache_dir : str or None
+        HF cache folder.
+
+    Example
+    -------
+    >>> from transformers import WavLMConfig
+    >>> cfg = WavLMConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+    ...     intermediate_size=32, conv_dim=(8, 8), conv_stride=(5, 4), conv_kernel=(10, 8),
+    ...     num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2)
+    >>> enc = HFWav2Vec2Encoder(config=cfg)
+    >>> feats, lens = enc(torch.randn(2, 4000), torch.tensor([1.0, 0.5]))
+    >>> feats.shape
+    torch.Size([2, 198, 16])
+    """
+
+    def __init__(self, source=None, config=None, freeze=True, normalize=True, cache_dir=None):
+        super().__init__(freeze=freeze)
+        from transformers import AutoModel
+
+        if (source is None) == (config is None):
+            raise ValueError("HFWav2Vec2Encoder: give exactly one of `source` or `config`.")
+        if source is not None:
+            self.model = AutoModel.from_pretrained(source, cache_dir=cache_dir)
+        else:
+            self.model = AutoModel.from_config(config)
+        model_type = self.model.config.model_type
+        if model_type not in WAV2VEC2_FAMILY:
+            raise ValueError(
+                f"HFWav2Vec2Encoder: model_type '{model_type}' of {source or 'config'} is "
+                f"not in the wav2vec2 family {WAV2VEC2_FAMILY}; use HFWhisperEncoder "
+                "for Whisper checkpoints."
+            )
+        if hasattr(self.model, "masked_spec_embed"):
+            self.model.config.mask_time_prob = 0.0
+        self.normalize = normalize
+        self.output_size = self.model.config.hidden_size
+        self.freeze_parameters()
+
+    def encode(self, wavs, wav_lens):
+        """See ``SpeechEncoder.forward``."""
+        samples = wavs.shape[1]
+        valid_samples = torch.round(wav_lens * samples).long()
+        mask = torch.arange(samples, device=wavs.device)[None, :] < valid_samples[:, None]
+        if self.normalize:
+            wavs = normalize_waveforms(wavs, mask)
+        dtype = next(self.model.parameters()).dtype
+        hidden = self.model(wavs.to(dtype), attention_mask=mask.long()).last_hidden_state
+        out_valid = self.model._get_feat_extract_output_lengths(valid_samples)
+        return hidden, out_valid.clamp(min=1).float() / hidden.shape[1]
+
+
+def normalize_waveforms(wavs, mask):
+    """Zero-mean unit-variance normalisation over the valid samples of each row.
+
+    Arguments
+    ---------
+    wavs : torch.Tensor
+        ``(B, S)`` waveforms.
+    mask : torch.Tensor
+        ``(B, S)`` booleans, True on valid samples.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, S)`` normalised waveforms, zeros on padding.
+
+    Example
+    -------
+    >>> out = normalize_waveforms(torch.tensor([[1.0, 3.0, 0.0]]), torch.tensor([[True, True, False]]))
+    >>> out.abs().tolist()
+    [[1.0, 1.0, 0.0]]
+    """
+    mask = mask.to(wavs.dtype)
+    count = mask.sum(dim=1, keepdim=True).clamp(min=1)
+    mean = (wavs * mask).sum(dim=1, keepdim=True) / count
+    var = (((wavs - mean) * mask) ** 2).sum(dim=1, keepdim=True) / count
+    return (wavs - mean) / torch.sqrt(var + 1e-7) * mask

@@ -1,0 +1,190 @@
+"""Layer-wise learning rates: depth rules and the importance-guided rule.
+
+The importance rule (PAPER.md): ``lr_i = base * (1 - lam * (I_i - min I) / (max I - min I))``
+with ``I`` the textual importance of decoder layer ``i`` in the ORIGINAL LLM, so the
+most text-important layer trains at ``(1 - lam)`` times the base rate.
+
+Authors
+ * speechbrain-sllm developers 2026
+"""
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+LAYER_PATTERNS = (
+    re.compile(r"(?:^|\.)layers\.(\d+)\."),  # Llama, Qwen2, Mistral, Gemma, Phi-3
+    re.compile(r"(?:^|\.)h\.(\d+)\."),  # GPT-2, GPT-J, Falcon
+    re.compile(r"(?:^|\.)blocks\.(\d+)\."),
+)
+RULES = ("constant", "depth", "importance")
+
+
+def decoder_layer_index(name):
+    """Decoder-layer index of a parameter name, or None outside the layers.
+
+    Arguments
+    ---------
+    name : str
+        Parameter name, e.g. ``model.layers.3.mlp.up_proj.weight``.
+
+    Returns
+    -------
+    int or None
+
+    Example
+    -------
+    >>> decoder_layer_index("base_model.model.model.layers.12.self_attn.q_proj.lora_A.default.weight")
+    12
+    >>> decoder_layer_index("model.embed_tokens.weight") is None
+    True
+    """
+    for pattern in LAYER_PATTERNS:
+        match = pattern.search(name)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+@dataclass
+class LayerwiseLR:
+    """Configuration of layer-wise learning rates for the LLM's decoder layers.
+
+    Arguments
+    ---------
+    rule : str
+        ``constant`` (every layer at the base rate), ``depth``
+        (``decay ** (L - d)`` for a layer at depth ``d = i + 1``; embeddings are
+        depth 0) or ``importance`` (the paper's rule, from ``profile``).
+    decay : float
+        Per-layer decay of the ``depth`` rule, in ``(0, 1]``.
+    lam : float
+        Lambda of the ``importance`` rule, in ``[0, 1]``.
+    profile : str or None
+        Importance profile JSON written by the importance stage (``importance`` rule).
+    aggregate : str
+        Which per-layer aggregate of the profile to use (``sum``, ``mean``, or
+        ``top3`` style shares such as ``top1``, ``top5``).
+    non_layer_scale : float
+        LR scale of LLM parameters outside decoder layers (embeddings, final
+        norm, LM head) for the ``constant`` and ``importance`` rules.
+
+    Example
+    -------
+    >>> LayerwiseLR(rule="depth", decay=0.5).scales(3)
+    [0.25, 0.5, 1.0]
+    >>> LayerwiseLR(rule="wrong")
+    Traceback (most recent call last):
+    ...
+    ValueError: LayerwiseLR: rule 'wrong' is unknown; choose one of ('constant', 'depth', 'importance').
+    """
+
+    rule: str = "importance"
+    decay: float = 0.9
+    lam: float = 0.4
+    profile: str = None
+    aggregate: str = "sum"
+    non_layer_scale: float = 1.0
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"LayerwiseLR: rule {self.rule!r} is unknown; choose one of {RULES}.")
+        if not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"LayerwiseLR: decay must be in (0, 1], got {self.decay}.")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"LayerwiseLR: lam must be in [0, 1], got {self.lam}.")
+        if self.rule == "importance" and not self.profile:
+            raise ValueError(
+                "LayerwiseLR: rule 'importance' needs `profile`, the JSON written by the "
+                "importance stage on the original LLM (e.g. importance/base/profile.json)."
+            )
+
+    def scales(self, num_layers):
+        """LR multipliers of decoder layers ``0 .. num_layers - 1``.
+
+        Arguments
+        ---------
+        num_layers : int
+            Decoder layers of the LLM.
+
+        Returns
+        -------
+        list of float
+        """
+        if self.rule == "constant":
+            return [1.0] * num_layers
+        if self.rule == "depth":
+            return [self.decay ** (num_layers - (i + 1)) for i in range(num_layers)]
+        importance = load_layer_importance(self.profile, num_layers, self.aggregate)
+        return importance_scales(importance, self.lam)
+
+    def non_layer(self, num_layers):
+        """LR multiplier of LLM parameters outside the decoder layers."""
+        if self.rule == "depth":
+            return self.decay**num_layers
+        return self.non_layer_scale
+
+
+def importance_scales(importance, lam):
+    """The paper's rule: ``1 - lam * (I_i - min) / (max - min)``.
+
+    Arguments
+    ---------
+    importance : list of float
+        Per-layer importance ``I_i``.
+    lam : float
+        Strength; the most important layer gets ``1 - lam``.
+
+    Returns
+    -------
+    list of float
+
+    Example
+    -------
+    >>> importance_scales([1.0, 3.0, 2.0], 0.4)
+    [1.0, 0.6, 0.8]
+    """
+    low, high = min(importance), max(importance)
+    if high == low:
+        return [1.0] * len(importance)
+    return [round(1.0 - lam * (value - low) / (high - low), 12) for value in importance]
+
+
+def load_layer_importance(path, num_layers, aggregate="sum"):
+    """Reads the per-layer importance of a profile JSON and checks its layer count.
+
+    Arguments
+    ---------
+    path : str
+        Profile written by the importance stage.
+    num_layers : int
+        Decoder layers of the LLM being trained.
+    aggregate : str
+        ``sum``, ``mean`` or a ``topK`` share key present in the profile.
+
+    Returns
+    -------
+    list of float
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"Importance profile {path!r} not found; run the importance stage on the "
+            "original LLM first or fix `layerwise_lr.profile` in the yaml."
+        )
+    with open(path) as handle:
+        profile = json.load(handle)
+    layers = profile.get("layers")
+    if not layers:
+        raise ValueError(f"Importance profile {path!r} has no 'layers' entry.")
+    if len(layers) != num_layers:
+        raise ValueError(
+            f"Importance profile {path!r} has {len(layers)} layers but the LLM has "
+            f"{num_layers}; compute the profile on the same LLM you fine-tune."
+        )
+    if aggregate not in layers[0]:
+        raise ValueError(
+            f"Importance profile {path!r} has no per-layer aggregate {aggregate!r}; "
+            f"available: {sorted(k for k in layers[0] if k != 'layer')}."
+        )
+    return [float(layer[aggregate]) for layer in layers]
