@@ -197,7 +197,37 @@ class SpeechLLM(nn.Module):
             label_rows.append(torch.tensor(labels, dtype=torch.long))
         return pad_rows(rows, label_rows, padding_side)
 
-    def forward(self, batch):
+    def forward(self, prefixes, answers, wavs=None, wav_lens=None, suffixes=None):
+        """Full training forward: (encode speech,) splice, run the LLM.
+
+        This is the one entry point used in training so that DDP sees every
+        trainable parameter in a single ``forward`` call.
+
+        Arguments
+        ---------
+        prefixes : list of list of int
+            Prompt ids (before the speech for spoken input).
+        answers : list of list of int
+            Target ids with eos.
+        wavs : torch.Tensor or None
+            ``(B, S)`` waveforms for spoken input; None for text input.
+        wav_lens : torch.Tensor or None
+            ``(B,)`` relative lengths.
+        suffixes : list of list of int or None
+            Prompt ids after the speech.
+
+        Returns
+        -------
+        logits : torch.Tensor
+            ``(B, L, V)``.
+        labels : torch.Tensor
+            ``(B, L)`` with -100 outside the answers.
+        """
+        speech = None if wavs is None else self.speech_embeddings(wavs, wav_lens)
+        batch = self.build_batch(prefixes, speech, suffixes, answers)
+        return self.logits(batch), batch["labels"]
+
+    def logits(self, batch):
         """Runs the LLM on an assembled batch.
 
         Arguments
@@ -232,7 +262,7 @@ class SpeechLLM(nn.Module):
         torch.Tensor
             The loss (scalar, or ``(B,)`` for ``none``).
         """
-        logits = self.forward(batch)
+        logits = self.logits(batch)
         return shifted_lm_loss(logits, batch["labels"], reduction)
 
     @torch.no_grad()

@@ -14,7 +14,7 @@ from speechbrain_sllm.strategies.layerwise import (
     importance_scales,
     load_layer_importance,
 )
-from speechbrain_sllm.strategies.lora import LoRASettings, apply_lora
+from speechbrain_sllm.strategies.lora import LoRASettings, apply_lora, merge_lora
 
 __all__ = [
     "STRATEGIES",
@@ -27,6 +27,7 @@ __all__ = [
     "decoder_layer_index",
     "importance_scales",
     "load_layer_importance",
+    "merge_lora",
     "num_llm_layers",
     "param_groups",
 ]

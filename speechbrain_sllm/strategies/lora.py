@@ -122,3 +122,23 @@ def check_targets(llm, target_modules):
             f"LoRA target_modules {missing} match no linear module of this LLM; "
             f"available: {sorted(linear_names)}. Fix `lora.target_modules` in the yaml."
         )
+
+
+def merge_lora(model):
+    """Merges LoRA adapters into the base weights of ``model.llm`` (no-op without LoRA).
+
+    After merging, importance is measured on the weights the fine-tuned model
+    actually uses, with the same parameter names as the base LLM.
+
+    Arguments
+    ---------
+    model : SpeechLLM
+        Model whose ``llm`` may be a peft model; modified in place.
+
+    Returns
+    -------
+    SpeechLLM
+    """
+    if hasattr(model.llm, "merge_and_unload"):
+        model.llm = model.llm.merge_and_unload()
+    return model

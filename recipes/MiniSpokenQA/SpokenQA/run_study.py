@@ -1,0 +1,289 @@
+#!/usr/bin/env python3
+"""MiniSpokenQA: the whole textual-degradation study, end to end, on a CPU.
+
+Pretrains a small LM on a synthetic knowledge base, measures its textual
+parameter importance, fine-tunes a speech LLM on spoken questions with each
+strategy, then scores text (T2T) and spoken (S2T) QA and the importance shift.
+
+To run it:
+> python run_study.py hparams/study.yaml            # about 15 min on 2 CPU cores
+> python run_study.py hparams/study.yaml --quick    # a few minutes (CI)
+
+Authors
+ * speechbrain-sllm developers 2026
+"""
+
+import json
+import logging
+import os
+import sys
+import time
+
+import speechbrain as sb
+import torch
+from hyperpyyaml import load_hyperpyyaml
+
+from speechbrain_sllm.brains import SpeechLLMBrain
+from speechbrain_sllm.checkpointing import WarmupDecaySchedule
+from speechbrain_sllm.data.dataio import make_qa_dataset
+from speechbrain_sllm.data.prompts import ChatPrompt
+from speechbrain_sllm.data.tokenizers import train_sentencepiece
+from speechbrain_sllm.importance.report import (
+    plot_layer_distributions,
+    plot_module_heatmap,
+    summarize_shift,
+    write_json,
+)
+from speechbrain_sllm.importance.aggregate import ScoreSet
+from speechbrain_sllm.importance.shift import layer_shift, topk_overlap
+from speechbrain_sllm.importance.stage import run_importance, zeroing_check
+from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
+from speechbrain_sllm.strategies import LayerwiseLR, apply_strategy, build_strategy
+from speechbrain_sllm.strategies.lora import merge_lora
+
+logger = logging.getLogger(__name__)
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.append(HERE)
+from minispokenqa_prepare import prepare_minispokenqa  # noqa: E402
+
+
+def make_brain(model, hparams, run_opts, strategy, lr, input_mode, folder, epochs, steps):
+    """A SpeechLLMBrain with its optimizer rule, schedule and checkpointer."""
+    counter = sb.utils.epoch_loop.EpochCounter(limit=epochs)
+    checkpointer = sb.utils.checkpoints.Checkpointer(
+        os.path.join(folder, "save"), recoverables={"counter": counter}
+    )
+    brain_hparams = {
+        "prompt": hparams["prompt"],
+        "tokenizer": hparams["tokenizer"],
+        "strategy": strategy,
+        "lr": lr,
+        "lr_schedule": WarmupDecaySchedule(
+            lr, warmup_steps=int(hparams["warmup_fraction"] * steps), total_steps=steps
+        ),
+        "input_mode": input_mode,
+        "epoch_counter": counter,
+        "train_logger": sb.utils.train_logger.FileTrainLogger(os.path.join(folder, "train_log.txt")),
+        "max_new_tokens": hparams["max_new_tokens"],
+    }
+    opts = dict(run_opts, max_grad_norm=hparams["max_grad_norm"])
+    return SpeechLLMBrain(
+        modules={"model": model},
+        opt_class=lambda groups: torch.optim.AdamW(groups, weight_decay=0.0),
+        hparams=brain_hparams,
+        run_opts=opts,
+        checkpointer=checkpointer,
+    )
+
+
+def fit(brain, train_set, valid_set, batch_size):
+    """Trains for the epochs of the brain's counter and reloads the best checkpoint."""
+    loader = {"batch_size": batch_size, "shuffle": True}
+    brain.fit(
+        brain.hparams.epoch_counter,
+        train_set,
+        valid_set,
+        train_loader_kwargs=loader,
+        valid_loader_kwargs={"batch_size": batch_size},
+    )
+    brain.checkpointer.recover_if_possible(min_key="loss")
+
+
+def pretrain_lm(hparams, run_opts, data):
+    """Stage 2: pretrains the small LM on the text QA and saves it as an HF model."""
+    folder = os.path.join(hparams["output_folder"], "base_lm")
+    model_dir = os.path.join(folder, "model")
+    if os.path.isfile(os.path.join(model_dir, "config.json")):
+        logger.info(f"Base LM found in {model_dir}")
+        return model_dir
+    model = SpeechLLM(load_causal_lm(config=hparams["lm_config"]))
+    strategy = build_strategy("full_ft")
+    apply_strategy(model, strategy)
+    steps = hparams["lm_epochs"] * -(-len(data["text_train"]) // hparams["lm_batch_size"])
+    brain = make_brain(
+        model, hparams, run_opts, strategy, hparams["lm_lr"], "text", folder, hparams["lm_epochs"], steps
+    )
+    fit(brain, data["text_train"], data["text_test"], hparams["lm_batch_size"])
+    if sb.utils.distributed.if_main_process():
+        model.llm.save_pretrained(model_dir)
+        hparams["tokenizer"].to_hf(model_dir)
+    return model_dir
+
+
+def evaluate_both(brain, data, hparams, folder):
+    """T2T and (when the model has an encoder) S2T accuracy, plus text perplexity."""
+    kwargs = {"batch_size": hparams["eval_batch_size"], "progress": True}
+    results = {
+        "t2t": brain.evaluate_qa(data["text_test"], "text", output_file=os.path.join(folder, "t2t.tsv"), **kwargs),
+        "text_ppl": brain.perplexity(data["text_test"], "text", hparams["eval_batch_size"]),
+    }
+    if brain.model.encoder is not None:
+        results["s2t"] = brain.evaluate_qa(
+            data["speech_test"], "speech", output_file=os.path.join(folder, "s2t.tsv"), **kwargs
+        )
+    return results
+
+
+def importance(brain, data, hparams, folder):
+    """Stage 3 / 5: textual importance of the brain's LLM."""
+    return run_importance(
+        brain,
+        data["text_test"],
+        folder,
+        topk_percents=tuple(hparams["importance_topk"]),
+        estimator=hparams["importance_estimator"],
+        mode="text",
+        fraction=hparams["importance_fraction"],
+        batch_size=hparams["eval_batch_size"],
+        progress=True,
+    )
+
+
+def base_stage(hparams, run_opts, data, lm_dir):
+    """Evaluates the base LM and computes its importance profile (+ zeroing check)."""
+    folder = os.path.join(hparams["output_folder"], "base_lm")
+    model = SpeechLLM(load_causal_lm(source=lm_dir))
+    strategy = build_strategy("frozen_llm")
+    brain = make_brain(model, hparams, run_opts, strategy, 0.0, "text", folder, 0, 1)
+    results = evaluate_both(brain, data, hparams, folder)
+    profile, accumulator = importance(brain, data, hparams, os.path.join(hparams["output_folder"], "importance", "base"))
+    results["zeroing"] = zeroing_check(
+        brain, data["text_test"], accumulator, hparams["zeroing_fraction"], "text", hparams["seed"]
+    )
+    scores = {name: accumulator.score(name) for name in accumulator.params}
+    logger.info(f"base LM: {results}")
+    return results, profile, scores
+
+
+def finetune_stage(name, hparams, run_opts, data, lm_dir, base_profile_path):
+    """Stage 4-5 for one strategy: speech fine-tuning, evaluation, importance."""
+    folder = os.path.join(hparams["output_folder"], "finetune", name)
+    sb.utils.seed_everything(hparams["seed"])
+    encoder, adaptor = hparams["encoder"](), hparams["adaptor"]()
+    model = SpeechLLM(load_causal_lm(source=lm_dir), encoder, adaptor)
+    layerwise = LayerwiseLR(rule="importance", lam=hparams["layerwise_lambda"], profile=base_profile_path)
+    strategy = build_strategy(name, lora=hparams["lora"], layerwise_lr=layerwise, train_encoder=hparams["train_encoder"])
+    apply_strategy(model, strategy)
+    steps = hparams["ft_epochs"] * -(-len(data["speech_train"]) // hparams["ft_batch_size"])
+    brain = make_brain(
+        model, hparams, run_opts, strategy, hparams["ft_lr"], "speech", folder, hparams["ft_epochs"], steps
+    )
+    start = time.time()
+    fit(brain, data["speech_train"], data["speech_valid"], hparams["ft_batch_size"])
+    results = {"train_seconds": round(time.time() - start, 1)}
+    results.update(evaluate_both(brain, data, hparams, folder))
+    merge_lora(model)
+    profile, accumulator = importance(brain, data, hparams, os.path.join(hparams["output_folder"], "importance", name))
+    scores = {n: accumulator.score(n) for n in accumulator.params}
+    logger.info(f"{name}: {results}")
+    return results, profile, scores
+
+
+def results_table(base, runs):
+    """The paper-style table as markdown."""
+    lines = [
+        "| Method | T2T acc % | S2T acc % | text PPL | importance JS vs base | peak layer | top-3% IoU vs base |",
+        "|---|---|---|---|---|---|---|",
+        f"| no fine-tuning | {base['t2t']:.1f} | - | {base['text_ppl']:.3f} | 0 | {base['peak']} | 1 |",
+    ]
+    for name, run in runs.items():
+        lines.append(
+            f"| {name} | {run['t2t']:.1f} | {run['s2t']:.1f} | {run['text_ppl']:.3f} | "
+            f"{run['shift']['js']:.4f} | {run['shift']['peak_after']} | {run['top3_iou']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def parse(argv):
+    """SpeechBrain argument parsing, with ``--quick`` mapped to ``hparams/quick.yaml``."""
+    quick = "--quick" in argv
+    argv = [arg for arg in argv if arg != "--quick"]
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    if quick:
+        with open(os.path.join(HERE, "hparams", "quick.yaml")) as handle:
+            quick_overrides = load_hyperpyyaml(handle)
+        user = load_hyperpyyaml(overrides) if overrides else {}
+        quick_overrides.update(user or {})
+        overrides = quick_overrides
+    return hparams_file, run_opts, overrides
+
+
+def main(argv):
+    """Runs the study; returns the results dict."""
+    hparams_file, run_opts, overrides = parse(argv)
+    with open(hparams_file) as handle:
+        hparams = load_hyperpyyaml(handle, overrides)
+    sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides)
+    start = time.time()
+    paths = prepare_minispokenqa(hparams["data_folder"], hparams["num_entities"], hparams["seed"], hparams["skip_prep"])
+    tokenizer = load_or_train_tokenizer(hparams, paths)
+    hparams["tokenizer"], hparams["prompt"] = tokenizer, ChatPrompt(tokenizer)
+    data = {
+        split: make_qa_dataset(path, hparams["prompt"], with_audio=split.startswith("speech"),
+                               max_duration=hparams["max_duration"], sort_key=None)
+        for split, path in paths.items()
+    }
+    lm_dir = pretrain_lm(hparams, run_opts, data)
+    base, base_profile, base_scores = base_stage(hparams, run_opts, data, lm_dir)
+    base_profile_path = os.path.join(hparams["output_folder"], "importance", "base", "profile.json")
+    base["peak"] = max(range(base_profile["num_layers"]), key=lambda i: base_profile["layers"][i]["sum"])
+    runs, profiles = {}, {"base LM": base_profile}
+    for name in hparams["strategies"]:
+        run, profile, scores = finetune_stage(name, hparams, run_opts, data, lm_dir, base_profile_path)
+        run["shift"] = layer_shift([l["sum"] for l in base_profile["layers"]], [l["sum"] for l in profile["layers"]])
+        run["top3_iou"] = topk_overlap(ScoreSet.from_dict(base_scores), ScoreSet.from_dict(scores), 0.03)
+        logger.info(f"{name}: {summarize_shift(run['shift'])}")
+        runs[name], profiles[name] = run, profile
+    return report(hparams, base, runs, profiles, base_profile, time.time() - start)
+
+
+def load_or_train_tokenizer(hparams, paths):
+    """Stage 2a: a sentencepiece tokenizer trained on all questions and answers."""
+    import csv
+
+    from speechbrain_sllm.data.tokenizers import SentencePieceTokenizer
+
+    folder = os.path.join(hparams["output_folder"], "tokenizer")
+    model_path = os.path.join(folder, "spm.model")
+    if os.path.isfile(model_path):
+        return SentencePieceTokenizer(model_path)
+    with open(paths["text_train"]) as handle:
+        rows = list(csv.DictReader(handle))
+    texts = [f"User: {row['question']}" for row in rows] + ["Assistant:"] * 10
+    texts += [row["answer"] for row in rows]
+    return train_sentencepiece(texts, folder, vocab_size=hparams["vocab_size"])
+
+
+def report(hparams, base, runs, profiles, base_profile, seconds):
+    """Stage 6: table, shift metrics, plots and results.json; returns the results."""
+    folder = hparams["output_folder"]
+    table = results_table(base, runs)
+    results = {"base": base, "strategies": runs, "seconds": round(seconds, 1), "table": table}
+    if sb.utils.distributed.if_main_process():
+        write_json(results, os.path.join(folder, "results.json"))
+        plot_layer_distributions(profiles, os.path.join(folder, "plots", "layer_importance.png"))
+        plot_layer_distributions(
+            profiles, os.path.join(folder, "plots", "layer_top3_share.png"), key="top3",
+            title="Share of the global top-3% text-important parameters",
+        )
+        plot_module_heatmap(base_profile, os.path.join(folder, "plots", "base_module_heatmap.png"))
+        with open(os.path.join(folder, "results.md"), "w") as handle:
+            handle.write(table + "\n")
+    zeroing = base["zeroing"]
+    print("\n" + table)
+    print(
+        f"\nZeroing 3% of the base LM's parameters (text PPL): none {zeroing['none']:.3f}, "
+        f"bottom {zeroing['bottom']:.3f}, random {zeroing['random']:.3f}, top {zeroing['top']:.4g}"
+    )
+    for name, run in runs.items():
+        print(f"{name:>18}: {summarize_shift(run['shift'])}")
+    print(
+        f"\nDone in {seconds / 60:.1f} min. Results: {folder}/results.json, {folder}/results.md; "
+        f"plots: {folder}/plots/; importance profiles: {folder}/importance/; "
+        f"predictions and train logs: {folder}/finetune/<strategy>/"
+    )
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

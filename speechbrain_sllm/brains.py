@@ -1,0 +1,283 @@
+"""SpeechBrain ``Brain`` for speech-LLM training and two-sided evaluation.
+
+Authors
+ * speechbrain-sllm developers 2026
+"""
+
+import logging
+import math
+import os
+
+import speechbrain as sb
+import torch
+from speechbrain.dataio.dataloader import make_dataloader
+from tqdm import tqdm
+
+from speechbrain_sllm.checkpointing import TrainableState, unwrap
+from speechbrain_sllm.data.dataio import unpad
+from speechbrain_sllm.metrics import QAAccuracyStats, wer_stats
+from speechbrain_sllm.model.speech_llm import shifted_lm_loss
+from speechbrain_sllm.strategies import param_groups
+
+logger = logging.getLogger(__name__)
+INPUT_MODES = ("speech", "text")
+
+
+class SpeechLLMBrain(sb.Brain):
+    """Trains a ``SpeechLLM`` (module key ``model``) with the strategy in ``hparams``.
+
+    Expected hparams: ``prompt`` (ChatPrompt), ``tokenizer``, ``strategy``
+    (from ``build_strategy``; applied to the model before the Brain is built),
+    ``lr``; optional ``lr_schedule`` (WarmupDecaySchedule, stepped per
+    optimizer step), ``input_mode`` (``speech`` or ``text``), ``train_logger``,
+    ``text_valid_set`` (a written-QA dataset whose perplexity is logged at each
+    validation), ``max_new_tokens``, ``num_beams``.
+
+    Gradients are clipped over ALL parameter groups (SpeechBrain clips
+    ``param_groups[0]`` only), and checkpoints hold only trainable tensors.
+    """
+
+    @property
+    def input_mode(self):
+        """``speech`` (spoken question) or ``text`` (written question)."""
+        mode = getattr(self.hparams, "input_mode", "speech")
+        if mode not in INPUT_MODES:
+            raise ValueError(f"input_mode {mode!r} unknown; use one of {INPUT_MODES}.")
+        return mode
+
+    @property
+    def model(self):
+        """The ``SpeechLLM``, unwrapped from DDP."""
+        return unwrap(self.modules.model)
+
+    def compute_forward(self, batch, stage):
+        """Runs the model on a batch in the current input mode."""
+        return self.forward_mode(batch, self.input_mode)
+
+    def forward_mode(self, batch, mode):
+        """Forward pass with spoken (``speech``) or written (``text``) questions.
+
+        Arguments
+        ---------
+        batch : PaddedBatch
+            Batch from ``make_qa_dataset``.
+        mode : str
+            ``speech`` or ``text``.
+
+        Returns
+        -------
+        logits : torch.Tensor
+            ``(B, L, V)``.
+        labels : torch.Tensor
+            ``(B, L)``.
+        """
+        batch = batch.to(self.device)
+        answers = [ids.tolist() for ids in unpad(batch.answer_ids)]
+        if mode == "speech":
+            prefix, suffix = self.hparams.prompt.speech_prompt()
+            count = len(answers)
+            wavs, wav_lens = batch.sig
+            return self.modules.model([prefix] * count, answers, wavs, wav_lens, [suffix] * count)
+        prompts = [ids.tolist() for ids in unpad(batch.prompt_ids)]
+        return self.modules.model(prompts, answers)
+
+    def compute_objectives(self, predictions, batch, stage):
+        """Mean next-token cross-entropy over answer tokens."""
+        logits, labels = predictions
+        return shifted_lm_loss(logits, labels, "mean")
+
+    def init_optimizers(self):
+        """Builds one optimizer over the strategy's parameter groups."""
+        if self.opt_class is None:
+            return
+        groups = param_groups(self.model, self.hparams.strategy, self.hparams.lr)
+        if not groups:
+            raise ValueError("No trainable parameter: check `strategy` and the model settings.")
+        self.optimizer = self.opt_class(groups)
+        self.optimizers_dict = {"optimizer": self.optimizer}
+        if self.checkpointer is not None:
+            self.checkpointer.add_recoverable("optimizer", self.optimizer)
+
+    def on_fit_start(self):
+        """Registers the compact model state and the schedule before recovery."""
+        if self.checkpointer is not None:
+            recoverables = self.checkpointer.recoverables
+            if "model" not in recoverables:
+                self.checkpointer.add_recoverable("model", TrainableState(self.modules.model))
+            schedule = getattr(self.hparams, "lr_schedule", None)
+            if schedule is not None and "lr_schedule" not in recoverables:
+                self.checkpointer.add_recoverable("lr_schedule", schedule)
+        super().on_fit_start()
+
+    def optimizers_step(self):
+        """Optimizer step with gradient clipping over every parameter group."""
+        if self.opt_class is None:
+            return
+        self.scaler.unscale_(self.optimizer)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        if not self.scaler.is_enabled() and self.skip_nonfinite_grads:
+            self.check_gradients()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_step += 1
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        """Steps the per-step LR schedule after each optimizer step."""
+        schedule = getattr(self.hparams, "lr_schedule", None)
+        if should_step and schedule is not None:
+            schedule(self.optimizer)
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        """Logs loss / perplexity; saves a checkpoint after validation."""
+        stats = {"loss": stage_loss, "ppl": math.exp(min(stage_loss, 50.0))}
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = stats
+            return
+        text_set = getattr(self.hparams, "text_valid_set", None)
+        if stage == sb.Stage.VALID and text_set is not None:
+            stats["text_ppl"] = self.perplexity(text_set, mode="text")
+        logger_ = getattr(self.hparams, "train_logger", None)
+        if stage == sb.Stage.VALID:
+            lr = self.optimizer.param_groups[0]["lr"] if self.opt_class else 0.0
+            if logger_ is not None:
+                logger_.log_stats(
+                    stats_meta={"epoch": epoch, "lr": lr},
+                    train_stats=getattr(self, "train_stats", None),
+                    valid_stats=stats,
+                )
+            if self.checkpointer is not None:
+                self.checkpointer.save_and_keep_only(meta={"loss": stage_loss}, min_keys=["loss"])
+        elif logger_ is not None:
+            logger_.log_stats(stats_meta={"Epoch loaded": epoch}, test_stats=stats)
+
+    def _loader(self, dataset, batch_size):
+        return make_dataloader(dataset, batch_size=batch_size, shuffle=False)
+
+    @torch.no_grad()
+    def perplexity(self, dataset, mode="text", batch_size=8):
+        """Perplexity of the answers given the questions (token-weighted).
+
+        Arguments
+        ---------
+        dataset : DynamicItemDataset
+            QA dataset.
+        mode : str
+            ``text`` or ``speech`` questions.
+        batch_size : int
+            Batch size.
+
+        Returns
+        -------
+        float
+        """
+        self.modules.eval()
+        total, count = 0.0, 0
+        for batch in self._loader(dataset, batch_size):
+            with self.evaluation_ctx:
+                logits, labels = self.forward_mode(batch, mode)
+            total += shifted_lm_loss(logits, labels, "sum").item()
+            count += int((labels[:, 1:] != -100).sum())
+        return math.exp(min(total / max(count, 1), 50.0))
+
+    @torch.no_grad()
+    def decode(self, dataset, mode="speech", batch_size=8, progress=False):
+        """Generates answers for every item of ``dataset``.
+
+        Arguments
+        ---------
+        dataset : DynamicItemDataset
+            QA dataset.
+        mode : str
+            ``speech`` (S2T) or ``text`` (T2T) questions.
+        batch_size : int
+            Batch size.
+        progress : bool
+            Show a progress bar.
+
+        Returns
+        -------
+        ids, predictions, references : list of str
+        """
+        self.modules.eval()
+        model, prompt, tok = self.model, self.hparams.prompt, self.hparams.tokenizer
+        ids, predictions, references = [], [], []
+        loader = self._loader(dataset, batch_size)
+        for batch in tqdm(loader, disable=not progress, desc=f"decode {mode}"):
+            batch = batch.to(self.device)
+            with self.evaluation_ctx:
+                if mode == "speech":
+                    prefix, suffix = prompt.speech_prompt()
+                    speech = model.speech_embeddings(*batch.sig)
+                    count = len(speech)
+                    inputs = model.build_batch(
+                        [prefix] * count, speech, [suffix] * count, padding_side="left"
+                    )
+                else:
+                    prompts = [p.tolist() for p in unpad(batch.prompt_ids)]
+                    inputs = model.build_batch(prompts, padding_side="left")
+                outputs = model.generate(
+                    inputs,
+                    max_new_tokens=getattr(self.hparams, "max_new_tokens", 32),
+                    num_beams=getattr(self.hparams, "num_beams", 1),
+                    eos_id=tok.eos_id,
+                    pad_id=tok.pad_id,
+                )
+            ids.extend(batch.id)
+            predictions.extend(tok.decode(out) for out in outputs)
+            references.extend(batch.answer)
+        return ids, predictions, references
+
+    def evaluate_qa(self, dataset, mode="speech", match="contains", output_file=None, **kwargs):
+        """QA accuracy (%) with normalised answer matching (T2T or S2T).
+
+        Arguments
+        ---------
+        dataset : DynamicItemDataset
+            QA dataset.
+        mode : str
+            ``speech`` or ``text``.
+        match : str
+            ``contains`` or ``exact``.
+        output_file : str or None
+            Where per-item predictions are written (tab separated).
+        **kwargs : dict
+            Passed to ``decode``.
+
+        Returns
+        -------
+        float
+        """
+        stats = QAAccuracyStats(mode=match)
+        stats.append(*self.decode(dataset, mode=mode, **kwargs))
+        accuracy = stats.summarize("accuracy")
+        if output_file and sb.utils.distributed.if_main_process():
+            os.makedirs(os.path.dirname(output_file) or ".", exist_ok=True)
+            with open(output_file, "w") as handle:
+                stats.write_stats(handle)
+        return accuracy
+
+    def evaluate_wer(self, dataset, output_file=None, **kwargs):
+        """Word error rate (%) of generated transcripts against the ``answer`` field.
+
+        Arguments
+        ---------
+        dataset : DynamicItemDataset
+            ASR dataset whose answers are transcripts.
+        output_file : str or None
+            Where SpeechBrain's WER alignment report is written.
+        **kwargs : dict
+            Passed to ``decode``.
+
+        Returns
+        -------
+        float
+        """
+        stats = wer_stats()
+        ids, predictions, references = self.decode(dataset, mode="speech", **kwargs)
+        stats.append(ids, [p.split() for p in predictions], [r.split() for r in references])
+        if output_file and sb.utils.distributed.if_main_process():
+            with open(output_file, "w") as handle:
+                stats.write_stats(handle)
+        return stats.summarize("error_rate")

@@ -1,0 +1,260 @@
+"""Manifests, audio loading and the data pipelines of spoken / written QA.
+
+Manifests are SpeechBrain CSV or JSON files with the fields
+``ID, wav, duration, question, answer`` (``wav`` may use ``$data_root``).
+
+Bad-item policy (documented in the README):
+
+* At dataset creation, ``check_items=True`` drops items whose audio file is
+  missing or unreadable, whose duration exceeds ``max_duration`` or whose
+  question / answer is empty; each drop is logged and a summary counts them.
+* At load time, audio is downmixed to mono and resampled to ``sample_rate``;
+  a file that cannot be read raises :class:`AudioError` naming the file.
+
+Authors
+ * speechbrain-sllm developers 2026
+"""
+
+import logging
+import os
+from collections import Counter
+
+import soundfile
+import speechbrain as sb
+import torch
+import torchaudio
+
+logger = logging.getLogger(__name__)
+
+
+class AudioError(ValueError):
+    """An audio file that cannot be used, with the file and the fix in the message."""
+
+
+def load_audio(path, sample_rate=16000, max_duration=None):
+    """Reads an audio file as a mono float waveform at ``sample_rate``.
+
+    Arguments
+    ---------
+    path : str
+        Audio file (any format soundfile reads: wav, flac, ogg).
+    sample_rate : int
+        Target rate; other rates are resampled.
+    max_duration : float or None
+        Longest accepted duration in seconds.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(S,)`` waveform.
+
+    Example
+    -------
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "a.wav")
+    >>> soundfile.write(path, torch.zeros(8000, 2).numpy(), 8000)
+    >>> load_audio(path).shape
+    torch.Size([16000])
+    """
+    if not os.path.isfile(path):
+        raise AudioError(f"Audio file {path!r} does not exist; fix the manifest's wav field.")
+    try:
+        data, file_rate = soundfile.read(path, dtype="float32", always_2d=True)  # (S, C)
+    except (RuntimeError, soundfile.LibsndfileError) as error:
+        raise AudioError(f"Audio file {path!r} cannot be read ({error}); re-encode it.") from error
+    if data.shape[0] == 0:
+        raise AudioError(f"Audio file {path!r} is empty; remove it from the manifest.")
+    wav = torch.from_numpy(data).mean(dim=1)  # (S,) mono
+    if file_rate != sample_rate:
+        wav = torchaudio.functional.resample(wav, file_rate, sample_rate)
+    if max_duration is not None and wav.shape[0] > max_duration * sample_rate:
+        raise AudioError(
+            f"Audio file {path!r} lasts {wav.shape[0] / sample_rate:.1f}s, over "
+            f"max_duration={max_duration}s; raise max_duration or filter the manifest."
+        )
+    return wav
+
+
+def audio_problem(path, max_duration=None):
+    """Why an audio file cannot be used, or None when it can (header check only).
+
+    Arguments
+    ---------
+    path : str
+        Audio file.
+    max_duration : float or None
+        Longest accepted duration in seconds.
+
+    Returns
+    -------
+    str or None
+    """
+    if not os.path.isfile(path):
+        return "missing audio file"
+    try:
+        info = soundfile.info(path)
+    except (RuntimeError, soundfile.LibsndfileError):
+        return "unreadable audio file"
+    if info.frames == 0:
+        return "empty audio file"
+    if max_duration is not None and info.frames / info.samplerate > max_duration:
+        return "audio longer than max_duration"
+    return None
+
+
+def load_manifest(path, replacements=None):
+    """Loads a SpeechBrain CSV or JSON manifest into a ``DynamicItemDataset``.
+
+    Arguments
+    ---------
+    path : str
+        ``.csv`` or ``.json`` manifest.
+    replacements : dict or None
+        ``{"data_root": folder}`` style substitutions.
+
+    Returns
+    -------
+    speechbrain.dataio.dataset.DynamicItemDataset
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Manifest {path!r} not found; run the recipe's data preparation.")
+    replacements = replacements or {}
+    if path.endswith(".csv"):
+        return sb.dataio.dataset.DynamicItemDataset.from_csv(path, replacements=replacements)
+    if path.endswith(".json"):
+        return sb.dataio.dataset.DynamicItemDataset.from_json(path, replacements=replacements)
+    raise ValueError(f"Manifest {path!r} must end in .csv or .json.")
+
+
+def drop_bad_items(dataset, fields, max_duration=None, name="dataset"):
+    """Drops items with unusable audio or empty text, logging each and a summary.
+
+    Arguments
+    ---------
+    dataset : DynamicItemDataset
+        Dataset to filter.
+    fields : list of str
+        Text fields that must be non-empty; ``wav`` is checked as audio.
+    max_duration : float or None
+        Longest accepted duration in seconds.
+    name : str
+        Name used in the log.
+
+    Returns
+    -------
+    dataset : DynamicItemDataset
+        The filtered dataset.
+    skipped : collections.Counter
+        Reasons and counts of dropped items.
+    """
+    skipped = Counter()
+    keep = []
+    for data_id in dataset.data_ids:
+        item = dataset.data[data_id]
+        problem = None
+        for field in fields:
+            if field == "wav":
+                problem = audio_problem(item["wav"], max_duration)
+            elif not str(item.get(field, "")).strip():
+                problem = f"empty {field}"
+            if problem:
+                break
+        if problem:
+            skipped[problem] += 1
+            logger.warning(f"{name}: skipping {data_id} ({problem}): {item.get('wav', '')}")
+        else:
+            keep.append(data_id)
+    if skipped:
+        logger.warning(f"{name}: skipped {sum(skipped.values())} items: {dict(skipped)}")
+    return dataset.filtered_sorted(select_n=None, key_test={"id": lambda i: i in set(keep)}), skipped
+
+
+def make_qa_dataset(
+    manifest,
+    prompt,
+    with_audio=True,
+    sample_rate=16000,
+    max_duration=30.0,
+    replacements=None,
+    check_items=True,
+    sort_key=None,
+):
+    """Builds a spoken (or written) QA dataset with token ids ready for the SpeechLLM.
+
+    Output keys: ``id``, ``question``, ``answer``, ``prompt_ids`` (text prompt),
+    ``answer_ids`` (with eos) and, when ``with_audio``, ``sig``.
+
+    Arguments
+    ---------
+    manifest : str
+        CSV/JSON manifest with ``question`` and ``answer`` (and ``wav``).
+    prompt : ChatPrompt
+        Prompt builder of the LLM.
+    with_audio : bool
+        Load the ``wav`` field.
+    sample_rate : int
+        Audio rate expected by the encoder.
+    max_duration : float
+        Longest audio in seconds.
+    replacements : dict or None
+        Manifest substitutions such as ``{"data_root": ...}``.
+    check_items : bool
+        Drop unusable items at creation (see the module's policy).
+    sort_key : str or None
+        Sort by this field (e.g. ``duration``) for efficient batching.
+
+    Returns
+    -------
+    DynamicItemDataset
+    """
+    dataset = load_manifest(manifest, replacements)
+    if check_items:
+        fields = ["question", "answer"] + (["wav"] if with_audio else [])
+        dataset, _ = drop_bad_items(dataset, fields, max_duration, os.path.basename(manifest))
+    if sort_key:
+        dataset = dataset.filtered_sorted(sort_key=sort_key)
+    if len(dataset) == 0:
+        raise ValueError(f"Manifest {manifest!r} has no usable item left; see the log.")
+
+    @sb.utils.data_pipeline.takes("question", "answer")
+    @sb.utils.data_pipeline.provides("prompt_ids", "answer_ids")
+    def text_pipeline(question, answer):
+        yield torch.tensor(prompt.text_prompt(question), dtype=torch.long)
+        yield torch.tensor(prompt.answer_ids(answer), dtype=torch.long)
+
+    dataset.add_dynamic_item(text_pipeline)
+    keys = ["id", "question", "answer", "prompt_ids", "answer_ids"]
+    if with_audio:
+
+        @sb.utils.data_pipeline.takes("wav")
+        @sb.utils.data_pipeline.provides("sig")
+        def audio_pipeline(wav):
+            return load_audio(wav, sample_rate, max_duration)
+
+        dataset.add_dynamic_item(audio_pipeline)
+        keys.append("sig")
+    dataset.set_output_keys(keys)
+    return dataset
+
+
+def unpad(padded):
+    """Splits a ``PaddedData`` of id sequences back into per-item lists.
+
+    Arguments
+    ---------
+    padded : speechbrain.dataio.batch.PaddedData
+        ``data (B, L)`` and relative ``lengths (B,)``.
+
+    Returns
+    -------
+    list of torch.Tensor
+
+    Example
+    -------
+    >>> from speechbrain.dataio.batch import PaddedData
+    >>> unpad(PaddedData(torch.tensor([[1, 2, 3], [4, 0, 0]]), torch.tensor([1.0, 1 / 3])))
+    [tensor([1, 2, 3]), tensor([4])]
+    """
+    data, lengths = padded
+    counts = torch.round(lengths * data.shape[1]).long().tolist()
+    return [data[b, :n] for b, n in enumerate(counts)]

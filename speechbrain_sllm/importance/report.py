@@ -1,0 +1,141 @@
+"""Writes importance profiles and shifts as JSON, CSV and PNG plots, and log summaries.
+
+Authors
+ * speechbrain-sllm developers 2026
+"""
+
+import csv
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def write_json(data, path):
+    """Writes ``data`` as indented JSON atomically (temp file + rename)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def write_csv(rows, path):
+    """Writes a list of flat dicts as CSV (columns from the first row)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def save_profile(profile, folder):
+    """Saves ``profile.json``, ``layers.csv`` and ``modules.csv`` into ``folder``.
+
+    Arguments
+    ---------
+    profile : dict
+        Output of ``aggregate`` plus metadata.
+    folder : str
+        Output folder.
+
+    Returns
+    -------
+    str
+        Path of ``profile.json`` (the file the layer-wise LR rule reads).
+    """
+    path = os.path.join(folder, "profile.json")
+    write_json(profile, path)
+    write_csv(profile["layers"], os.path.join(folder, "layers.csv"))
+    write_csv(profile["modules"], os.path.join(folder, "modules.csv"))
+    return path
+
+
+def summarize_profile(profile, key="sum"):
+    """One-line text summary: peak layer and normalised distribution.
+
+    Example
+    -------
+    >>> summarize_profile({"layers": [{"sum": 1.0}, {"sum": 3.0}], "estimator": "taylor"})
+    'taylor importance by layer (sum, %): L0 25.0 | L1 75.0; peak layer 1'
+    """
+    values = [layer[key] for layer in profile["layers"]]
+    total = sum(values) or 1.0
+    shares = " | ".join(f"L{i} {100 * v / total:.1f}" for i, v in enumerate(values))
+    peak = max(range(len(values)), key=values.__getitem__)
+    return f"{profile.get('estimator', '')} importance by layer ({key}, %): {shares}; peak layer {peak}"
+
+
+def summarize_shift(shift):
+    """One-line text summary of a shift dict from ``layer_shift``.
+
+    Example
+    -------
+    >>> summarize_shift({"js": 0.01, "kl": 0.02, "spearman": 0.9, "emd_layers": 0.3,
+    ...     "peak_before": 5, "peak_after": 2, "peak_shift": -3, "total_ratio": 0.8})
+    'shift: JS 0.0100 bits, KL 0.0200 bits, Spearman 0.900, EMD 0.30 layers, peak L5 -> L2, total x0.80'
+    """
+    return (
+        f"shift: JS {shift['js']:.4f} bits, KL {shift['kl']:.4f} bits, "
+        f"Spearman {shift['spearman']:.3f}, EMD {shift['emd_layers']:.2f} layers, "
+        f"peak L{shift['peak_before']} -> L{shift['peak_after']}, total x{shift['total_ratio']:.2f}"
+    )
+
+
+def plot_layer_distributions(profiles, path, key="sum", title="Textual importance by layer"):
+    """Line plot of normalised per-layer importance for several profiles.
+
+    Arguments
+    ---------
+    profiles : dict
+        ``{label: profile}``.
+    path : str
+        PNG path.
+    key : str
+        Per-layer aggregate to plot.
+    title : str
+        Figure title.
+    """
+    fig, axis = plt.subplots(figsize=(6.4, 3.6))
+    for label, profile in profiles.items():
+        values = [layer[key] for layer in profile["layers"]]
+        total = sum(values) or 1.0
+        axis.plot(range(len(values)), [100 * v / total for v in values], marker="o", label=label)
+    axis.set_xlabel("decoder layer")
+    axis.set_ylabel(f"share of importance ({key}), %")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_module_heatmap(profile, path, title="Importance per module and layer"):
+    """Heat map of summed importance per module type (rows) and layer (columns).
+
+    Arguments
+    ---------
+    profile : dict
+        A profile with ``layer_module_sum``.
+    path : str
+        PNG path.
+    title : str
+        Figure title.
+    """
+    modules = list(profile["layer_module_sum"])
+    matrix = [profile["layer_module_sum"][m] for m in modules]
+    fig, axis = plt.subplots(figsize=(6.4, 0.4 * len(modules) + 1.6))
+    image = axis.imshow(matrix, aspect="auto", cmap="viridis")
+    axis.set_yticks(range(len(modules)), modules)
+    axis.set_xlabel("decoder layer")
+    axis.set_title(title)
+    fig.colorbar(image, ax=axis, label="summed importance")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,262 @@
+"""The importance stage: score parameters on text (or speech) data, aggregate, save.
+
+Runs on the LLM of a ``SpeechLLM`` held by a :class:`SpeechLLMBrain`; a plain HF
+causal LM is scored by wrapping it in ``SpeechLLM(llm)`` (no encoder) and
+using written questions. Under torchrun every rank scores its own shard
+(items ``rank::world_size``, no padding) and the accumulators are summed, so
+the result equals a single-process run up to float summation order.
+
+Authors
+ * speechbrain-sllm developers 2026
+"""
+
+import logging
+import math
+import os
+import time
+
+import torch
+from speechbrain.dataio.batch import PaddedBatch
+from speechbrain.dataio.dataloader import make_dataloader
+from speechbrain.utils.distributed import if_main_process
+from tqdm import tqdm
+
+from speechbrain_sllm.importance.aggregate import ScoreSet, aggregate, topk_threshold
+from speechbrain_sllm.importance.estimators import ImportanceAccumulator
+from speechbrain_sllm.importance.report import save_profile, summarize_profile
+from speechbrain_sllm.model.speech_llm import shifted_lm_loss
+
+logger = logging.getLogger(__name__)
+SCOPES = ("llm", "llm+adaptor")
+
+
+def scored_parameters(model, scope="llm"):
+    """The parameters to score, by name (LoRA adapter tensors excluded).
+
+    Arguments
+    ---------
+    model : SpeechLLM
+        The model.
+    scope : str
+        ``llm`` or ``llm+adaptor``.
+
+    Returns
+    -------
+    dict
+        ``{name: parameter}`` with names prefixed by ``llm.`` / ``adaptor.``.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"importance scope {scope!r} unknown; use one of {SCOPES}.")
+    params = {
+        f"llm.{name}": param
+        for name, param in model.llm.named_parameters()
+        if "lora_" not in name
+    }
+    if scope == "llm+adaptor" and model.adaptor is not None:
+        params.update({f"adaptor.{n}": p for n, p in model.adaptor.named_parameters()})
+    return params
+
+
+def shard_indices(num_items, fraction=1.0, seed=0):
+    """Items scored by this rank: a seeded subset of ``fraction``, then ``rank::world``.
+
+    Arguments
+    ---------
+    num_items : int
+        Dataset size.
+    fraction : float
+        Fraction of the data used (the paper uses 1/30 of the training set).
+    seed : int
+        Seed of the subset draw.
+
+    Returns
+    -------
+    list of int
+
+    Example
+    -------
+    >>> len(shard_indices(90, fraction=1 / 30))
+    3
+    """
+    count = max(1, math.ceil(fraction * num_items))
+    generator = torch.Generator().manual_seed(seed)
+    chosen = sorted(torch.randperm(num_items, generator=generator)[:count].tolist())
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return chosen[rank::world]
+
+
+def accumulate_importance(
+    brain,
+    dataset,
+    estimator="taylor",
+    mode="text",
+    scope="llm",
+    fraction=1.0,
+    batch_size=8,
+    accumulate_dtype=None,
+    seed=0,
+    progress=False,
+):
+    """Runs forward + backward of the summed LM loss over (a shard of) ``dataset``.
+
+    Arguments
+    ---------
+    brain : SpeechLLMBrain
+        Holds the model, device and precision contexts.
+    dataset : DynamicItemDataset
+        QA dataset (``make_qa_dataset``).
+    estimator : str
+        ``taylor``, ``taylor_batch``, ``fisher`` or ``second_order``.
+    mode : str
+        ``text`` (textual importance) or ``speech``.
+    scope : str
+        ``llm`` or ``llm+adaptor``.
+    fraction : float
+        Fraction of the dataset scored.
+    batch_size : int
+        Batch size.
+    accumulate_dtype : str or None
+        ``float32`` (default), ``bfloat16``, ``float16`` or ``param`` (the parameter dtype).
+    seed : int
+        Seed of the subset draw.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    ImportanceAccumulator
+        Accumulators summed over ranks (hooks removed).
+    """
+    model = brain.model
+    params = scored_parameters(model, scope)
+    dtype = None
+    if accumulate_dtype == "param":
+        dtype = next(iter(params.values())).dtype
+    elif accumulate_dtype:
+        dtype = getattr(torch, accumulate_dtype)
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    for param in model.parameters():
+        param.requires_grad_(False)
+    subset = torch.utils.data.Subset(dataset, shard_indices(len(dataset), fraction, seed))
+    loader = make_dataloader(subset, batch_size=batch_size, shuffle=False, collate_fn=PaddedBatch)
+    model.eval()
+    accumulator = ImportanceAccumulator(params, estimator, dtype)
+    try:
+        for batch in tqdm(loader, disable=not progress, desc=f"importance ({mode})"):
+            with brain.training_ctx:
+                logits, labels = brain.forward_mode(batch, mode)
+                loss = shifted_lm_loss(logits, labels, "sum")
+            loss.backward()
+            accumulator.step()
+    finally:
+        accumulator.detach()
+        for param, was_trainable in frozen.items():
+            param.requires_grad_(was_trainable)
+    accumulator.all_reduce()
+    return accumulator
+
+
+def run_importance(brain, dataset, output_folder, topk_percents=(1.0, 3.0, 5.0), **kwargs):
+    """The importance stage: accumulate, aggregate per layer / module, save, log.
+
+    Arguments
+    ---------
+    brain : SpeechLLMBrain
+        Holds the model.
+    dataset : DynamicItemDataset
+        QA dataset.
+    output_folder : str
+        Where ``profile.json``, ``layers.csv`` and ``modules.csv`` go (rank 0 only).
+    topk_percents : tuple of float
+        Percentages for the global top-k shares.
+    **kwargs : dict
+        Passed to ``accumulate_importance`` (estimator, mode, scope, fraction, ...).
+
+    Returns
+    -------
+    profile : dict
+        The aggregated profile with metadata.
+    accumulator : ImportanceAccumulator
+        Per-parameter accumulators (for top-k overlap and the zeroing check).
+    """
+    start = time.time()
+    accumulator = accumulate_importance(brain, dataset, **kwargs)
+    profile = aggregate(ScoreSet.from_accumulator(accumulator), topk_percents)
+    profile.update(
+        {
+            "estimator": accumulator.estimator,
+            "mode": kwargs.get("mode", "text"),
+            "scope": kwargs.get("scope", "llm"),
+            "num_batches": accumulator.num_backward,
+            "seconds": round(time.time() - start, 2),
+        }
+    )
+    if if_main_process():
+        save_profile(profile, output_folder)
+    logger.info(summarize_profile(profile))
+    return profile, accumulator
+
+
+@torch.no_grad()
+def zeroing_check(brain, dataset, accumulator, fraction=0.03, mode="text", seed=0):
+    """The paper's sanity check: perplexity after zeroing top / random / bottom ``fraction``.
+
+    Weights are restored after each condition (only the zeroed entries are
+    kept aside, so the extra memory is ``fraction`` of the model).
+
+    Arguments
+    ---------
+    brain : SpeechLLMBrain
+        Holds the model.
+    dataset : DynamicItemDataset
+        Held-out QA data for perplexity.
+    accumulator : ImportanceAccumulator
+        Scores of the parameters considered.
+    fraction : float
+        Fraction zeroed, e.g. 0.03.
+    mode : str
+        ``text`` or ``speech``.
+    seed : int
+        Seed of the random selection.
+
+    Returns
+    -------
+    dict
+        Perplexity for ``none``, ``top``, ``random`` and ``bottom``.
+    """
+    scores = ScoreSet.from_accumulator(accumulator)
+    top, _ = topk_threshold(scores, fraction, largest=True)
+    bottom, _ = topk_threshold(scores, fraction, largest=False)
+    generator = torch.Generator().manual_seed(seed)
+    selectors = {
+        "top": lambda name, param: accumulator.score(name) >= top,
+        "random": lambda name, param: (
+            torch.rand(param.shape, generator=generator) < fraction
+        ).to(param.device),
+        "bottom": lambda name, param: accumulator.score(name) <= bottom,
+    }
+    results = {"none": brain.perplexity(dataset, mode=mode)}
+    for condition, select in selectors.items():
+        saved = {}
+        for name, param in accumulator.params.items():
+            mask = select(name, param)
+            saved[name] = (mask, param[mask].clone())
+            param[mask] = 0
+        results[condition] = brain.perplexity(dataset, mode=mode)
+        for name, (mask, values) in saved.items():
+            accumulator.params[name][mask] = values
+    return results
+
+
+def save_scores(accumulator, path):
+    """Saves per-parameter fp32 scores (for later top-k overlap) with torch.save."""
+    if if_main_process():
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        torch.save({name: accumulator.score(name).cpu() for name in accumulator.params}, path)
+
+
+def load_scores(path):
+    """Loads scores written by ``save_scores`` (``weights_only=True``) as a ``ScoreSet``."""
+    return ScoreSet.from_dict(torch.load(path, map_location="cpu", weights_only=True))
