@@ -36,6 +36,8 @@ class SpeechEncoder(nn.Module):
         """Applies ``self.freeze`` to the parameters (call after building)."""
         for param in self.parameters():
             param.requires_grad_(not self.freeze)
+        if self.freeze:
+            self.eval()
 
     def train(self, mode=True):
         """Keeps a frozen encoder in eval mode (no dropout, fixed norms)."""
@@ -126,7 +128,12 @@ class FbankTransformerEncoder(SpeechEncoder):
     def encode(self, wavs, wav_lens):
         """See ``SpeechEncoder.forward``."""
         feats = self.fbank(wavs)  # (B, F, n_mels)
-        feats = feats - feats.mean(dim=1, keepdim=True)
+        frames = feats.shape[1]
+        valid_frames = torch.round(wav_lens * (frames - 1)) + 1  # centred STFT: S / hop + 1
+        frame_mask = torch.arange(frames, device=feats.device)[None, :] < valid_frames[:, None]
+        frame_mask = frame_mask.unsqueeze(-1).to(feats.dtype)  # (B, F, 1)
+        mean = (feats * frame_mask).sum(dim=1, keepdim=True) / valid_frames[:, None, None]
+        feats = (feats - mean) * frame_mask  # per-utterance mean over valid frames only
         hidden = self.subsample(feats.transpose(1, 2)).transpose(1, 2)  # (B, F/4, D)
         time = hidden.shape[1]
         valid = torch.ceil(wav_lens * time).clamp(min=1)

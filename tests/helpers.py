@@ -1,0 +1,70 @@
+"""Test helpers: a Brain over a tiny SpeechLLM and a fixed batch of real spoken QA."""
+
+import json
+import os
+
+import speechbrain as sb
+import torch
+from speechbrain.dataio.dataloader import make_dataloader
+
+from conftest import llama_config, tiny_speech_llm
+from speechbrain_sllm.brains import SpeechLLMBrain
+from speechbrain_sllm.data.dataio import make_qa_dataset
+from speechbrain_sllm.strategies import (
+    LayerwiseLR,
+    LoRASettings,
+    apply_strategy,
+    build_strategy,
+)
+
+
+def write_profile(path, values):
+    with open(path, "w") as handle:
+        json.dump({"layers": [{"layer": i, "sum": v} for i, v in enumerate(values)]}, handle)
+    return str(path)
+
+
+def strategy_for(name, folder, layers=3, rule="importance", lora_rank=4):
+    profile = write_profile(os.path.join(folder, "profile.json"), [float(i + 1) for i in range(layers)])
+    return build_strategy(
+        name,
+        lora=LoRASettings(rank=lora_rank, dropout=0.0),
+        layerwise_lr=LayerwiseLR(rule=rule, lam=0.4, profile=profile, decay=0.5),
+        train_encoder=True,
+    )
+
+
+def make_brain(name, tokenizer, prompt, folder, lr=3e-3, seed=0, mode="speech", counter_limit=1, **run_opts):
+    model = tiny_speech_llm(llama_config(vocab_size=len(tokenizer)), seed=seed)
+    strategy = strategy_for(name, str(folder))
+    apply_strategy(model, strategy)
+    counter = sb.utils.epoch_loop.EpochCounter(limit=counter_limit)
+    checkpointer = sb.utils.checkpoints.Checkpointer(
+        os.path.join(str(folder), "save"), recoverables={"counter": counter}
+    )
+    opts = {"device": "cpu", "max_grad_norm": 5.0}
+    opts.update(run_opts)
+    return SpeechLLMBrain(
+        modules={"model": model},
+        opt_class=lambda groups: torch.optim.AdamW(groups, weight_decay=0.0),
+        hparams={
+            "prompt": prompt,
+            "tokenizer": tokenizer,
+            "strategy": strategy,
+            "lr": lr,
+            "input_mode": mode,
+            "epoch_counter": counter,
+            "max_new_tokens": 4,
+        },
+        run_opts=opts,
+        checkpointer=checkpointer,
+    )
+
+
+def fixed_batch(manifest, prompt, with_audio=True, size=6):
+    dataset = make_qa_dataset(manifest, prompt, with_audio=with_audio)
+    return next(iter(make_dataloader(dataset, batch_size=size)))
+
+
+def llm_state(model):
+    return {n: p.detach().clone() for n, p in model.llm.named_parameters()}

@@ -1,0 +1,111 @@
+import pytest
+import torch
+from transformers import WavLMConfig, WhisperConfig
+
+from conftest import HIDDEN, llama_config, tiny_speech_llm
+from speechbrain_sllm.model.adaptors import ConvDownsampler, FrameStackAdaptor
+from speechbrain_sllm.model.encoders import (
+    FbankTransformerEncoder,
+    HFWav2Vec2Encoder,
+    HFWhisperEncoder,
+)
+from speechbrain_sllm.model.speech_llm import IGNORE_INDEX, SpeechLLM, load_causal_lm
+
+
+def test_splice_places_speech_between_prompt_parts_and_masks_labels(llm_config):
+    torch.manual_seed(0)
+    model = tiny_speech_llm(llm_config)
+    speech = [torch.randn(4, HIDDEN), torch.randn(2, HIDDEN)]
+    prefixes, suffixes, answers = [[5, 6], [5, 6]], [[7], [7]], [[8, 9, 3], [10, 3]]
+    batch = model.build_batch(prefixes, speech, suffixes, answers)
+    assert batch["inputs_embeds"].shape == (2, 10, HIDDEN)
+    assert batch["attention_mask"].tolist() == [[1] * 10, [1] * 7 + [0] * 3]
+    assert batch["labels"][0].tolist() == [IGNORE_INDEX] * 7 + [8, 9, 3]
+    assert batch["labels"][1].tolist() == [IGNORE_INDEX] * 5 + [10, 3] + [IGNORE_INDEX] * 3
+    # speech frames land right after the prefix, token embeddings around them
+    assert torch.equal(batch["inputs_embeds"][1, 2:4], speech[1])
+    embed = model.llm.get_input_embeddings()
+    assert torch.equal(batch["inputs_embeds"][0, :2], embed(torch.tensor([5, 6])))
+    assert torch.equal(batch["inputs_embeds"][1, 4], embed(torch.tensor(7)))
+
+
+def test_padding_does_not_change_the_loss_of_an_item(llm_config):
+    model = tiny_speech_llm(llm_config).eval()
+    speech = [torch.randn(5, HIDDEN), torch.randn(3, HIDDEN)]
+    alone = model.loss(model.build_batch([[5]], speech[1:], [[7]], [[8, 3]]), "none")
+    batched = model.loss(model.build_batch([[5, 6], [5]], speech, [[7], [7]], [[9, 9, 9, 3], [8, 3]]), "none")
+    assert torch.allclose(alone[0], batched[1], atol=1e-5)
+
+
+def test_fbank_encoder_ignores_padding_when_normalising():
+    torch.manual_seed(0)
+    encoder = FbankTransformerEncoder(n_mels=20, d_model=16, num_layers=1, nhead=2, freeze=True)
+    wav = torch.randn(1, 8000)
+    alone, _ = encoder(wav, torch.ones(1))
+    padded, lens = encoder(torch.cat([wav, torch.zeros(1, 8000)], 1), torch.tensor([0.5]))
+    valid = alone.shape[1]
+    assert lens.item() == pytest.approx(valid / padded.shape[1], abs=0.03)
+    # frames away from the end see identical inputs
+    assert torch.allclose(alone[:, : valid - 3], padded[:, : valid - 3], atol=1e-4)
+
+
+def test_batched_left_padded_generation_matches_one_by_one():
+    torch.manual_seed(0)
+    model = SpeechLLM(load_causal_lm(config=llama_config())).eval()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
+    for beams in (1, 3):
+        batched = model.generate(model.build_batch(prompts, padding_side="left"), 6, beams, eos_id=3)
+        single = [
+            model.generate(model.build_batch([p], padding_side="left"), 6, beams, eos_id=3)[0]
+            for p in prompts
+        ]
+        assert batched == single
+
+
+def test_text_path_equals_plain_llm_on_the_same_tokens():
+    torch.manual_seed(0)
+    llm = load_causal_lm(config=llama_config())
+    model = SpeechLLM(llm).eval()
+    logits, labels = model([[5, 6, 7]], [[8, 3]])
+    reference = llm(input_ids=torch.tensor([[5, 6, 7, 8, 3]])).logits
+    assert torch.allclose(logits, reference, atol=1e-5)
+    assert labels.tolist() == [[IGNORE_INDEX] * 3 + [8, 3]]
+
+
+def test_whisper_and_wavlm_encoders_feed_the_llm():
+    whisper = HFWhisperEncoder(config=WhisperConfig(
+        d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
+        decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32,
+        num_mel_bins=20, max_source_positions=50,
+    ))
+    wavlm = HFWav2Vec2Encoder(config=WavLMConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        conv_dim=(8, 8), conv_stride=(5, 4), conv_kernel=(10, 8),
+        num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
+    ))
+    for encoder, adaptor in ((whisper, FrameStackAdaptor(16, HIDDEN, 5, 32)),
+                             (wavlm, ConvDownsampler(16, HIDDEN, 2, 2, 16))):
+        model = SpeechLLM(load_causal_lm(config=llama_config()), encoder, adaptor)
+        speech = model.speech_embeddings(torch.randn(2, 8000), torch.tensor([1.0, 0.5]))
+        assert speech[0].shape[1] == HIDDEN and speech[1].shape[0] < speech[0].shape[0]
+        assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_whisper_rejects_audio_longer_than_its_window():
+    whisper = HFWhisperEncoder(config=WhisperConfig(
+        d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
+        decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32,
+        num_mel_bins=20, max_source_positions=50,
+    ))
+    with pytest.raises(ValueError, match="exceeds the encoder window"):
+        whisper(torch.randn(1, 20000), torch.ones(1))
+
+
+def test_models_saved_locally_load_back_by_path(tmp_path):
+    torch.manual_seed(0)
+    llm = load_causal_lm(config=llama_config())
+    llm.save_pretrained(tmp_path / "lm")
+    again = load_causal_lm(source=str(tmp_path / "lm"))
+    ids = torch.tensor([[4, 5, 6]])
+    assert torch.equal(llm(input_ids=ids).logits, again(input_ids=ids).logits)
+    assert again.config.num_hidden_layers == 3
