@@ -281,3 +281,51 @@ class SpeechLLMBrain(sb.Brain):
             with open(output_file, "w") as handle:
                 stats.write_stats(handle)
         return stats.summarize("error_rate")
+
+
+class CTCEncoderBrain(sb.Brain):
+    """Pretrains a speech encoder as a character CTC recogniser (a Whisper stand-in).
+
+    Modules: ``encoder`` (a ``SpeechEncoder``) and ``ctc_head`` (``Linear(D, vocab)``).
+    Hparams: ``alphabet`` (characters; index 0 is the CTC blank, so character
+    ``c`` gets ``alphabet.index(c) + 1``). Batches need ``sig`` and ``question``.
+    """
+
+    def tokens(self, texts):
+        """Character ids of lower-cased texts (unknown characters dropped)."""
+        alphabet = self.hparams.alphabet
+        return [
+            torch.tensor([alphabet.index(ch) + 1 for ch in text.lower() if ch in alphabet])
+            for text in texts
+        ]
+
+    def compute_forward(self, batch, stage):
+        """Encoder frames -> CTC log-probabilities ``(B, T, vocab)``."""
+        batch = batch.to(self.device)
+        feats, lengths = self.modules.encoder(*batch.sig)
+        return self.modules.ctc_head(feats).log_softmax(dim=-1), lengths
+
+    def compute_objectives(self, predictions, batch, stage):
+        """Character CTC loss, mean over the batch."""
+        log_probs, lengths = predictions
+        targets = self.tokens(batch.question)
+        frames = torch.round(lengths * log_probs.shape[1]).long()
+        return torch.nn.functional.ctc_loss(
+            log_probs.transpose(0, 1),
+            torch.cat(targets).to(self.device),
+            frames,
+            torch.tensor([len(t) for t in targets]),
+            zero_infinity=True,
+        )
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        """Logs the loss and keeps the best checkpoint by validation loss."""
+        if stage == sb.Stage.TRAIN:
+            self.train_loss = stage_loss
+        elif stage == sb.Stage.VALID:
+            self.hparams.train_logger.log_stats(
+                stats_meta={"epoch": epoch},
+                train_stats={"loss": getattr(self, "train_loss", None)},
+                valid_stats={"loss": stage_loss},
+            )
+            self.checkpointer.save_and_keep_only(meta={"loss": stage_loss}, min_keys=["loss"])

@@ -341,7 +341,7 @@ def pad_rows(rows, label_rows, padding_side="right"):
 
 
 def shifted_lm_loss(logits, labels, reduction="mean"):
-    """Cross-entropy of ``logits[:, t]`` against ``labels[:, t + 1]`` (fp32).
+    """Cross-entropy of ``logits[:, t]`` against ``labels[:, t + 1]`` (at least fp32).
 
     Arguments
     ---------
@@ -363,7 +363,9 @@ def shifted_lm_loss(logits, labels, reduction="mean"):
     >>> round(loss.item(), 4) == round(torch.log(torch.tensor(4.0)).item(), 4)
     True
     """
-    logits = logits[:, :-1].float()  # (B, L-1, V)
+    logits = logits[:, :-1]  # (B, L-1, V)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     targets = labels[:, 1:]  # (B, L-1)
     token_loss = nn.functional.cross_entropy(
         logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"

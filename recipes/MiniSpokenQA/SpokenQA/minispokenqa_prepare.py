@@ -5,9 +5,12 @@ Splits (``<data_folder>/``):
 * ``text_train.csv``: every (fact, template) written question; the LM is pretrained on it.
 * ``text_test.csv``: the same questions, scored as T2T accuracy (the facts the
   LM knows: its textual competence, which speech fine-tuning may erode).
-* ``speech_train.csv``: templates 0 and 1 spoken in the training voices.
-* ``speech_valid.csv``: template 2 of every 4th fact, one training voice.
-* ``speech_test.csv``: template 2 (a phrasing never heard) in an unseen voice (S2T).
+* ``speech_train.csv``: 3 of every 4 facts, every template, in the training voices.
+* ``speech_valid.csv``: 1 in 12 facts (held out of speech training), one training voice.
+* ``speech_test.csv``: the other held-out facts (1 in 6), every template, in a voice
+  never heard in training (S2T). Their entities and phrasings were heard in other
+  questions, but these questions were never spoken in training: the answer has to
+  come from the LLM's text knowledge, reached through speech.
 
 Authors
  * speechbrain-sllm developers 2026
@@ -61,21 +64,44 @@ def prepare_minispokenqa(data_folder, num_entities=40, seed=1234, skip_prep=Fals
     tts = EspeakTTS(sample_rate=16000)
     write_manifest(text_rows(pairs, "text"), paths["text_train"])
     write_manifest(text_rows(pairs, "text"), paths["text_test"])
-    seen = [p for p in pairs if p["template"] in (0, 1)]
-    unseen = [p for p in pairs if p["template"] == 2]
-    valid = [p for i, p in enumerate(unseen) if (i // 4) % 4 == 0]
+    split_of = {key: fact_split(i) for i, key in enumerate(dict.fromkeys(fact_keys(pairs)))}
+    by_split = {name: [p for p in pairs if split_of[fact_key(p)] == name] for name in ("train", "valid", "test")}
+    valid = [p for p in by_split["valid"] if p["template"] == 0]
     audio = os.path.join(data_folder, "wav")
     rows = {
-        "speech_train": speak_pairs(seen, audio, TRAIN_VOICES, tts, "train", seed=seed),
+        "speech_train": speak_pairs(by_split["train"], audio, TRAIN_VOICES, tts, "train", seed=seed),
         "speech_valid": speak_pairs(valid, audio, TRAIN_VOICES[:1], tts, "valid", seed=seed + 1),
-        "speech_test": speak_pairs(unseen, audio, TEST_VOICES, tts, "test", seed=seed + 2),
+        "speech_test": speak_pairs(by_split["test"], audio, TEST_VOICES, tts, "test", seed=seed + 2),
     }
     for split, split_rows in rows.items():
         write_manifest(split_rows, paths[split])
     with open(kb_path, "w") as handle:
-        json.dump({"num_entities": num_entities, "seed": seed, "facts": kb}, handle, indent=1)
+        json.dump({"num_entities": num_entities, "seed": seed, "version": 2, "facts": kb}, handle, indent=1)
     logger.info(f"MiniSpokenQA: {len(pairs)} text QA pairs, {sum(map(len, rows.values()))} utterances")
     return paths
+
+
+def fact_key(pair):
+    """The (entity, relation) fact a QA pair asks about."""
+    return pair["entity"], pair["relation"]
+
+
+def fact_keys(pairs):
+    """Fact keys of ``pairs`` in order."""
+    return [fact_key(p) for p in pairs]
+
+
+def fact_split(index):
+    """Speech split of the ``index``-th fact: 3 in 4 train, 1 in 12 valid, 1 in 6 test.
+
+    Example
+    -------
+    >>> [fact_split(i) for i in range(12)].count("test")
+    2
+    """
+    if index % 4 != 3:
+        return "train"
+    return "valid" if index % 12 == 3 else "test"
 
 
 def prepared_with(kb_path, num_entities, seed):
@@ -84,4 +110,4 @@ def prepared_with(kb_path, num_entities, seed):
         return False
     with open(kb_path) as handle:
         meta = json.load(handle)
-    return meta.get("num_entities") == num_entities and meta.get("seed") == seed
+    return (meta.get("num_entities"), meta.get("seed"), meta.get("version")) == (num_entities, seed, 2)

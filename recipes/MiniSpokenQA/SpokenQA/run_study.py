@@ -23,7 +23,7 @@ import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 
-from speechbrain_sllm.brains import SpeechLLMBrain
+from speechbrain_sllm.brains import CTCEncoderBrain, SpeechLLMBrain
 from speechbrain_sllm.checkpointing import WarmupDecaySchedule
 from speechbrain_sllm.data.dataio import make_qa_dataset
 from speechbrain_sllm.data.prompts import ChatPrompt
@@ -110,6 +110,43 @@ def pretrain_lm(hparams, run_opts, data):
     return model_dir
 
 
+def pretrain_encoder(hparams, run_opts, data):
+    """Stage 2b: the speech encoder learns character CTC on the training questions.
+
+    It stands in for a pretrained Whisper encoder; it never sees answers, and it
+    is frozen during speech fine-tuning, as in the paper.
+    """
+    folder = os.path.join(hparams["output_folder"], "encoder")
+    path = os.path.join(folder, "encoder.ckpt")
+    sb.utils.seed_everything(hparams["seed"])
+    encoder = hparams["encoder"]()
+    if os.path.isfile(path):
+        encoder.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return path
+    alphabet = "abcdefghijklmnopqrstuvwxyz '?."
+    head = torch.nn.Linear(encoder.output_size, len(alphabet) + 1)
+    counter = sb.utils.epoch_loop.EpochCounter(limit=hparams["encoder_epochs"])
+    brain = CTCEncoderBrain(
+        modules={"encoder": encoder, "ctc_head": head},
+        opt_class=lambda params: torch.optim.AdamW(params, lr=hparams["encoder_lr"]),
+        hparams={
+            "alphabet": alphabet,
+            "train_logger": sb.utils.train_logger.FileTrainLogger(os.path.join(folder, "train_log.txt")),
+        },
+        run_opts=dict(run_opts, max_grad_norm=hparams["max_grad_norm"]),
+        checkpointer=sb.utils.checkpoints.Checkpointer(
+            os.path.join(folder, "save"), recoverables={"counter": counter, "encoder": encoder, "head": head}
+        ),
+    )
+    loader = {"batch_size": hparams["ft_batch_size"], "shuffle": True}
+    brain.fit(counter, data["speech_train"], data["speech_valid"], train_loader_kwargs=loader,
+              valid_loader_kwargs={"batch_size": hparams["ft_batch_size"]})
+    brain.checkpointer.recover_if_possible(min_key="loss")
+    if sb.utils.distributed.if_main_process():
+        torch.save(encoder.state_dict(), path)
+    return path
+
+
 def evaluate_both(brain, data, hparams, folder):
     """T2T and (when the model has an encoder) S2T accuracy, plus text perplexity."""
     kwargs = {"batch_size": hparams["eval_batch_size"], "progress": True}
@@ -160,6 +197,7 @@ def finetune_stage(name, hparams, run_opts, data, lm_dir, base_profile_path):
     folder = os.path.join(hparams["output_folder"], "finetune", name)
     sb.utils.seed_everything(hparams["seed"])
     encoder, adaptor = hparams["encoder"](), hparams["adaptor"]()
+    encoder.load_state_dict(torch.load(hparams["encoder_path"], map_location="cpu", weights_only=True))
     model = SpeechLLM(load_causal_lm(source=lm_dir), encoder, adaptor)
     layerwise = LayerwiseLR(rule="importance", lam=hparams["layerwise_lambda"], profile=base_profile_path)
     strategy = build_strategy(name, lora=hparams["lora"], layerwise_lr=layerwise, train_encoder=hparams["train_encoder"])
@@ -224,6 +262,7 @@ def main(argv):
         for split, path in paths.items()
     }
     lm_dir = pretrain_lm(hparams, run_opts, data)
+    hparams["encoder_path"] = pretrain_encoder(hparams, run_opts, data)
     base, base_profile, base_scores = base_stage(hparams, run_opts, data, lm_dir)
     base_profile_path = os.path.join(hparams["output_folder"], "importance", "base", "profile.json")
     base["peak"] = max(range(base_profile["num_layers"]), key=lambda i: base_profile["layers"][i]["sum"])
