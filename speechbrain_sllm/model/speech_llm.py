@@ -195,7 +195,26 @@ class SpeechLLM(nn.Module):
                 labels += list(answers[b])
             rows.append(torch.cat(parts))  # (L_b, D)
             label_rows.append(torch.tensor(labels, dtype=torch.long))
+        self.check_context(rows)
         return pad_rows(rows, label_rows, padding_side)
+
+    def check_context(self, rows):
+        """Raises when a sequence is longer than the LLM's context window.
+
+        Arguments
+        ---------
+        rows : list of torch.Tensor
+            ``(L_b, D)`` assembled sequences.
+        """
+        limit = getattr(self.llm.config, "max_position_embeddings", None)
+        longest = max(row.shape[0] for row in rows)
+        if limit is not None and longest > limit:
+            item = max(range(len(rows)), key=lambda b: rows[b].shape[0])
+            raise ValueError(
+                f"Batch item {item} has {longest} positions (prompt + speech + answer), over "
+                f"the LLM context of {limit}; lower `max_duration`, shorten the prompt or "
+                "answers, or downsample speech more (adaptor stack / stride)."
+            )
 
     def forward(self, prefixes, answers, wavs=None, wav_lens=None, suffixes=None):
         """Full training forward: (encode speech,) splice, run the LLM.

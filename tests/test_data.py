@@ -1,0 +1,100 @@
+import os
+
+import pytest
+import soundfile
+import torch
+
+from conftest import llama_config
+from speechbrain_sllm.data.dataio import AudioError, drop_bad_items, load_audio, load_manifest, make_qa_dataset
+from speechbrain_sllm.data.synthetic import write_manifest
+from speechbrain_sllm.metrics import QAAccuracyStats, answer_matches, normalize_answer
+from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
+
+
+def write_wav(path, samples, rate, channels=1):
+    data = torch.randn(samples, channels).numpy() * 0.1
+    soundfile.write(path, data if channels > 1 else data[:, 0], rate)
+    return str(path)
+
+
+def test_audio_is_resampled_and_downmixed(tmp_path):
+    stereo = write_wav(tmp_path / "s.wav", 22050, 22050, channels=2)
+    wav = load_audio(stereo, sample_rate=16000)
+    assert wav.shape == (16000,)
+    flac = write_wav(tmp_path / "f.flac", 8000, 8000)
+    assert load_audio(flac).shape == (16000,)
+
+
+def test_bad_audio_errors_name_the_file_and_the_fix(tmp_path):
+    with pytest.raises(AudioError, match=r"missing\.wav.*does not exist"):
+        load_audio(str(tmp_path / "missing.wav"))
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF0000WAVEfmt garbage")
+    with pytest.raises(AudioError, match=r"corrupt\.wav.*cannot be read"):
+        load_audio(str(corrupt))
+    empty = tmp_path / "empty.wav"
+    soundfile.write(empty, torch.zeros(0).numpy(), 16000)
+    with pytest.raises(AudioError, match="is empty"):
+        load_audio(str(empty))
+    long = write_wav(tmp_path / "long.wav", 48000, 16000)
+    with pytest.raises(AudioError, match="over max_duration=2"):
+        load_audio(long, max_duration=2)
+
+
+def test_bad_items_are_skipped_counted_and_logged(tmp_path, prompt, caplog):
+    good = write_wav(tmp_path / "good.wav", 16000, 16000)
+    long = write_wav(tmp_path / "long.wav", 16000 * 5, 16000)
+    (tmp_path / "bad.wav").write_bytes(b"not audio")
+    rows = [
+        {"ID": "ok", "wav": good, "question": "What is up?", "answer": "Sky"},
+        {"ID": "missing", "wav": str(tmp_path / "nope.wav"), "question": "Q?", "answer": "A"},
+        {"ID": "corrupt", "wav": str(tmp_path / "bad.wav"), "question": "Q?", "answer": "A"},
+        {"ID": "too_long", "wav": long, "question": "Q?", "answer": "A"},
+        {"ID": "no_answer", "wav": good, "question": "Q?", "answer": " "},
+    ]
+    for row in rows:
+        row.update({"duration": 1.0, "relation": "", "entity": "", "template": 0})
+    manifest = str(tmp_path / "m.csv")
+    write_manifest(rows, manifest)
+    dataset, skipped = drop_bad_items(load_manifest(manifest), ["question", "answer", "wav"], 3.0)
+    assert dataset.data_ids == ["ok"]
+    assert skipped == {"missing audio file": 1, "unreadable audio file": 1,
+                       "audio longer than max_duration": 1, "empty answer": 1}
+    assert "skipped 4 items" in caplog.text
+    qa = make_qa_dataset(manifest, prompt, max_duration=3.0)
+    assert len(qa) == 1 and qa[0]["sig"].shape == (16000,)
+
+
+def test_manifest_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the recipe's data preparation"):
+        load_manifest(str(tmp_path / "train.csv"))
+    (tmp_path / "x.txt").write_text("")
+    with pytest.raises(ValueError, match=r"must end in \.csv or \.json"):
+        load_manifest(str(tmp_path / "x.txt"))
+
+
+def test_prompt_longer_than_the_context_is_rejected():
+    config = llama_config()
+    config.max_position_embeddings = 8
+    model = SpeechLLM(load_causal_lm(config=config))
+    with pytest.raises(ValueError, match="Batch item 1 has 10 positions.*context of 8"):
+        model.build_batch([[4], [4] * 6], answers=[[5, 3], [5, 5, 5, 3]])
+
+
+def test_answer_normalisation_and_matching():
+    assert normalize_answer("  The Zorba-Land! ") == "zorbaland"
+    assert answer_matches("The answer is Taimou.", "taimou")
+    assert not answer_matches("Taimoun", "taimou")
+    assert answer_matches("Taimou", "Taimou", mode="exact")
+    assert not answer_matches("It is Taimou", "Taimou", mode="exact")
+    stats = QAAccuracyStats()
+    stats.append(["a", "b", "c", "d"], ["x", "taimou", "no", "Vouzan"], ["y", "Taimou", "yes", "vouzan"])
+    assert stats.summarize("accuracy") == 50.0
+
+
+def test_empty_question_or_answer_in_prompts_is_rejected(prompt):
+    with pytest.raises(ValueError, match="empty question"):
+        prompt.text_prompt("  ")
+    with pytest.raises(ValueError, match="empty answer"):
+        prompt.answer_ids("")
+    assert os.path.isfile(prompt.tokenizer.model_path)
