@@ -90,7 +90,9 @@ def manifests(tmp_path_factory, kb_pairs):
     """Real spoken questions (eSpeak NG) for 3 invented countries: speech + text manifests."""
     folder = str(tmp_path_factory.mktemp("qa"))
     pairs = [p for p in kb_pairs if p["template"] == 0]
-    rows = speak_pairs(pairs, os.path.join(folder, "wav"), [("en-us", 220)], EspeakTTS(), "utt", progress=False)
+    rows = speak_pairs(
+        pairs, os.path.join(folder, "wav"), [("en-us", 220)], EspeakTTS(), "utt", progress=False
+    )
     paths = {"speech": os.path.join(folder, "speech.csv"), "text": os.path.join(folder, "text.csv")}
     write_manifest(rows, paths["speech"])
     write_manifest(text_rows(pairs, "txt"), paths["text"])

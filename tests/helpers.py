@@ -5,9 +5,9 @@ import os
 
 import speechbrain as sb
 import torch
+from conftest import llama_config, tiny_speech_llm
 from speechbrain.dataio.dataloader import make_dataloader
 
-from conftest import llama_config, tiny_speech_llm
 from speechbrain_sllm.brains import SpeechLLMBrain
 from speechbrain_sllm.data.dataio import make_qa_dataset
 from speechbrain_sllm.strategies import (
@@ -25,7 +25,9 @@ def write_profile(path, values):
 
 
 def strategy_for(name, folder, layers=3, rule="importance", lora_rank=4):
-    profile = write_profile(os.path.join(folder, "profile.json"), [float(i + 1) for i in range(layers)])
+    profile = write_profile(
+        os.path.join(folder, "profile.json"), [float(i + 1) for i in range(layers)]
+    )
     return build_strategy(
         name,
         lora=LoRASettings(rank=lora_rank, dropout=0.0),
@@ -34,7 +36,9 @@ def strategy_for(name, folder, layers=3, rule="importance", lora_rank=4):
     )
 
 
-def make_brain(name, tokenizer, prompt, folder, lr=3e-3, seed=0, mode="speech", counter_limit=1, **run_opts):
+def make_brain(
+    name, tokenizer, prompt, folder, lr=3e-3, seed=0, mode="speech", counter_limit=1, **run_opts
+):
     model = tiny_speech_llm(llama_config(vocab_size=len(tokenizer)), seed=seed)
     strategy = strategy_for(name, str(folder))
     apply_strategy(model, strategy)

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from helpers import fixed_batch, make_brain
+
 from speechbrain_sllm.checkpointing import WarmupDecaySchedule
 
 
@@ -22,15 +22,19 @@ def outputs(brain, batch):
 
 
 @pytest.mark.parametrize("name", ["full_ft", "layerwise_lr", "lora", "lora_layerwise_lr"])
-def test_save_then_load_reproduces_outputs_and_optimizer_exactly(name, tokenizer, prompt, manifests, tmp_path):
+def test_save_then_load_reproduces_outputs_and_optimizer_exactly(
+    name, tokenizer, prompt, manifests, tmp_path
+):
     brain, batch = train_and_save(name, tokenizer, prompt, manifests, tmp_path)
     fresh = make_brain(name, tokenizer, prompt, tmp_path, seed=0)
     before = outputs(fresh, batch)
     fresh.on_fit_start()  # recovers the checkpoint
     assert not torch.equal(before, outputs(brain, batch))
     assert torch.equal(outputs(fresh, batch), outputs(brain, batch))
-    for ours, theirs in zip(fresh.optimizer.state_dict()["state"].values(),
-                            brain.optimizer.state_dict()["state"].values()):
+    for ours, theirs in zip(
+        fresh.optimizer.state_dict()["state"].values(),
+        brain.optimizer.state_dict()["state"].values(),
+    ):
         assert torch.equal(ours["exp_avg"], theirs["exp_avg"])
 
 
@@ -56,7 +60,9 @@ def test_checkpoint_of_another_strategy_is_rejected_clearly(tokenizer, prompt, m
 
 
 def test_schedule_warms_up_then_decays_and_resumes(tmp_path):
-    opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr_scale": 1.0}], lr=0.0)
+    opt = torch.optim.SGD(
+        [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr_scale": 1.0}], lr=0.0
+    )
     sched = WarmupDecaySchedule(1.0, warmup_steps=2, total_steps=6, decay="cosine")
     lrs = [sched(opt) for _ in range(6)]
     assert lrs[:2] == [0.5, 1.0] and lrs[-1] == pytest.approx(0.0) and lrs[2] > lrs[3] > lrs[4]

@@ -3,9 +3,15 @@ import os
 import pytest
 import soundfile
 import torch
-
 from conftest import llama_config
-from speechbrain_sllm.data.dataio import AudioError, drop_bad_items, load_audio, load_manifest, make_qa_dataset
+
+from speechbrain_sllm.data.dataio import (
+    AudioError,
+    drop_bad_items,
+    load_audio,
+    load_manifest,
+    make_qa_dataset,
+)
 from speechbrain_sllm.data.synthetic import write_manifest
 from speechbrain_sllm.metrics import QAAccuracyStats, answer_matches, normalize_answer
 from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
@@ -58,8 +64,12 @@ def test_bad_items_are_skipped_counted_and_logged(tmp_path, prompt, caplog):
     write_manifest(rows, manifest)
     dataset, skipped = drop_bad_items(load_manifest(manifest), ["question", "answer", "wav"], 3.0)
     assert dataset.data_ids == ["ok"]
-    assert skipped == {"missing audio file": 1, "unreadable audio file": 1,
-                       "audio longer than max_duration": 1, "empty answer": 1}
+    assert skipped == {
+        "missing audio file": 1,
+        "unreadable audio file": 1,
+        "audio longer than max_duration": 1,
+        "empty answer": 1,
+    }
     assert "skipped 4 items" in caplog.text
     qa = make_qa_dataset(manifest, prompt, max_duration=3.0)
     assert len(qa) == 1 and qa[0]["sig"].shape == (16000,)
@@ -88,7 +98,9 @@ def test_answer_normalisation_and_matching():
     assert answer_matches("Taimou", "Taimou", mode="exact")
     assert not answer_matches("It is Taimou", "Taimou", mode="exact")
     stats = QAAccuracyStats()
-    stats.append(["a", "b", "c", "d"], ["x", "taimou", "no", "Vouzan"], ["y", "Taimou", "yes", "vouzan"])
+    stats.append(
+        ["a", "b", "c", "d"], ["x", "taimou", "no", "Vouzan"], ["y", "Taimou", "yes", "vouzan"]
+    )
     assert stats.summarize("accuracy") == 50.0
 
 

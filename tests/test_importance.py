@@ -2,8 +2,8 @@ import os
 
 import pytest
 import torch
-
 from helpers import make_brain
+
 from speechbrain_sllm.data.dataio import make_qa_dataset
 from speechbrain_sllm.importance.aggregate import ScoreSet, aggregate, topk_threshold
 from speechbrain_sllm.importance.estimators import ImportanceAccumulator
@@ -38,8 +38,12 @@ def test_taylor_equals_brute_force_first_order_loss_change(tokenizer, prompt, ma
     generator = torch.Generator().manual_seed(0)
     checked = 0
     with torch.no_grad():
-        for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.2.mlp.down_proj.weight",
-                     "model.embed_tokens.weight", "lm_head.weight"):
+        for name in (
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.2.mlp.down_proj.weight",
+            "model.embed_tokens.weight",
+            "lm_head.weight",
+        ):
             param = params[name].view(-1)
             for index in torch.randint(param.numel(), (6,), generator=generator).tolist():
                 h = 1e-2  # central difference along the zeroing direction: O(h^2) accurate
@@ -107,7 +111,13 @@ def test_aggregation_sums_match_the_total(tokenizer, prompt, manifests, tmp_path
     per_module = profile["layer_module_sum"]
     for i, layer in enumerate(profile["layers"]):
         assert sum(v[i] for v in per_module.values()) == pytest.approx(layer["sum"], rel=1e-9)
-    assert {m["module"] for m in profile["modules"]} >= {"q_proj", "down_proj", "embeddings", "norms", "lm_head"}
+    assert {m["module"] for m in profile["modules"]} >= {
+        "q_proj",
+        "down_proj",
+        "embeddings",
+        "norms",
+        "lm_head",
+    }
     for name in ("profile.json", "layers.csv", "modules.csv"):
         assert os.path.isfile(tmp_path / "imp" / name)
     # the profile feeds the importance-guided LR rule
@@ -131,7 +141,9 @@ def test_topk_threshold_and_shares_are_exact_against_a_sort():
     profile = aggregate(score_set, (3.0,))
     threshold = profile["thresholds"]["top3"]
     in_top = [int((s >= threshold).sum()) for s in scores.values()]
-    assert [layer["top3"] for layer in profile["layers"]] == pytest.approx([c / sum(in_top) for c in in_top])
+    assert [layer["top3"] for layer in profile["layers"]] == pytest.approx(
+        [c / sum(in_top) for c in in_top]
+    )
 
 
 def test_shift_metrics_on_identical_and_hand_made_profiles():
@@ -156,7 +168,9 @@ def _ddp_worker(rank, world, init_file, manifest, spm_path, out):
     import speechbrain  # noqa: F401
 
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)})
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
     from speechbrain_sllm.data.prompts import ChatPrompt
     from speechbrain_sllm.data.tokenizers import SentencePieceTokenizer
 

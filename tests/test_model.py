@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import HIDDEN, llama_config, tiny_speech_llm
 from transformers import WavLMConfig, WhisperConfig
 
-from conftest import HIDDEN, llama_config, tiny_speech_llm
 from speechbrain_sllm.model.adaptors import ConvDownsampler, FrameStackAdaptor
 from speechbrain_sllm.model.encoders import (
     FbankTransformerEncoder,
@@ -33,7 +33,9 @@ def test_padding_does_not_change_the_loss_of_an_item(llm_config):
     model = tiny_speech_llm(llm_config).eval()
     speech = [torch.randn(5, HIDDEN), torch.randn(3, HIDDEN)]
     alone = model.loss(model.build_batch([[5]], speech[1:], [[7]], [[8, 3]]), "none")
-    batched = model.loss(model.build_batch([[5, 6], [5]], speech, [[7], [7]], [[9, 9, 9, 3], [8, 3]]), "none")
+    batched = model.loss(
+        model.build_batch([[5, 6], [5]], speech, [[7], [7]], [[9, 9, 9, 3], [8, 3]]), "none"
+    )
     assert torch.allclose(alone[0], batched[1], atol=1e-5)
 
 
@@ -54,7 +56,9 @@ def test_batched_left_padded_generation_matches_one_by_one():
     model = SpeechLLM(load_causal_lm(config=llama_config())).eval()
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
     for beams in (1, 3):
-        batched = model.generate(model.build_batch(prompts, padding_side="left"), 6, beams, eos_id=3)
+        batched = model.generate(
+            model.build_batch(prompts, padding_side="left"), 6, beams, eos_id=3
+        )
         single = [
             model.generate(model.build_batch([p], padding_side="left"), 6, beams, eos_id=3)[0]
             for p in prompts
@@ -73,18 +77,36 @@ def test_text_path_equals_plain_llm_on_the_same_tokens():
 
 
 def test_whisper_and_wavlm_encoders_feed_the_llm():
-    whisper = HFWhisperEncoder(config=WhisperConfig(
-        d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
-        decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32,
-        num_mel_bins=20, max_source_positions=50,
-    ))
-    wavlm = HFWav2Vec2Encoder(config=WavLMConfig(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        conv_dim=(8, 8), conv_stride=(5, 4), conv_kernel=(10, 8),
-        num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
-    ))
-    for encoder, adaptor in ((whisper, FrameStackAdaptor(16, HIDDEN, 5, 32)),
-                             (wavlm, ConvDownsampler(16, HIDDEN, 2, 2, 16))):
+    whisper = HFWhisperEncoder(
+        config=WhisperConfig(
+            d_model=16,
+            encoder_layers=1,
+            encoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_layers=1,
+            decoder_attention_heads=2,
+            decoder_ffn_dim=32,
+            num_mel_bins=20,
+            max_source_positions=50,
+        )
+    )
+    wavlm = HFWav2Vec2Encoder(
+        config=WavLMConfig(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            conv_dim=(8, 8),
+            conv_stride=(5, 4),
+            conv_kernel=(10, 8),
+            num_conv_pos_embeddings=4,
+            num_conv_pos_embedding_groups=2,
+        )
+    )
+    for encoder, adaptor in (
+        (whisper, FrameStackAdaptor(16, HIDDEN, 5, 32)),
+        (wavlm, ConvDownsampler(16, HIDDEN, 2, 2, 16)),
+    ):
         model = SpeechLLM(load_causal_lm(config=llama_config()), encoder, adaptor)
         speech = model.speech_embeddings(torch.randn(2, 8000), torch.tensor([1.0, 0.5]))
         assert speech[0].shape[1] == HIDDEN and speech[1].shape[0] < speech[0].shape[0]
@@ -92,11 +114,19 @@ def test_whisper_and_wavlm_encoders_feed_the_llm():
 
 
 def test_whisper_rejects_audio_longer_than_its_window():
-    whisper = HFWhisperEncoder(config=WhisperConfig(
-        d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
-        decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32,
-        num_mel_bins=20, max_source_positions=50,
-    ))
+    whisper = HFWhisperEncoder(
+        config=WhisperConfig(
+            d_model=16,
+            encoder_layers=1,
+            encoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_layers=1,
+            decoder_attention_heads=2,
+            decoder_ffn_dim=32,
+            num_mel_bins=20,
+            max_source_positions=50,
+        )
+    )
     with pytest.raises(ValueError, match="exceeds the encoder window"):
         whisper(torch.randn(1, 20000), torch.ones(1))
 

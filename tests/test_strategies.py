@@ -1,8 +1,8 @@
 import pytest
 import torch
-
 from conftest import llama_config
 from helpers import fixed_batch, llm_state, make_brain, write_profile
+
 from speechbrain_sllm.model.speech_llm import load_causal_lm
 from speechbrain_sllm.strategies import (
     STRATEGIES,
@@ -74,7 +74,9 @@ def test_lora_trainable_count_equals_peft_count(tokenizer, prompt, tmp_path):
 def test_frozen_parameters_do_not_change(name, tokenizer, prompt, manifests, tmp_path):
     brain = make_brain(name, tokenizer, prompt, tmp_path)
     brain.init_optimizers()
-    frozen = {n: p.detach().clone() for n, p in brain.model.llm.named_parameters() if not p.requires_grad}
+    frozen = {
+        n: p.detach().clone() for n, p in brain.model.llm.named_parameters() if not p.requires_grad
+    }
     batch = fixed_batch(manifests["speech"], prompt)
     for _ in range(3):
         brain.fit_batch(batch)
@@ -99,8 +101,12 @@ def test_gradient_clipping_covers_all_parameter_groups(tokenizer, prompt, manife
     step = brain.optimizer.step
 
     def capture(*args, **kwargs):
-        grads = [p.grad for g in brain.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        seen["norm"] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        grads = [
+            p.grad for g in brain.optimizer.param_groups for p in g["params"] if p.grad is not None
+        ]
+        seen["norm"] = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g) for g in grads])
+        )
         seen["groups"] = len(brain.optimizer.param_groups)
         return step(*args, **kwargs)
 

@@ -166,7 +166,9 @@ def drop_bad_items(dataset, fields, max_duration=None, name="dataset"):
             keep.append(data_id)
     if skipped:
         logger.warning(f"{name}: skipped {sum(skipped.values())} items: {dict(skipped)}")
-    return dataset.filtered_sorted(select_n=None, key_test={"id": lambda i: i in set(keep)}), skipped
+    return dataset.filtered_sorted(
+        select_n=None, key_test={"id": lambda i: i in set(keep)}
+    ), skipped
 
 
 def make_qa_dataset(

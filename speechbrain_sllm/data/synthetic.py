@@ -19,7 +19,26 @@ from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
-ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "tr", "kl", "st"]
+ONSETS = [
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "tr",
+    "kl",
+    "st",
+]
 VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
 CODAS = ["", "", "n", "r", "l", "s", "m"]
 RELATIONS = {
@@ -45,6 +64,7 @@ RELATIONS = {
     ],
 }
 TRAIN_VOICES = [("en-us", 165), ("en-us+f3", 150), ("en-us+m3", 180), ("en-us+f2", 140)]
+VALID_VOICES = [("en-us+f4", 160)]
 TEST_VOICES = [("en-us+m7", 160)]
 FIELDS = ["ID", "wav", "duration", "question", "answer", "relation", "entity", "template"]
 
@@ -173,7 +193,9 @@ def speak_pairs(pairs, folder, voices, tts, prefix, rate_jitter=15, seed=0, prog
     jobs = [(pair, voice) for pair in pairs for voice in voices]
     for index, (pair, (voice, rate)) in enumerate(tqdm(jobs, disable=not progress, desc=prefix)):
         utt_id = f"{prefix}_{index:05d}"
-        wav = tts.synthesize(pair["question"], voice=voice, rate=rate + rng.randint(-rate_jitter, rate_jitter))
+        wav = tts.synthesize(
+            pair["question"], voice=voice, rate=rate + rng.randint(-rate_jitter, rate_jitter)
+        )
         path = os.path.join(folder, utt_id + ".wav")
         soundfile.write(path, wav.numpy(), tts.sample_rate, subtype="PCM_16")
         rows.append(
@@ -181,7 +203,10 @@ def speak_pairs(pairs, folder, voices, tts, prefix, rate_jitter=15, seed=0, prog
                 "ID": utt_id,
                 "wav": path,
                 "duration": round(wav.shape[0] / tts.sample_rate, 3),
-                **{key: pair[key] for key in ("question", "answer", "relation", "entity", "template")},
+                **{
+                    key: pair[key]
+                    for key in ("question", "answer", "relation", "entity", "template")
+                },
             }
         )
     return rows

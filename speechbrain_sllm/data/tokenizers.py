@@ -36,9 +36,7 @@ class HFTokenizer:
         if isinstance(source, (str, os.PathLike)):
             from transformers import AutoTokenizer
 
-            source = AutoTokenizer.from_pretrained(
-                str(source), trust_remote_code=trust_remote_code
-            )
+            source = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
         self.tokenizer = source
         if self.tokenizer.eos_token_id is None:
             raise ValueError(

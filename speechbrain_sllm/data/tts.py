@@ -18,7 +18,9 @@ import torchaudio
 AUDIO_OUTPUT_SYNCHRONOUS = 2
 ESPEAK_RATE = 1
 ESPEAK_PITCH = 3
-CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+)
 
 
 class EspeakTTS:

@@ -214,7 +214,9 @@ def aggregate(score_set, topk_percents=(1.0, 3.0, 5.0)):
         value = float(scores.sum(dtype=torch.float64))
         counts = {key: int((scores >= thresholds[key]).sum()) for key in keys}
         targets = [module_stats.setdefault(module, new_stats(keys))]
-        targets.append(non_layer if layer is None else layer_stats.setdefault(layer, new_stats(keys)))
+        targets.append(
+            non_layer if layer is None else layer_stats.setdefault(layer, new_stats(keys))
+        )
         for stats in targets:
             stats["sum"] += value
             stats["numel"] += scores.numel()
@@ -228,8 +230,13 @@ def aggregate(score_set, topk_percents=(1.0, 3.0, 5.0)):
         total += value
         numel += scores.numel()
     num_layers = max(layer_stats) + 1 if layer_stats else 0
-    layers = [finish(layer_stats.get(i, new_stats(keys)), keys, top_counts, layer=i) for i in range(num_layers)]
-    modules = [finish(stats, keys, top_counts, module=m) for m, stats in sorted(module_stats.items())]
+    layers = [
+        finish(layer_stats.get(i, new_stats(keys)), keys, top_counts, layer=i)
+        for i in range(num_layers)
+    ]
+    modules = [
+        finish(stats, keys, top_counts, module=m) for m, stats in sorted(module_stats.items())
+    ]
     return {
         "num_layers": num_layers,
         "layers": layers,

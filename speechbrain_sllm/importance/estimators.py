@@ -52,7 +52,9 @@ class ImportanceAccumulator:
 
     def __init__(self, named_parameters, estimator="taylor", accumulate_dtype=None):
         if estimator not in ESTIMATORS:
-            raise ValueError(f"Unknown importance estimator {estimator!r}; use one of {ESTIMATORS}.")
+            raise ValueError(
+                f"Unknown importance estimator {estimator!r}; use one of {ESTIMATORS}."
+            )
         if not named_parameters:
             raise ValueError("ImportanceAccumulator: no parameter to score.")
         self.estimator = estimator

@@ -48,9 +48,7 @@ def scored_parameters(model, scope="llm"):
     if scope not in SCOPES:
         raise ValueError(f"importance scope {scope!r} unknown; use one of {SCOPES}.")
     params = {
-        f"llm.{name}": param
-        for name, param in model.llm.named_parameters()
-        if "lora_" not in name
+        f"llm.{name}": param for name, param in model.llm.named_parameters() if "lora_" not in name
     }
     if scope == "llm+adaptor" and model.adaptor is not None:
         params.update({f"adaptor.{n}": p for n, p in model.adaptor.named_parameters()})
@@ -232,9 +230,9 @@ def zeroing_check(brain, dataset, accumulator, fraction=0.03, mode="text", seed=
     generator = torch.Generator().manual_seed(seed)
     selectors = {
         "top": lambda name, param: accumulator.score(name) >= top,
-        "random": lambda name, param: (
-            torch.rand(param.shape, generator=generator) < fraction
-        ).to(param.device),
+        "random": lambda name, param: (torch.rand(param.shape, generator=generator) < fraction).to(
+            param.device
+        ),
         "bottom": lambda name, param: accumulator.score(name) <= bottom,
     }
     results = {"none": brain.perplexity(dataset, mode=mode)}

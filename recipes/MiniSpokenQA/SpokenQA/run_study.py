@@ -13,7 +13,6 @@ Authors
  * speechbrain-sllm developers 2026
 """
 
-import json
 import logging
 import os
 import sys
@@ -23,18 +22,18 @@ import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 
-from speechbrain_sllm.brains import CTCEncoderBrain, SpeechLLMBrain
-from speechbrain_sllm.checkpointing import WarmupDecaySchedule
+from speechbrain_sllm.brains import CTCEncoderBrain
 from speechbrain_sllm.data.dataio import make_qa_dataset
 from speechbrain_sllm.data.prompts import ChatPrompt
 from speechbrain_sllm.data.tokenizers import train_sentencepiece
+from speechbrain_sllm.experiment import fit_and_restore_best, make_speech_llm_brain, steps_per_run
+from speechbrain_sllm.importance.aggregate import ScoreSet
 from speechbrain_sllm.importance.report import (
     plot_layer_distributions,
     plot_module_heatmap,
     summarize_shift,
     write_json,
 )
-from speechbrain_sllm.importance.aggregate import ScoreSet
 from speechbrain_sllm.importance.shift import layer_shift, topk_overlap
 from speechbrain_sllm.importance.stage import run_importance, zeroing_check
 from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
@@ -48,45 +47,21 @@ from minispokenqa_prepare import prepare_minispokenqa  # noqa: E402
 
 
 def make_brain(model, hparams, run_opts, strategy, lr, input_mode, folder, epochs, steps):
-    """A SpeechLLMBrain with its optimizer rule, schedule and checkpointer."""
-    counter = sb.utils.epoch_loop.EpochCounter(limit=epochs)
-    checkpointer = sb.utils.checkpoints.Checkpointer(
-        os.path.join(folder, "save"), recoverables={"counter": counter}
+    """A SpeechLLMBrain with the study's settings."""
+    return make_speech_llm_brain(
+        model,
+        strategy,
+        hparams["prompt"],
+        hparams["tokenizer"],
+        folder,
+        lr,
+        epochs,
+        steps,
+        run_opts=dict(run_opts, max_grad_norm=hparams["max_grad_norm"]),
+        input_mode=input_mode,
+        warmup_fraction=hparams["warmup_fraction"],
+        max_new_tokens=hparams["max_new_tokens"],
     )
-    brain_hparams = {
-        "prompt": hparams["prompt"],
-        "tokenizer": hparams["tokenizer"],
-        "strategy": strategy,
-        "lr": lr,
-        "lr_schedule": WarmupDecaySchedule(
-            lr, warmup_steps=int(hparams["warmup_fraction"] * steps), total_steps=steps
-        ),
-        "input_mode": input_mode,
-        "epoch_counter": counter,
-        "train_logger": sb.utils.train_logger.FileTrainLogger(os.path.join(folder, "train_log.txt")),
-        "max_new_tokens": hparams["max_new_tokens"],
-    }
-    opts = dict(run_opts, max_grad_norm=hparams["max_grad_norm"])
-    return SpeechLLMBrain(
-        modules={"model": model},
-        opt_class=lambda groups: torch.optim.AdamW(groups, weight_decay=0.0),
-        hparams=brain_hparams,
-        run_opts=opts,
-        checkpointer=checkpointer,
-    )
-
-
-def fit(brain, train_set, valid_set, batch_size):
-    """Trains for the epochs of the brain's counter and reloads the best checkpoint."""
-    loader = {"batch_size": batch_size, "shuffle": True}
-    brain.fit(
-        brain.hparams.epoch_counter,
-        train_set,
-        valid_set,
-        train_loader_kwargs=loader,
-        valid_loader_kwargs={"batch_size": batch_size},
-    )
-    brain.checkpointer.recover_if_possible(min_key="loss")
 
 
 def pretrain_lm(hparams, run_opts, data):
@@ -99,11 +74,19 @@ def pretrain_lm(hparams, run_opts, data):
     model = SpeechLLM(load_causal_lm(config=hparams["lm_config"]))
     strategy = build_strategy("full_ft")
     apply_strategy(model, strategy)
-    steps = hparams["lm_epochs"] * -(-len(data["text_train"]) // hparams["lm_batch_size"])
+    steps = steps_per_run(len(data["text_train"]), hparams["lm_batch_size"], hparams["lm_epochs"])
     brain = make_brain(
-        model, hparams, run_opts, strategy, hparams["lm_lr"], "text", folder, hparams["lm_epochs"], steps
+        model,
+        hparams,
+        run_opts,
+        strategy,
+        hparams["lm_lr"],
+        "text",
+        folder,
+        hparams["lm_epochs"],
+        steps,
     )
-    fit(brain, data["text_train"], data["text_test"], hparams["lm_batch_size"])
+    fit_and_restore_best(brain, data["text_train"], data["text_test"], hparams["lm_batch_size"])
     if sb.utils.distributed.if_main_process():
         model.llm.save_pretrained(model_dir)
         hparams["tokenizer"].to_hf(model_dir)
@@ -131,16 +114,24 @@ def pretrain_encoder(hparams, run_opts, data):
         opt_class=lambda params: torch.optim.AdamW(params, lr=hparams["encoder_lr"]),
         hparams={
             "alphabet": alphabet,
-            "train_logger": sb.utils.train_logger.FileTrainLogger(os.path.join(folder, "train_log.txt")),
+            "train_logger": sb.utils.train_logger.FileTrainLogger(
+                os.path.join(folder, "train_log.txt")
+            ),
         },
         run_opts=dict(run_opts, max_grad_norm=hparams["max_grad_norm"]),
         checkpointer=sb.utils.checkpoints.Checkpointer(
-            os.path.join(folder, "save"), recoverables={"counter": counter, "encoder": encoder, "head": head}
+            os.path.join(folder, "save"),
+            recoverables={"counter": counter, "encoder": encoder, "head": head},
         ),
     )
     loader = {"batch_size": hparams["ft_batch_size"], "shuffle": True}
-    brain.fit(counter, data["speech_train"], data["speech_valid"], train_loader_kwargs=loader,
-              valid_loader_kwargs={"batch_size": hparams["ft_batch_size"]})
+    brain.fit(
+        counter,
+        data["speech_train"],
+        data["speech_valid"],
+        train_loader_kwargs=loader,
+        valid_loader_kwargs={"batch_size": hparams["ft_batch_size"]},
+    )
     brain.checkpointer.recover_if_possible(min_key="loss")
     if sb.utils.distributed.if_main_process():
         torch.save(encoder.state_dict(), path)
@@ -151,7 +142,9 @@ def evaluate_both(brain, data, hparams, folder):
     """T2T and (when the model has an encoder) S2T accuracy, plus text perplexity."""
     kwargs = {"batch_size": hparams["eval_batch_size"], "progress": True}
     results = {
-        "t2t": brain.evaluate_qa(data["text_test"], "text", output_file=os.path.join(folder, "t2t.tsv"), **kwargs),
+        "t2t": brain.evaluate_qa(
+            data["text_test"], "text", output_file=os.path.join(folder, "t2t.tsv"), **kwargs
+        ),
         "text_ppl": brain.perplexity(data["text_test"], "text", hparams["eval_batch_size"]),
     }
     if brain.model.encoder is not None:
@@ -183,7 +176,9 @@ def base_stage(hparams, run_opts, data, lm_dir):
     strategy = build_strategy("frozen_llm")
     brain = make_brain(model, hparams, run_opts, strategy, 0.0, "text", folder, 0, 1)
     results = evaluate_both(brain, data, hparams, folder)
-    profile, accumulator = importance(brain, data, hparams, os.path.join(hparams["output_folder"], "importance", "base"))
+    profile, accumulator = importance(
+        brain, data, hparams, os.path.join(hparams["output_folder"], "importance", "base")
+    )
     results["zeroing"] = zeroing_check(
         brain, data["text_test"], accumulator, hparams["zeroing_fraction"], "text", hparams["seed"]
     )
@@ -197,24 +192,47 @@ def finetune_stage(name, hparams, run_opts, data, lm_dir, base_profile_path):
     folder = os.path.join(hparams["output_folder"], "finetune", name)
     sb.utils.seed_everything(hparams["seed"])
     encoder, adaptor = hparams["encoder"](), hparams["adaptor"]()
-    encoder.load_state_dict(torch.load(hparams["encoder_path"], map_location="cpu", weights_only=True))
+    encoder.load_state_dict(
+        torch.load(hparams["encoder_path"], map_location="cpu", weights_only=True)
+    )
     model = SpeechLLM(load_causal_lm(source=lm_dir), encoder, adaptor)
-    layerwise = LayerwiseLR(rule="importance", lam=hparams["layerwise_lambda"], profile=base_profile_path)
-    strategy = build_strategy(name, lora=hparams["lora"], layerwise_lr=layerwise, train_encoder=hparams["train_encoder"])
+    layerwise = LayerwiseLR(
+        rule="importance", lam=hparams["layerwise_lambda"], profile=base_profile_path
+    )
+    strategy = build_strategy(
+        name, lora=hparams["lora"], layerwise_lr=layerwise, train_encoder=hparams["train_encoder"]
+    )
     apply_strategy(model, strategy)
-    steps = hparams["ft_epochs"] * -(-len(data["speech_train"]) // hparams["ft_batch_size"])
+    steps = steps_per_run(len(data["speech_train"]), hparams["ft_batch_size"], hparams["ft_epochs"])
     brain = make_brain(
-        model, hparams, run_opts, strategy, hparams["ft_lr"], "speech", folder, hparams["ft_epochs"], steps
+        model,
+        hparams,
+        run_opts,
+        strategy,
+        hparams["ft_lr"],
+        "speech",
+        folder,
+        hparams["ft_epochs"],
+        steps,
     )
     start = time.time()
-    fit(brain, data["speech_train"], data["speech_valid"], hparams["ft_batch_size"])
+    fit_and_restore_best(
+        brain, data["speech_train"], data["speech_valid"], hparams["ft_batch_size"]
+    )
     results = {"train_seconds": round(time.time() - start, 1)}
     results.update(evaluate_both(brain, data, hparams, folder))
     merge_lora(model)
-    profile, accumulator = importance(brain, data, hparams, os.path.join(hparams["output_folder"], "importance", name))
+    profile, accumulator = importance(
+        brain, data, hparams, os.path.join(hparams["output_folder"], "importance", name)
+    )
     scores = {n: accumulator.score(n) for n in accumulator.params}
     logger.info(f"{name}: {results}")
     return results, profile, scores
+
+
+def layer_sums(profile):
+    """Per-layer summed importance of a profile."""
+    return [layer["sum"] for layer in profile["layers"]]
 
 
 def results_table(base, runs):
@@ -251,26 +269,41 @@ def main(argv):
     hparams_file, run_opts, overrides = parse(argv)
     with open(hparams_file) as handle:
         hparams = load_hyperpyyaml(handle, overrides)
-    sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides)
+    sb.create_experiment_directory(
+        hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides
+    )
     start = time.time()
-    paths = prepare_minispokenqa(hparams["data_folder"], hparams["num_entities"], hparams["seed"], hparams["skip_prep"])
+    paths = prepare_minispokenqa(
+        hparams["data_folder"], hparams["num_entities"], hparams["seed"], hparams["skip_prep"]
+    )
     tokenizer = load_or_train_tokenizer(hparams, paths)
     hparams["tokenizer"], hparams["prompt"] = tokenizer, ChatPrompt(tokenizer)
     data = {
-        split: make_qa_dataset(path, hparams["prompt"], with_audio=split.startswith("speech"),
-                               max_duration=hparams["max_duration"], sort_key=None)
+        split: make_qa_dataset(
+            path,
+            hparams["prompt"],
+            with_audio=split.startswith("speech"),
+            max_duration=hparams["max_duration"],
+            sort_key=None,
+        )
         for split, path in paths.items()
     }
     lm_dir = pretrain_lm(hparams, run_opts, data)
     hparams["encoder_path"] = pretrain_encoder(hparams, run_opts, data)
     base, base_profile, base_scores = base_stage(hparams, run_opts, data, lm_dir)
     base_profile_path = os.path.join(hparams["output_folder"], "importance", "base", "profile.json")
-    base["peak"] = max(range(base_profile["num_layers"]), key=lambda i: base_profile["layers"][i]["sum"])
+    base["peak"] = max(
+        range(base_profile["num_layers"]), key=lambda i: base_profile["layers"][i]["sum"]
+    )
     runs, profiles = {}, {"base LM": base_profile}
     for name in hparams["strategies"]:
-        run, profile, scores = finetune_stage(name, hparams, run_opts, data, lm_dir, base_profile_path)
-        run["shift"] = layer_shift([l["sum"] for l in base_profile["layers"]], [l["sum"] for l in profile["layers"]])
-        run["top3_iou"] = topk_overlap(ScoreSet.from_dict(base_scores), ScoreSet.from_dict(scores), 0.03)
+        run, profile, scores = finetune_stage(
+            name, hparams, run_opts, data, lm_dir, base_profile_path
+        )
+        run["shift"] = layer_shift(layer_sums(base_profile), layer_sums(profile))
+        run["top3_iou"] = topk_overlap(
+            ScoreSet.from_dict(base_scores), ScoreSet.from_dict(scores), 0.03
+        )
         logger.info(f"{name}: {summarize_shift(run['shift'])}")
         runs[name], profiles[name] = run, profile
     return report(hparams, base, runs, profiles, base_profile, time.time() - start)
@@ -302,7 +335,9 @@ def report(hparams, base, runs, profiles, base_profile, seconds):
         write_json(results, os.path.join(folder, "results.json"))
         plot_layer_distributions(profiles, os.path.join(folder, "plots", "layer_importance.png"))
         plot_layer_distributions(
-            profiles, os.path.join(folder, "plots", "layer_top3_share.png"), key="top3",
+            profiles,
+            os.path.join(folder, "plots", "layer_top3_share.png"),
+            key="top3",
             title="Share of the global top-3% text-important parameters",
         )
         plot_module_heatmap(base_profile, os.path.join(folder, "plots", "base_module_heatmap.png"))
