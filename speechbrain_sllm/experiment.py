@@ -14,6 +14,8 @@ import torch
 
 from speechbrain_sllm.brains import SpeechLLMBrain
 from speechbrain_sllm.checkpointing import WarmupDecaySchedule
+from speechbrain_sllm.importance.stage import run_importance
+from speechbrain_sllm.strategies import build_strategy
 
 
 def steps_per_run(num_items, batch_size, epochs, grad_accumulation=1):
@@ -145,3 +147,49 @@ def fit_and_restore_best(brain, train_set, valid_set, batch_size, loader_kwargs=
         valid_loader_kwargs={"batch_size": batch_size},
     )
     brain.checkpointer.recover_if_possible(min_key="loss")
+
+
+def ensure_base_profile(model, strategy, prompt, tokenizer, text_set, folder, run_opts, **kwargs):
+    """Runs the importance stage on the still-unmodified LLM when the importance LR
+    rule needs a profile that does not exist yet; returns the profile path or None.
+
+    Arguments
+    ---------
+    model : SpeechLLM
+        The model BEFORE ``apply_strategy``.
+    strategy : Strategy
+        The resolved strategy.
+    prompt : ChatPrompt
+        Prompt builder of ``text_set``.
+    tokenizer : HFTokenizer or SentencePieceTokenizer
+        Tokenizer adapter.
+    text_set : DynamicItemDataset
+        Written data scored for textual importance.
+    folder : str
+        Output folder of the profile when it is computed.
+    run_opts : dict
+        SpeechBrain run options.
+    **kwargs : dict
+        Passed to ``run_importance`` (estimator, fraction, batch_size, ...).
+
+    Returns
+    -------
+    str or None
+    """
+    rule = strategy.layerwise
+    if rule is None or rule.rule != "importance" or os.path.isfile(rule.profile):
+        return None
+    brain = make_speech_llm_brain(
+        model,
+        build_strategy("frozen_llm"),
+        prompt,
+        tokenizer,
+        folder,
+        0.0,
+        0,
+        1,
+        run_opts=run_opts,
+        input_mode="text",
+    )
+    run_importance(brain, text_set, os.path.dirname(rule.profile), mode="text", **kwargs)
+    return rule.profile

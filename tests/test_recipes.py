@@ -1,0 +1,125 @@
+"""Every recipe yaml listed in tests/recipes/*.csv runs in --debug mode on tiny
+self-made data in the real layout, with tiny models saved to local folders,
+and passes SpeechBrain's yaml-vs-script rule (every top-level key is used)."""
+
+import csv
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import soundfile
+import torch
+from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+from conftest import llama_config
+from speechbrain_sllm.data.tts import EspeakTTS
+from speechbrain_sllm.model.speech_llm import load_causal_lm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROWS = [
+    row
+    for path in sorted(glob.glob(os.path.join(ROOT, "tests", "recipes", "*.csv")))
+    for row in csv.DictReader(open(path))
+]
+SENTENCES = ["the cat sat on the mat", "a dog ran home", "we like green tea", "birds sing at dawn"]
+
+
+def yaml_keys(path):
+    with open(path) as handle:
+        return [m.group(1) for m in re.finditer(r"^([A-Za-z_][\w]*):", handle.read(), re.M)]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: f"{r['Dataset']}-{r['test_debug_flags']}")
+def test_recipe_yaml_keys_are_all_used(row):
+    yaml_path = os.path.join(ROOT, row["Hparam_file"])
+    with open(os.path.join(ROOT, row["Script_file"])) as handle:
+        script = handle.read()
+    with open(yaml_path) as handle:
+        yaml_text = handle.read()
+    unused = [
+        key
+        for key in yaml_keys(yaml_path)
+        if not key.startswith("__") and f'"{key}"' not in script and f"<{key}>" not in yaml_text
+    ]
+    assert not unused, f"{row['Hparam_file']}: keys not used by {row['Script_file']}: {unused}"
+    assert not re.search(r":\s*(true|false)\s*$", yaml_text, re.M), "booleans must be True/False"
+    for field in ("Script_file", "Hparam_file", "Data_prep_file", "Readme_file"):
+        assert os.path.isfile(os.path.join(ROOT, row[field])), row[field]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    llm = load_causal_lm(config=llama_config(vocab_size=len(tokenizer)))
+    llm.save_pretrained(folder / "llm")
+    tokenizer.to_hf(str(folder / "llm"))
+    config = WhisperConfig(
+        d_model=16,
+        encoder_layers=1,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_layers=1,
+        decoder_attention_heads=2,
+        decoder_ffn_dim=32,
+        num_mel_bins=20,
+        max_source_positions=200,
+    )
+    WhisperModel(config).save_pretrained(folder / "whisper")
+    WhisperFeatureExtractor(feature_size=20).save_pretrained(folder / "whisper")
+    return {"llm": str(folder / "llm"), "encoder": str(folder / "whisper")}
+
+
+@pytest.fixture(scope="module")
+def librispeech(tmp_path_factory):
+    """A tiny LibriSpeech tree: flac files of real (synthetic) speech + .trans.txt."""
+    root = tmp_path_factory.mktemp("LibriSpeech")
+    tts = EspeakTTS()
+    for split in ("train-clean-100", "dev-clean", "test-clean"):
+        chapter = root / split / "19" / "198"
+        chapter.mkdir(parents=True)
+        lines = []
+        for index, text in enumerate(SENTENCES):
+            utt = f"19-198-{index:04d}"
+            soundfile.write(chapter / f"{utt}.flac", tts.synthesize(text, rate=220).numpy(), 16000)
+            lines.append(f"{utt} {text.upper()}")
+        (chapter / "19-198.trans.txt").write_text("\n".join(lines) + "\n")
+    return str(root)
+
+
+@pytest.mark.parametrize(
+    "row", [r for r in ROWS if r["Dataset"] == "LibriSpeech"], ids=lambda r: r["test_debug_flags"]
+)
+def test_librispeech_recipe_runs_in_debug_mode(row, tiny_models, librispeech, tmp_path):
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        os.path.join(ROOT, row["Script_file"]),
+        os.path.join(ROOT, row["Hparam_file"]),
+        f"--data_folder={librispeech}",
+        f"--llm_source={tiny_models['llm']}",
+        f"--encoder_source={tiny_models['encoder']}",
+        f"--output_folder={out}",
+        "--encoder_dim=16",
+        "--llm_dim=32",
+        "--llm_dtype=float32",
+        "--precision=fp32",
+        "--batch_size=2",
+        "--max_new_tokens=4",
+        "--importance_fraction=1.0",
+        "--device=cpu",
+        "--debug",
+        "--debug_batches=2",
+        "--debug_epochs=1",
+        *row["test_debug_flags"].split(),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    log = (out / "train_log.txt").read_text()
+    assert "text_ppl" in log and "WER" in log
+    assert (out / "wer_test-clean.txt").is_file()
+    if "layerwise" in row["test_debug_flags"]:
+        assert (out / "importance" / "base" / "profile.json").is_file()
