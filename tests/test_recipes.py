@@ -12,9 +12,9 @@ import sys
 import pytest
 import soundfile
 import torch
+from conftest import llama_config
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 
-from conftest import llama_config
 from speechbrain_sllm.data.tts import EspeakTTS
 from speechbrain_sllm.model.speech_llm import load_causal_lm
 
