@@ -123,3 +123,85 @@ def test_librispeech_recipe_runs_in_debug_mode(row, tiny_models, librispeech, tm
     assert (out / "wer_test-clean.txt").is_file()
     if "layerwise" in row["test_debug_flags"]:
         assert (out / "importance" / "base" / "profile.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def spoken_qa_files(tmp_path_factory, kb_pairs):
+    """JSON-lines spoken QA files (train + one evaluation set) with real speech."""
+    import json
+
+    root = tmp_path_factory.mktemp("spokenqa")
+    (root / "wav").mkdir()
+    tts = EspeakTTS()
+    train, evaluation = [], []
+    for index, pair in enumerate(kb_pairs[:12]):
+        name = f"wav/{index:03d}.wav"
+        soundfile.write(root / name, tts.synthesize(pair["question"], rate=220).numpy(), 16000)
+        train.append(
+            {
+                "id": f"t{index}",
+                "audio": name,
+                "question": pair["question"],
+                "answer": pair["answer"],
+            }
+        )
+        evaluation.append(
+            {
+                "id": f"e{index}",
+                "audio": name,
+                "question": pair["question"],
+                "answers": [pair["answer"], pair["answer"].lower()],
+            }
+        )
+    train.append({"id": "broken", "audio": "wav/missing.wav", "question": "q", "answer": "a"})
+    for name, items in (("train.jsonl", train), ("eval.jsonl", evaluation)):
+        (root / name).write_text("\n".join(json.dumps(item) for item in items) + "\n")
+    return {"train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl")}
+
+
+@pytest.mark.parametrize(
+    "row",
+    [r for r in ROWS if r["Dataset"] == "VoiceAssistant"],
+    ids=lambda r: r["test_debug_flags"],
+)
+def test_spoken_qa_recipe_runs_in_debug_mode(row, tiny_models, spoken_qa_files, tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        os.path.join(ROOT, row["Script_file"]),
+        os.path.join(ROOT, row["Hparam_file"]),
+        f"--train_file={spoken_qa_files['train']}",
+        f"--eval_files={{llama_questions: {spoken_qa_files['eval']}}}",
+        f"--llm_source={tiny_models['llm']}",
+        f"--encoder_source={tiny_models['encoder']}",
+        f"--output_folder={out}",
+        "--valid_fraction=0.2",
+        "--encoder_dim=16",
+        "--llm_dim=32",
+        "--llm_dtype=float32",
+        "--precision=fp32",
+        "--batch_size=2",
+        "--max_new_tokens=4",
+        "--importance_fraction=1.0",
+        "--device=cpu",
+        "--debug",
+        "--debug_batches=2",
+        "--debug_epochs=1",
+        *row["test_debug_flags"].split(),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    accuracy = results["accuracy"]["llama_questions"]
+    assert 0.0 <= accuracy["T2T"] <= 100.0 and 0.0 <= accuracy["S2T"] <= 100.0
+    assert set(results["shift"]) >= {"js", "kl", "spearman", "emd_layers", "peak_shift"}
+    for name in (
+        "base/profile.json",
+        "finetuned/profile.json",
+        "shift.json",
+        "layer_importance.png",
+    ):
+        assert (out / "importance" / name).is_file(), name
+    assert "skipped 1 items" in result.stderr + (out / "log.txt").read_text()

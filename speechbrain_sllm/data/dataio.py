@@ -183,7 +183,8 @@ def make_qa_dataset(
 ):
     """Builds a spoken (or written) QA dataset with token ids ready for the SpeechLLM.
 
-    Output keys: ``id``, ``question``, ``answer``, ``prompt_ids`` (text prompt),
+    Output keys: ``id``, ``question``, ``answer`` (alternatives joined by ``|``;
+    the first is the training target), ``prompt_ids`` (text prompt),
     ``answer_ids`` (with eos) and, when ``with_audio``, ``sig``.
 
     Arguments
@@ -222,7 +223,7 @@ def make_qa_dataset(
     @sb.utils.data_pipeline.provides("prompt_ids", "answer_ids")
     def text_pipeline(question, answer):
         yield torch.tensor(prompt.text_prompt(question), dtype=torch.long)
-        yield torch.tensor(prompt.answer_ids(answer), dtype=torch.long)
+        yield torch.tensor(prompt.answer_ids(answer.split("|")[0]), dtype=torch.long)
 
     dataset.add_dynamic_item(text_pipeline)
     keys = ["id", "question", "answer", "prompt_ids", "answer_ids"]

@@ -139,3 +139,35 @@ def plot_module_heatmap(profile, path, title="Importance per module and layer"):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def compare_profiles(before, after, folder, labels=("before", "after"), key="sum"):
+    """Shift metrics between two profiles, written as ``shift.json`` with plots.
+
+    Arguments
+    ---------
+    before : dict
+        Reference profile (e.g. the base LLM).
+    after : dict
+        Compared profile (e.g. after speech fine-tuning).
+    folder : str
+        Output folder.
+    labels : tuple of str
+        Legend labels.
+    key : str
+        Per-layer aggregate compared.
+
+    Returns
+    -------
+    dict
+        Output of ``layer_shift``.
+    """
+    from speechbrain_sllm.importance.shift import layer_shift
+
+    shift = layer_shift([x[key] for x in before["layers"]], [x[key] for x in after["layers"]])
+    write_json(shift, os.path.join(folder, "shift.json"))
+    plot_layer_distributions(
+        {labels[0]: before, labels[1]: after}, os.path.join(folder, "layer_importance.png"), key
+    )
+    plot_module_heatmap(after, os.path.join(folder, f"{labels[1]}_module_heatmap.png"))
+    return shift

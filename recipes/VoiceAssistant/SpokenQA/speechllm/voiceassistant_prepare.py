@@ -1,0 +1,1 @@
+../../voiceassistant_prepare.py
