@@ -109,19 +109,61 @@ class SpeechLLMBrain(sb.Brain):
                 self.checkpointer.add_recoverable("lr_schedule", schedule)
         super().on_fit_start()
 
+    def check_loss_isfinite(self, loss):
+        """Counts a non-finite loss; its step will be skipped (see ``optimizers_step``).
+
+        Training stops with a clear error once more than ``nonfinite_patience``
+        losses of the current epoch were non-finite.
+        """
+        if torch.isfinite(loss):
+            return
+        self.nonfinite_count += 1
+        self.skip_this_step = True
+        self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
+        logger.warning(
+            f"Non-finite loss at step {self.step}: the optimizer step is skipped "
+            f"({self.nonfinite_count} this epoch, patience {self.nonfinite_patience})."
+        )
+        if self.nonfinite_count > self.nonfinite_patience:
+            raise FloatingPointError(
+                f"{self.nonfinite_count} non-finite losses in this epoch exceed "
+                f"nonfinite_patience={self.nonfinite_patience}. Lower the learning rate, "
+                "check the data (empty or corrupted audio), or train in fp32/bf16 instead "
+                "of fp16. The last good checkpoint is untouched."
+            )
+
     def optimizers_step(self):
-        """Optimizer step with gradient clipping over every parameter group."""
+        """Optimizer step with gradient clipping over every parameter group.
+
+        Steps whose loss or gradient norm is non-finite are skipped (gradients
+        dropped) and counted in ``skipped_steps``.
+        """
         if self.opt_class is None:
             return
         self.scaler.unscale_(self.optimizer)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        if getattr(self, "skip_this_step", False) or not torch.isfinite(norm):
+            if not getattr(self, "skip_this_step", False):
+                self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
+                logger.warning(f"Non-finite gradient norm at step {self.step}: step skipped.")
+            self.skip_this_step = False
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler.is_enabled():
+                self.scaler.update()
+            return
         if not self.scaler.is_enabled() and self.skip_nonfinite_grads:
             self.check_gradients()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_step += 1
+
+    def on_fit_batch_start(self, batch, should_step):
+        """Restores random generators recovered from a checkpoint, just in time."""
+        rng = self.checkpointer.recoverables.get("rng") if self.checkpointer else None
+        if rng is not None:
+            rng.apply_pending()
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         """Steps the per-step LR schedule after each optimizer step."""

@@ -4,10 +4,28 @@ Authors
  * speechbrain-sllm developers 2026
 """
 
+import logging
 import math
+import os
+import random
+import shutil
 
+import numpy
 import torch
-from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
+from speechbrain.utils.checkpoints import (
+    DEFAULT_SAVE_HOOKS,
+    METAFNAME,
+    PARAMFILE_EXT,
+    Checkpoint,
+    Checkpointer,
+    get_default_hook,
+    mark_as_loader,
+    mark_as_saver,
+    register_checkpoint_hooks,
+)
+from speechbrain.utils.distributed import ddp_barrier, if_main_process
+
+logger = logging.getLogger(__name__)
 
 
 @register_checkpoint_hooks
@@ -164,3 +182,131 @@ class WarmupDecaySchedule:
         """Restores the step count."""
         del end_of_epoch
         self.step = torch.load(path, weights_only=True)["step"]
+
+
+class AtomicCheckpointer(Checkpointer):
+    """A ``Checkpointer`` whose checkpoints appear whole or not at all.
+
+    SpeechBrain writes ``CKPT.yaml`` first and the parameter files after it, so a
+    process killed while saving leaves a directory that looks complete and
+    cannot be loaded. Here every file is written into a hidden staging
+    directory, ``CKPT.yaml`` last, and the directory is renamed into place
+    (atomic on POSIX): the previous checkpoint stays the latest one until the
+    new one is complete. Saving happens on the main process only.
+
+    Arguments
+    ---------
+    checkpoints_dir : str
+        Where checkpoints are kept.
+    recoverables : dict or None
+        Objects to save and load.
+    **kwargs : dict
+        Passed to ``Checkpointer``.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> net = torch.nn.Linear(2, 2)
+    >>> ckpt = AtomicCheckpointer(tempfile.mkdtemp(), {"net": net})
+    >>> saved = ckpt.save_checkpoint()
+    >>> ckpt.recover_if_possible().path == saved.path
+    True
+    """
+
+    def save_checkpoint(self, meta=None, end_of_epoch=True, name=None, verbosity=logging.INFO):
+        """Saves all recoverables atomically; returns the ``Checkpoint`` (None off main)."""
+        final, result = None, None
+        if if_main_process():
+            final = (
+                self._new_checkpoint_dirpath()
+                if name is None
+                else self._custom_checkpoint_dirpath(name)
+            )
+            staging = final.parent / f".staging-{final.name}"
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging)
+            paramfiles = {}
+            for key, obj in self.recoverables.items():
+                paramfiles[key] = final / f"{key}{PARAMFILE_EXT}"
+                self._save_one(key, obj, staging / f"{key}{PARAMFILE_EXT}")
+            saved_meta = self._save_checkpoint_metafile(
+                staging / METAFNAME, meta or {}, end_of_epoch
+            )
+            os.replace(staging, final)
+            kind = "end-of-epoch" if end_of_epoch else "intra-epoch"
+            logger.log(verbosity, f"Saved an {kind} checkpoint in {final}")
+            result = Checkpoint(final, saved_meta, paramfiles)
+        ddp_barrier()
+        return result
+
+    def _save_one(self, key, obj, path):
+        if key in self.custom_save_hooks:
+            self.custom_save_hooks[key](obj, path)
+            return
+        hook = get_default_hook(obj, DEFAULT_SAVE_HOOKS)
+        if hook is None:
+            raise RuntimeError(f"Don't know how to save {type(obj)} ({key}); add a save hook.")
+        hook(obj, path)
+
+
+@register_checkpoint_hooks
+class RNGState:
+    """Checkpoints the random generators (python, numpy, torch CPU and CUDA).
+
+    With it, a run resumed from an intra-epoch checkpoint draws the same dropout
+    masks as the uninterrupted run, so resumption is exact. Loading only stores
+    the state; ``apply_pending()`` restores it, and the Brain calls it right
+    before the first batch after recovery (creating the data iterator draws
+    from the torch generator, which must not shift the restored stream).
+
+    Example
+    -------
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "rng.ckpt")
+    >>> RNGState().save(path)
+    >>> first = torch.rand(1)
+    >>> rng = RNGState()
+    >>> rng.load(path)
+    >>> rng.apply_pending()
+    >>> torch.equal(torch.rand(1), first)
+    True
+    """
+
+    def __init__(self):
+        self.pending = None
+
+    @mark_as_saver
+    def save(self, path):
+        """Saves every generator state."""
+        state = {
+            "python": random.getstate(),
+            "numpy": numpy_state_as_tensors(),
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(state, path)
+
+    @mark_as_loader
+    def load(self, path, end_of_epoch=False):
+        """Restores every generator state."""
+        del end_of_epoch
+        self.pending = torch.load(path, weights_only=True)
+
+    def apply_pending(self):
+        """Restores the generators loaded last (no-op when nothing is pending)."""
+        state, self.pending = self.pending, None
+        if state is None:
+            return
+        random.setstate(state["python"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        numpy.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def numpy_state_as_tensors():
+    """numpy's global RNG state with its key array as a tensor (``weights_only`` safe)."""
+    name, keys, pos, has_gauss, cached = numpy.random.get_state()
+    return (name, torch.from_numpy(keys.copy()), int(pos), int(has_gauss), float(cached))

@@ -13,7 +13,7 @@ import speechbrain as sb
 import torch
 
 from speechbrain_sllm.brains import SpeechLLMBrain
-from speechbrain_sllm.checkpointing import WarmupDecaySchedule
+from speechbrain_sllm.checkpointing import AtomicCheckpointer, RNGState, WarmupDecaySchedule
 from speechbrain_sllm.importance.stage import run_importance
 from speechbrain_sllm.strategies import build_strategy
 
@@ -48,7 +48,8 @@ def make_speech_llm_brain(
     ckpt_recoverables=None,
 ):
     """A ``SpeechLLMBrain`` with AdamW over the strategy's groups, a warmup-cosine
-    schedule, a file logger and a checkpointer in ``folder/save``.
+    schedule, a file logger and an atomic checkpointer in ``folder/save`` that also
+    keeps the random generators (exact resume from intra-epoch checkpoints).
 
     Arguments
     ---------
@@ -90,11 +91,9 @@ def make_speech_llm_brain(
     SpeechLLMBrain
     """
     counter = sb.utils.epoch_loop.EpochCounter(limit=epochs)
-    recoverables = {"counter": counter}
+    recoverables = {"counter": counter, "rng": RNGState()}
     recoverables.update(ckpt_recoverables or {})
-    checkpointer = sb.utils.checkpoints.Checkpointer(
-        os.path.join(folder, "save"), recoverables=recoverables
-    )
+    checkpointer = AtomicCheckpointer(os.path.join(folder, "save"), recoverables=recoverables)
     hparams = {
         "prompt": prompt,
         "tokenizer": tokenizer,

@@ -1,0 +1,81 @@
+"""Exact resume after SIGKILL, atomic checkpoints, and non-finite losses."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import fixed_batch, make_brain
+from speechbrain_sllm.checkpointing import AtomicCheckpointer, TrainableState
+
+JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resume_job.py")
+
+
+def run_job(*args):
+    return subprocess.run([sys.executable, JOB, *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("strategy", ["full_ft", "layerwise_lr", "lora"])
+def test_killed_run_resumes_to_the_same_weights_and_optimizer_bitwise(
+    strategy, tokenizer, manifests, tmp_path
+):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight.mkdir(), killed.mkdir()
+    common = (tokenizer.model_path, manifests["speech"])
+    assert run_job(strategy, straight, *common).returncode == 0
+    died = run_job(strategy, killed, *common, 9)  # epoch 2, mid-epoch (6 steps per epoch)
+    assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
+    assert not (killed / "final.pt").exists()
+    resumed = run_job(strategy, killed, *common)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(straight / "final.pt", weights_only=True)
+    b = torch.load(killed / "final.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for key, state in a["optimizer"]["state"].items():
+        for field, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][key][field]), (key, field)
+
+
+def test_checkpoint_interrupted_while_saving_leaves_the_previous_one_loadable(tmp_path):
+    net = torch.nn.Linear(3, 3)
+    ckpt = AtomicCheckpointer(str(tmp_path), {"net": net})
+    first = ckpt.save_checkpoint(name="first")
+    saved = net.weight.detach().clone()
+
+    class Exploding(torch.nn.Module):
+        def state_dict(self, *args, **kwargs):
+            raise KeyboardInterrupt("killed while saving")
+
+    ckpt.add_recoverable("late", Exploding())
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(name="second")
+    del ckpt.recoverables["late"]
+    assert [c.path for c in ckpt.list_checkpoints()] == [first.path]
+    assert ckpt.recover_if_possible().path == first.path
+    assert torch.equal(net.weight, saved)
+
+
+def test_non_finite_losses_skip_steps_then_stop_with_a_clear_error(
+    tokenizer, prompt, manifests, tmp_path
+):
+    brain = make_brain("full_ft", tokenizer, prompt, tmp_path, nonfinite_patience=2)
+    brain.init_optimizers()
+    batch = fixed_batch(manifests["speech"], prompt)
+    state = TrainableState(brain.modules.model)
+    before = {k: v.clone() for k, v in state.state_dict().items()}
+    brain.compute_objectives = lambda *args: torch.tensor(float("nan"), requires_grad=True)
+    brain.nonfinite_count = 0
+    for _ in range(2):
+        brain.fit_batch(batch)
+    assert brain.skipped_steps == 2
+    after = state.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was corrupted
+    with pytest.raises(FloatingPointError, match="exceed nonfinite_patience=2"):
+        brain.fit_batch(batch)
