@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-
 from helpers import fixed_batch, make_brain
+
 from speechbrain_sllm.checkpointing import AtomicCheckpointer, TrainableState
 
 JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resume_job.py")
