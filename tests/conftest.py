@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from transformers import LlamaConfig, Qwen2Config
+from transformers import LlamaConfig, Qwen2Config, WhisperConfig
 
 from speechbrain_sllm.data.prompts import ChatPrompt
 from speechbrain_sllm.data.synthetic import (
@@ -23,8 +23,8 @@ from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
 HIDDEN = 32
 
 
-def llama_config(vocab_size=64, layers=3):
-    return LlamaConfig(
+def tiny_lm_config(config_class, vocab_size=64, layers=3):
+    return config_class(
         vocab_size=vocab_size,
         hidden_size=HIDDEN,
         intermediate_size=64,
@@ -39,19 +39,25 @@ def llama_config(vocab_size=64, layers=3):
     )
 
 
+def llama_config(vocab_size=64, layers=3):
+    return tiny_lm_config(LlamaConfig, vocab_size, layers)
+
+
 def qwen2_config(vocab_size=64, layers=3):
-    return Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=2,
-        eos_token_id=3,
-        pad_token_id=0,
-        initializer_range=0.2,  # input-sensitive logits, so a frozen LLM can be steered
+    return tiny_lm_config(Qwen2Config, vocab_size, layers)
+
+
+def tiny_whisper_config(max_source_positions=50):
+    return WhisperConfig(
+        d_model=16,
+        encoder_layers=1,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_layers=1,
+        decoder_attention_heads=2,
+        decoder_ffn_dim=32,
+        num_mel_bins=20,
+        max_source_positions=max_source_positions,
     )
 
 

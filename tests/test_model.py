@@ -1,7 +1,7 @@
 import pytest
 import torch
-from conftest import HIDDEN, llama_config, tiny_speech_llm
-from transformers import WavLMConfig, WhisperConfig
+from conftest import HIDDEN, llama_config, tiny_speech_llm, tiny_whisper_config
+from transformers import WavLMConfig
 
 from speechbrain_sllm.model.adaptors import ConvDownsampler, FrameStackAdaptor
 from speechbrain_sllm.model.encoders import (
@@ -77,19 +77,7 @@ def test_text_path_equals_plain_llm_on_the_same_tokens():
 
 
 def test_whisper_and_wavlm_encoders_feed_the_llm():
-    whisper = HFWhisperEncoder(
-        config=WhisperConfig(
-            d_model=16,
-            encoder_layers=1,
-            encoder_attention_heads=2,
-            encoder_ffn_dim=32,
-            decoder_layers=1,
-            decoder_attention_heads=2,
-            decoder_ffn_dim=32,
-            num_mel_bins=20,
-            max_source_positions=50,
-        )
-    )
+    whisper = HFWhisperEncoder(config=tiny_whisper_config())
     wavlm = HFWav2Vec2Encoder(
         config=WavLMConfig(
             hidden_size=16,
@@ -114,19 +102,7 @@ def test_whisper_and_wavlm_encoders_feed_the_llm():
 
 
 def test_whisper_rejects_audio_longer_than_its_window():
-    whisper = HFWhisperEncoder(
-        config=WhisperConfig(
-            d_model=16,
-            encoder_layers=1,
-            encoder_attention_heads=2,
-            encoder_ffn_dim=32,
-            decoder_layers=1,
-            decoder_attention_heads=2,
-            decoder_ffn_dim=32,
-            num_mel_bins=20,
-            max_source_positions=50,
-        )
-    )
+    whisper = HFWhisperEncoder(config=tiny_whisper_config())
     with pytest.raises(ValueError, match="exceeds the encoder window"):
         whisper(torch.randn(1, 20000), torch.ones(1))
 

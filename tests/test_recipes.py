@@ -12,8 +12,8 @@ import sys
 import pytest
 import soundfile
 import torch
-from conftest import llama_config
-from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+from conftest import llama_config, tiny_whisper_config
+from transformers import WhisperFeatureExtractor, WhisperModel
 
 from speechbrain_sllm.data.tts import EspeakTTS
 from speechbrain_sllm.model.speech_llm import load_causal_lm
@@ -24,7 +24,36 @@ ROWS = [
     for path in sorted(glob.glob(os.path.join(ROOT, "tests", "recipes", "*.csv")))
     for row in csv.DictReader(open(path))
 ]
+TINY_FLAGS = [
+    "--encoder_dim=16",
+    "--llm_dim=32",
+    "--llm_dtype=float32",
+    "--precision=fp32",
+    "--batch_size=2",
+    "--max_new_tokens=4",
+    "--importance_fraction=1.0",
+    "--device=cpu",
+    "--debug",
+    "--debug_batches=2",
+    "--debug_epochs=1",
+]
 SENTENCES = ["the cat sat on the mat", "a dog ran home", "we like green tea", "birds sing at dawn"]
+
+
+def run_recipe(row, models, out, *data_flags):
+    """Runs a recipe row with tiny local models in --debug mode; returns the process."""
+    command = [
+        sys.executable,
+        os.path.join(ROOT, row["Script_file"]),
+        os.path.join(ROOT, row["Hparam_file"]),
+        *data_flags,
+        f"--llm_source={models['llm']}",
+        f"--encoder_source={models['encoder']}",
+        f"--output_folder={out}",
+        *TINY_FLAGS,
+        *row["test_debug_flags"].split(),
+    ]
+    return subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(out))
 
 
 def yaml_keys(path):
@@ -57,17 +86,7 @@ def tiny_models(tmp_path_factory, tokenizer):
     llm = load_causal_lm(config=llama_config(vocab_size=len(tokenizer)))
     llm.save_pretrained(folder / "llm")
     tokenizer.to_hf(str(folder / "llm"))
-    config = WhisperConfig(
-        d_model=16,
-        encoder_layers=1,
-        encoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_layers=1,
-        decoder_attention_heads=2,
-        decoder_ffn_dim=32,
-        num_mel_bins=20,
-        max_source_positions=200,
-    )
+    config = tiny_whisper_config(max_source_positions=200)
     WhisperModel(config).save_pretrained(folder / "whisper")
     WhisperFeatureExtractor(feature_size=20).save_pretrained(folder / "whisper")
     return {"llm": str(folder / "llm"), "encoder": str(folder / "whisper")}
@@ -95,28 +114,7 @@ def librispeech(tmp_path_factory):
 )
 def test_librispeech_recipe_runs_in_debug_mode(row, tiny_models, librispeech, tmp_path):
     out = tmp_path / "out"
-    command = [
-        sys.executable,
-        os.path.join(ROOT, row["Script_file"]),
-        os.path.join(ROOT, row["Hparam_file"]),
-        f"--data_folder={librispeech}",
-        f"--llm_source={tiny_models['llm']}",
-        f"--encoder_source={tiny_models['encoder']}",
-        f"--output_folder={out}",
-        "--encoder_dim=16",
-        "--llm_dim=32",
-        "--llm_dtype=float32",
-        "--precision=fp32",
-        "--batch_size=2",
-        "--max_new_tokens=4",
-        "--importance_fraction=1.0",
-        "--device=cpu",
-        "--debug",
-        "--debug_batches=2",
-        "--debug_epochs=1",
-        *row["test_debug_flags"].split(),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    result = run_recipe(row, tiny_models, out, f"--data_folder={librispeech}")
     assert result.returncode == 0, result.stderr[-4000:]
     log = (out / "train_log.txt").read_text()
     assert "text_ppl" in log and "WER" in log
@@ -168,30 +166,14 @@ def test_spoken_qa_recipe_runs_in_debug_mode(row, tiny_models, spoken_qa_files, 
     import json
 
     out = tmp_path / "out"
-    command = [
-        sys.executable,
-        os.path.join(ROOT, row["Script_file"]),
-        os.path.join(ROOT, row["Hparam_file"]),
+    result = run_recipe(
+        row,
+        tiny_models,
+        out,
         f"--train_file={spoken_qa_files['train']}",
         f"--eval_files={{llama_questions: {spoken_qa_files['eval']}}}",
-        f"--llm_source={tiny_models['llm']}",
-        f"--encoder_source={tiny_models['encoder']}",
-        f"--output_folder={out}",
         "--valid_fraction=0.2",
-        "--encoder_dim=16",
-        "--llm_dim=32",
-        "--llm_dtype=float32",
-        "--precision=fp32",
-        "--batch_size=2",
-        "--max_new_tokens=4",
-        "--importance_fraction=1.0",
-        "--device=cpu",
-        "--debug",
-        "--debug_batches=2",
-        "--debug_epochs=1",
-        *row["test_debug_flags"].split(),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     accuracy = results["accuracy"]["llama_questions"]
@@ -205,3 +187,40 @@ def test_spoken_qa_recipe_runs_in_debug_mode(row, tiny_models, spoken_qa_files, 
     ):
         assert (out / "importance" / name).is_file(), name
     assert "skipped 1 items" in result.stderr + (out / "log.txt").read_text()
+
+
+def test_spoken_qa_recipe_trains_and_scores_under_torchrun_with_two_processes(
+    tiny_models, spoken_qa_files, tmp_path
+):
+    """DDP on CPU (gloo): both ranks train and score importance; rank 0 alone writes files."""
+    import json
+
+    row = next(
+        r for r in ROWS if r["Dataset"] == "VoiceAssistant" and "lora" in r["test_debug_flags"]
+    )
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        os.path.join(ROOT, row["Script_file"]),
+        os.path.join(ROOT, row["Hparam_file"]),
+        f"--train_file={spoken_qa_files['train']}",
+        f"--eval_files={{llama_questions: {spoken_qa_files['eval']}}}",
+        "--valid_fraction=0.2",
+        f"--llm_source={tiny_models['llm']}",
+        f"--encoder_source={tiny_models['encoder']}",
+        f"--output_folder={out}",
+        "--distributed_backend=gloo",
+        *TINY_FLAGS,
+        "--strategy=lora",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["accuracy"]["llama_questions"]) == {"T2T", "S2T"}
+    checkpoints = [d for d in os.listdir(out / "save") if d.startswith("CKPT")]
+    assert len(checkpoints) == 1  # one writer: the best checkpoint kept by rank 0
+    assert not [d for d in os.listdir(out / "save") if d.startswith(".staging")]

@@ -13,9 +13,16 @@ STRATEGIES = ("full_ft", "layerwise_lr", "lora", "frozen_llm")
 def test_quick_study_produces_the_table_profiles_and_plots(tmp_path):
     out = tmp_path / "study"
     result = subprocess.run(
-        [sys.executable, os.path.join(RECIPE, "run_study.py"),
-         os.path.join(RECIPE, "hparams", "study.yaml"), "--quick", f"--output_folder={out}"],
-        capture_output=True, text=True, cwd=tmp_path,
+        [
+            sys.executable,
+            os.path.join(RECIPE, "run_study.py"),
+            os.path.join(RECIPE, "hparams", "study.yaml"),
+            "--quick",
+            f"--output_folder={out}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())

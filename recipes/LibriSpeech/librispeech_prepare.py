@@ -12,12 +12,13 @@ Authors
  * speechbrain-sllm developers 2026
 """
 
-import csv
 import glob
 import logging
 import os
 
 import soundfile
+
+from speechbrain_sllm.data.dataio import write_csv_manifest
 
 logger = logging.getLogger(__name__)
 FIELDS = ["ID", "duration", "wav", "spk_id", "question", "answer"]
@@ -54,8 +55,8 @@ def prepare_librispeech(data_folder, save_folder, splits, skip_prep=False):
         rows = split_rows(split_dir)
         if not rows:
             raise ValueError(f"No transcribed flac file found under {split_dir!r}.")
-        write_rows(rows, FIELDS, target)
-        write_rows(text_pairs(rows), FIELDS, os.path.join(save_folder, f"{split}_text.csv"))
+        write_csv_manifest(rows, FIELDS, target)
+        write_csv_manifest(text_pairs(rows), FIELDS, os.path.join(save_folder, f"{split}_text.csv"))
         logger.info(f"{split}: {len(rows)} utterances -> {target}")
 
 
@@ -104,13 +105,3 @@ def text_pairs(rows):
             }
         )
     return pairs
-
-
-def write_rows(rows, fields, path):
-    """Writes CSV rows atomically (temporary file + rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)

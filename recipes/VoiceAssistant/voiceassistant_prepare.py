@@ -15,13 +15,14 @@ Authors
  * speechbrain-sllm developers 2026
 """
 
-import csv
 import json
 import logging
 import os
 import random
 
 import soundfile
+
+from speechbrain_sllm.data.dataio import write_csv_manifest
 
 logger = logging.getLogger(__name__)
 FIELDS = ["ID", "wav", "duration", "question", "answer"]
@@ -55,12 +56,12 @@ def prepare_spoken_qa(
         rows = read_items(train_file, answers_key="answer")
         random.Random(seed).shuffle(rows)
         count = max(1, int(valid_fraction * len(rows)))
-        write_rows(rows[count:], train_csv)
-        write_rows(rows[:count], os.path.join(save_folder, "valid.csv"))
+        write_csv_manifest(rows[count:], FIELDS, train_csv)
+        write_csv_manifest(rows[:count], FIELDS, os.path.join(save_folder, "valid.csv"))
     for name, path in eval_files.items():
         target = os.path.join(save_folder, f"eval_{name}.csv")
         if not os.path.isfile(target):
-            write_rows(read_items(path, answers_key="answers"), target)
+            write_csv_manifest(read_items(path, answers_key="answers"), FIELDS, target)
 
 
 def read_items(path, answers_key):
@@ -97,13 +98,3 @@ def read_items(path, answers_key):
     if skipped:
         logger.warning(f"{path}: skipped {skipped} items")
     return rows
-
-
-def write_rows(rows, path):
-    """Writes CSV rows atomically."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)

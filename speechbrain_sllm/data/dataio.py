@@ -15,6 +15,7 @@ Authors
  * speechbrain-sllm developers 2026
 """
 
+import csv
 import logging
 import os
 from collections import Counter
@@ -124,6 +125,27 @@ def load_manifest(path, replacements=None):
     if path.endswith(".json"):
         return sb.dataio.dataset.DynamicItemDataset.from_json(path, replacements=replacements)
     raise ValueError(f"Manifest {path!r} must end in .csv or .json.")
+
+
+def write_csv_manifest(rows, fields, path):
+    """Writes manifest rows as CSV atomically (temporary file + rename).
+
+    Arguments
+    ---------
+    rows : list of dict
+        Rows with (at least) the ``fields`` keys.
+    fields : list of str
+        Column names, ``ID`` first by SpeechBrain convention.
+    path : str
+        Output CSV path; a reader never sees a half-written file.
+    """
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 def drop_bad_items(dataset, fields, max_duration=None, name="dataset"):

@@ -9,13 +9,14 @@ Authors
  * speechbrain-sllm developers 2026
 """
 
-import csv
 import logging
 import os
 import random
 
 import soundfile
 from tqdm import tqdm
+
+from speechbrain_sllm.data.dataio import write_csv_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -221,11 +222,5 @@ def text_rows(pairs, prefix):
 
 
 def write_manifest(rows, path):
-    """Writes SpeechBrain CSV manifest rows atomically."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    """Writes MiniSpokenQA manifest rows (``FIELDS``) atomically."""
+    write_csv_manifest(rows, FIELDS, path)

@@ -140,6 +140,8 @@ def accumulate_importance(
     subset = torch.utils.data.Subset(dataset, shard_indices(len(dataset), fraction, seed))
     loader = make_dataloader(subset, batch_size=batch_size, shuffle=False, collate_fn=PaddedBatch)
     model.eval()
+    wrapped = brain.modules["model"]
+    brain.modules["model"] = model  # no DDP hooks: ranks reduce accumulators, not gradients
     accumulator = ImportanceAccumulator(params, estimator, dtype)
     try:
         for batch in tqdm(loader, disable=not progress, desc=f"importance ({mode})"):
@@ -149,6 +151,7 @@ def accumulate_importance(
             loss.backward()
             accumulator.step()
     finally:
+        brain.modules["model"] = wrapped
         accumulator.detach()
         for param, was_trainable in frozen.items():
             param.requires_grad_(was_trainable)
