@@ -124,10 +124,6 @@ class SentencePieceTokenizer:
         specials = {self.eos_id, self.bos_id, self.pad_id}
         return self.sp.decode([i for i in ids if i not in specials]).strip()
 
-    def render_chat(self, messages):
-        """Not available: sentencepiece models carry no chat template."""
-        raise NotImplementedError("SentencePieceTokenizer has no chat template.")
-
     def to_hf(self, folder):
         """Saves an HF ``LlamaTokenizer`` built from this model into ``folder``.
 

@@ -7,6 +7,7 @@ Authors
  * speechbrain-sllm developers 2026
 """
 
+import abc
 import logging
 
 import torch
@@ -18,7 +19,7 @@ logger = logging.getLogger(__name__)
 WAV2VEC2_FAMILY = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "wav2vec2-bert")
 
 
-class SpeechEncoder(nn.Module):
+class SpeechEncoder(nn.Module, abc.ABC):
     """Base class: handles freezing (no grad, eval mode) around ``encode``.
 
     Arguments
@@ -66,9 +67,9 @@ class SpeechEncoder(nn.Module):
             return feats.detach(), lengths
         return self.encode(wavs, wav_lens)
 
+    @abc.abstractmethod
     def encode(self, wavs, wav_lens):
         """Subclasses implement the encoding here (see ``forward``)."""
-        raise NotImplementedError
 
 
 class FbankTransformerEncoder(SpeechEncoder):
