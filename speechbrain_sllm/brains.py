@@ -10,11 +10,18 @@ import os
 
 import speechbrain as sb
 import torch
+from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.dataio.dataloader import make_dataloader
 from tqdm import tqdm
 
 from speechbrain_sllm.checkpointing import TrainableState, unwrap
 from speechbrain_sllm.data.dataio import unpad
+from speechbrain_sllm.distributed import (
+    all_reduce_sum,
+    gather_in_order,
+    rank_shard,
+    share_debug_checkpoint_folder,
+)
 from speechbrain_sllm.metrics import QAAccuracyStats, wer_stats
 from speechbrain_sllm.model.speech_llm import shifted_lm_loss
 from speechbrain_sllm.strategies import param_groups
@@ -35,7 +42,13 @@ class SpeechLLMBrain(sb.Brain):
 
     Gradients are clipped over ALL parameter groups (SpeechBrain clips
     ``param_groups[0]`` only), and checkpoints hold only trainable tensors.
+    Under torchrun, decoding and perplexity are split across ranks and gathered
+    exactly, and all ranks share one checkpoint folder (also in ``--debug``).
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        share_debug_checkpoint_folder(self.checkpointer)
 
     @property
     def input_mode(self):
@@ -194,12 +207,20 @@ class SpeechLLMBrain(sb.Brain):
         elif logger_ is not None:
             logger_.log_stats(stats_meta={"Epoch loaded": epoch}, test_stats=stats)
 
-    def _loader(self, dataset, batch_size):
-        return make_dataloader(dataset, batch_size=batch_size, shuffle=False)
+    def _rank_loader(self, dataset, batch_size):
+        """This rank's share of ``dataset`` (``rank::world``) and its item positions."""
+        positions = rank_shard(range(len(dataset)))
+        subset = torch.utils.data.Subset(dataset, positions)
+        loader = make_dataloader(
+            subset, batch_size=batch_size, shuffle=False, collate_fn=PaddedBatch
+        )
+        return loader, positions
 
     @torch.no_grad()
     def perplexity(self, dataset, mode="text", batch_size=8):
         """Perplexity of the answers given the questions (token-weighted).
+
+        Under torchrun each rank scores its share and the sums are all-reduced.
 
         Arguments
         ---------
@@ -216,11 +237,13 @@ class SpeechLLMBrain(sb.Brain):
         """
         self.modules.eval()
         total, count = 0.0, 0
-        for batch in self._loader(dataset, batch_size):
+        loader, _ = self._rank_loader(dataset, batch_size)
+        for batch in loader:
             with self.evaluation_ctx:
                 logits, labels = self.forward_mode(batch, mode)
-            total += shifted_lm_loss(logits, labels, "sum").item()
+            total += shifted_lm_loss(logits.float(), labels, "sum").item()
             count += int((labels[:, 1:] != -100).sum())
+        total, count = all_reduce_sum([total, count], self.device)
         return math.exp(min(total / max(count, 1), 50.0))
 
     @torch.no_grad()
@@ -241,11 +264,13 @@ class SpeechLLMBrain(sb.Brain):
         Returns
         -------
         ids, predictions, references : list of str
+            In dataset order; under torchrun each rank decodes its share and
+            every rank returns the whole, each item once.
         """
         self.modules.eval()
         model, prompt, tok = self.model, self.hparams.prompt, self.hparams.tokenizer
         ids, predictions, references = [], [], []
-        loader = self._loader(dataset, batch_size)
+        loader, positions = self._rank_loader(dataset, batch_size)
         for batch in tqdm(loader, disable=not progress, desc=f"decode {mode}"):
             batch = batch.to(self.device)
             with self.evaluation_ctx:
@@ -269,6 +294,10 @@ class SpeechLLMBrain(sb.Brain):
             ids.extend(batch.id)
             predictions.extend(tok.decode(out) for out in outputs)
             references.extend(batch.answer)
+        items = gather_in_order(list(zip(ids, predictions, references)), positions)
+        if not items:
+            return [], [], []
+        ids, predictions, references = (list(column) for column in zip(*items))
         return ids, predictions, references
 
     def evaluate_qa(self, dataset, mode="speech", match="contains", output_file=None, **kwargs):

@@ -23,7 +23,12 @@ from speechbrain.utils.checkpoints import (
     mark_as_saver,
     register_checkpoint_hooks,
 )
-from speechbrain.utils.distributed import ddp_barrier, if_main_process
+from speechbrain.utils.distributed import (
+    MainProcessContext,
+    ddp_barrier,
+    ddp_broadcast,
+    if_main_process,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -214,30 +219,40 @@ class AtomicCheckpointer(Checkpointer):
     """
 
     def save_checkpoint(self, meta=None, end_of_epoch=True, name=None, verbosity=logging.INFO):
-        """Saves all recoverables atomically; returns the ``Checkpoint`` (None off main)."""
-        final, result = None, None
-        if if_main_process():
-            final = (
-                self._new_checkpoint_dirpath()
-                if name is None
-                else self._custom_checkpoint_dirpath(name)
-            )
-            staging = final.parent / f".staging-{final.name}"
-            shutil.rmtree(staging, ignore_errors=True)
-            os.makedirs(staging)
-            paramfiles = {}
-            for key, obj in self.recoverables.items():
-                paramfiles[key] = final / f"{key}{PARAMFILE_EXT}"
-                self._save_one(key, obj, staging / f"{key}{PARAMFILE_EXT}")
-            saved_meta = self._save_checkpoint_metafile(
-                staging / METAFNAME, meta or {}, end_of_epoch
-            )
-            os.replace(staging, final)
-            kind = "end-of-epoch" if end_of_epoch else "intra-epoch"
-            logger.log(verbosity, f"Saved an {kind} checkpoint in {final}")
-            result = Checkpoint(final, saved_meta, paramfiles)
+        """Saves all recoverables atomically; returns the ``Checkpoint`` on every rank.
+
+        Under torchrun the whole save body runs on the main process nested in
+        SpeechBrain's ``MainProcessContext``, so the save hooks that SpeechBrain
+        wraps in ``main_process_only`` (optimizer, epoch counter, the package's
+        recoverables) run there without a collective of their own. Then every
+        rank joins exactly one broadcast (the new checkpoint) and one barrier.
+        """
+        checkpoint = None
+        with MainProcessContext():
+            if if_main_process():
+                checkpoint = self._save_staged(meta or {}, end_of_epoch, name, verbosity)
+        checkpoint = ddp_broadcast(checkpoint)
         ddp_barrier()
-        return result
+        return checkpoint
+
+    def _save_staged(self, meta, end_of_epoch, name, verbosity):
+        final = (
+            self._new_checkpoint_dirpath()
+            if name is None
+            else self._custom_checkpoint_dirpath(name)
+        )
+        staging = final.parent / f".staging-{final.name}"
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        paramfiles = {}
+        for key, obj in self.recoverables.items():
+            paramfiles[key] = final / f"{key}{PARAMFILE_EXT}"
+            self._save_one(key, obj, staging / f"{key}{PARAMFILE_EXT}")
+        saved_meta = self._save_checkpoint_metafile(staging / METAFNAME, meta, end_of_epoch)
+        os.replace(staging, final)
+        kind = "end-of-epoch" if end_of_epoch else "intra-epoch"
+        logger.log(verbosity, f"Saved an {kind} checkpoint in {final}")
+        return Checkpoint(final, saved_meta, paramfiles)
 
     def _save_one(self, key, obj, path):
         if key in self.custom_save_hooks:

@@ -9,6 +9,7 @@ from conftest import llama_config, tiny_speech_llm
 from speechbrain.dataio.dataloader import make_dataloader
 
 from speechbrain_sllm.brains import SpeechLLMBrain
+from speechbrain_sllm.checkpointing import AtomicCheckpointer
 from speechbrain_sllm.data.dataio import make_qa_dataset
 from speechbrain_sllm.strategies import (
     LayerwiseLR,
@@ -43,7 +44,7 @@ def make_brain(
     strategy = strategy_for(name, str(folder))
     apply_strategy(model, strategy)
     counter = sb.utils.epoch_loop.EpochCounter(limit=counter_limit)
-    checkpointer = sb.utils.checkpoints.Checkpointer(
+    checkpointer = AtomicCheckpointer(
         os.path.join(str(folder), "save"), recoverables={"counter": counter}
     )
     opts = {"device": "cpu", "max_grad_norm": 5.0}

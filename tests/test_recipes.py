@@ -187,3 +187,69 @@ def test_spoken_qa_recipe_runs_in_debug_mode(row, tiny_models, spoken_qa_files, 
     ):
         assert (out / "importance" / name).is_file(), name
     assert "skipped 1 items" in result.stderr + (out / "log.txt").read_text()
+
+
+def run_torchrun(command, cwd, timeout=600):
+    """Runs ``torchrun`` and stops it cleanly on timeout.
+
+    torch elastic starts each worker in its own session, so killing the
+    process group would miss them: terminate torchrun itself, which forwards
+    SIGTERM to its workers.
+    """
+    process = subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s:\n{stderr[-4000:]}")
+    return process.returncode, stdout, stderr
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["debug", "debug_persistently"])
+def test_spoken_qa_recipe_trains_and_scores_under_torchrun_with_two_processes(
+    persistent, tiny_models, spoken_qa_files, tmp_path
+):
+    """DDP on CPU (gloo), 2 epochs so keep-only deletion runs; ranks share checkpoints."""
+    import json
+
+    row = next(
+        r for r in ROWS if r["Dataset"] == "VoiceAssistant" and "lora" in r["test_debug_flags"]
+    )
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        os.path.join(ROOT, row["Script_file"]),
+        os.path.join(ROOT, row["Hparam_file"]),
+        f"--train_file={spoken_qa_files['train']}",
+        f"--eval_files={{llama_questions: {spoken_qa_files['eval']}}}",
+        "--valid_fraction=0.2",
+        f"--llm_source={tiny_models['llm']}",
+        f"--encoder_source={tiny_models['encoder']}",
+        f"--output_folder={out}",
+        "--distributed_backend=gloo",
+        *TINY_FLAGS,
+        "--number_of_epochs=2",
+        "--debug_epochs=2",
+        "--strategy=lora",
+        *(["--debug_persistently"] if persistent else []),
+    ]
+    returncode, _, stderr = run_torchrun(command, tmp_path)
+    assert returncode == 0, stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["accuracy"]["llama_questions"]) == {"T2T", "S2T"}
+    assert "epoch: 2" in (out / "train_log.txt").read_text()
+    if persistent:
+        saved = os.listdir(out / "save")
+        assert len([d for d in saved if d.startswith("CKPT")]) in (1, 2)  # best + most recent
+        assert not [d for d in saved if d.startswith(".staging")]

@@ -21,6 +21,7 @@ from speechbrain.dataio.dataloader import make_dataloader
 from speechbrain.utils.distributed import if_main_process
 from tqdm import tqdm
 
+from speechbrain_sllm.distributed import rank_shard
 from speechbrain_sllm.importance.aggregate import ScoreSet, aggregate, topk_threshold
 from speechbrain_sllm.importance.estimators import ImportanceAccumulator
 from speechbrain_sllm.importance.report import save_profile, summarize_profile
@@ -79,10 +80,7 @@ def shard_indices(num_items, fraction=1.0, seed=0):
     count = max(1, math.ceil(fraction * num_items))
     generator = torch.Generator().manual_seed(seed)
     chosen = sorted(torch.randperm(num_items, generator=generator)[:count].tolist())
-    rank, world = 0, 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return chosen[rank::world]
+    return rank_shard(chosen)
 
 
 def accumulate_importance(
