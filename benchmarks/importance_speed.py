@@ -65,6 +65,7 @@ def summed_loss(model, ids):
 
 
 def sync(device):
+    """Waits for the device's queued work (timing boundary)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
@@ -94,6 +95,7 @@ def measure(name, model, batches, device, before=None, after=None):
 
 
 def main():
+    """Parses the options, runs the three measurements in one process, prints ratios."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     parser.add_argument("--batches", type=int, default=8)
@@ -120,9 +122,11 @@ def main():
     measure("warmup", model, batches[:1], args.device)
 
     def naive_state():
+        """fp32 accumulators, one per parameter."""
         return {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
 
     def naive_fold(state):
+        """Adds every gradient to its accumulator after the backward pass."""
         for name, param in params.items():
             state[name] += param.grad.float()
             param.grad = None

@@ -4,12 +4,13 @@ Public API (import the submodules for the rest):
 
 * model: ``SpeechLLM``, ``load_causal_lm``, encoders and adaptors;
 * strategies: ``build_strategy``, ``apply_strategy``, ``LayerwiseLR``, ``LoRASettings``;
-* training: ``SpeechLLMBrain``, ``make_speech_llm_brain``;
+* training: ``SpeechLLMBrain`` (built from a recipe yaml), ``WarmupDecaySchedule``,
+  ``AtomicCheckpointer``;
 * importance: ``run_importance``, ``zeroing_check``, ``layer_shift``.
 """
 
 from speechbrain_sllm.brains import SpeechLLMBrain
-from speechbrain_sllm.experiment import fit_and_restore_best, make_speech_llm_brain
+from speechbrain_sllm.checkpointing import AtomicCheckpointer, WarmupDecaySchedule
 from speechbrain_sllm.importance.shift import layer_shift
 from speechbrain_sllm.importance.stage import run_importance, zeroing_check
 from speechbrain_sllm.model.adaptors import ConvDownsampler, FrameStackAdaptor
@@ -28,6 +29,7 @@ from speechbrain_sllm.strategies import (
 
 __version__ = "0.1.0"
 __all__ = [
+    "AtomicCheckpointer",
     "ConvDownsampler",
     "FbankTransformerEncoder",
     "FrameStackAdaptor",
@@ -37,12 +39,11 @@ __all__ = [
     "LoRASettings",
     "SpeechLLM",
     "SpeechLLMBrain",
+    "WarmupDecaySchedule",
     "apply_strategy",
     "build_strategy",
-    "fit_and_restore_best",
     "layer_shift",
     "load_causal_lm",
-    "make_speech_llm_brain",
     "run_importance",
     "zeroing_check",
 ]

@@ -28,6 +28,8 @@ from speechbrain_sllm.strategies import param_groups
 
 logger = logging.getLogger(__name__)
 INPUT_MODES = ("speech", "text")
+METRICS = ("WER", "S2T", "T2T", "text_ppl")
+MAX_METRICS = ("S2T", "T2T")
 
 
 class SpeechLLMBrain(sb.Brain):
@@ -103,7 +105,7 @@ class SpeechLLMBrain(sb.Brain):
         """Builds one optimizer over the strategy's parameter groups."""
         if self.opt_class is None:
             return
-        groups = param_groups(self.model, self.hparams.strategy, self.hparams.lr)
+        groups = param_groups(self.model, self.hparams.training_strategy, self.hparams.lr)
         if not groups:
             raise ValueError("No trainable parameter: check `strategy` and the model settings.")
         self.optimizer = self.opt_class(groups)
@@ -172,40 +174,180 @@ class SpeechLLMBrain(sb.Brain):
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_step += 1
 
+    def fit(
+        self,
+        epoch_counter,
+        train_set,
+        valid_set=None,
+        progressbar=None,
+        train_loader_kwargs=None,
+        valid_loader_kwargs=None,
+    ):
+        """``Brain.fit`` that also sizes the LR schedule and keeps the valid set for decoding.
+
+        The schedule's length (optimizer steps of the whole run) is known only
+        once the training loader exists: it is set here from the loader's length
+        on this rank, the epoch limit and ``grad_accumulation_factor``.
+        """
+        train_loader_kwargs = dict(train_loader_kwargs or {})
+        if not isinstance(train_set, torch.utils.data.DataLoader):
+            train_set = self.make_dataloader(train_set, sb.Stage.TRAIN, **train_loader_kwargs)
+        schedule = getattr(self.hparams, "lr_schedule", None)
+        if schedule is not None:
+            batches = len(train_set) * epoch_counter.limit
+            schedule.set_total_steps(max(batches // self.grad_accumulation_factor, 1))
+        self.eval_set, self.eval_name = valid_set, "valid"
+        super().fit(
+            epoch_counter,
+            train_set,
+            valid_set,
+            progressbar=progressbar,
+            train_loader_kwargs=train_loader_kwargs,
+            valid_loader_kwargs=dict(valid_loader_kwargs or {}),
+        )
+
+    def evaluate(
+        self,
+        test_set,
+        max_key=None,
+        min_key=None,
+        progressbar=None,
+        test_loader_kwargs=None,
+        name="test",
+    ):
+        """``Brain.evaluate`` (best checkpoint by ``max_key``/``min_key``), named for its outputs.
+
+        Arguments
+        ---------
+        test_set : DynamicItemDataset
+            Test data.
+        max_key : str or None
+            Checkpoint meta key to maximise when choosing the checkpoint.
+        min_key : str or None
+            Checkpoint meta key to minimise.
+        progressbar : bool or None
+            Show a progress bar.
+        test_loader_kwargs : dict or None
+            Loader options.
+        name : str
+            Name of the set in the logs and output files (e.g. ``test-clean``).
+
+        Returns
+        -------
+        dict
+            The test stats (``loss`` and every metric of ``test_metrics``).
+        """
+        self.eval_set, self.eval_name = test_set, name
+        super().evaluate(
+            test_set,
+            max_key=max_key,
+            min_key=min_key,
+            progressbar=progressbar,
+            test_loader_kwargs=dict(test_loader_kwargs or {}),
+        )
+        return self.test_stats
+
     def on_fit_batch_start(self, batch, should_step):
-        """Restores random generators recovered from a checkpoint, just in time."""
+        """Restores recovered random generators, then sets this step's learning rates.
+
+        The schedule advances BEFORE the optimizer step, so optimizer step ``k``
+        runs at ``factor(k)``: step 1 at ``lr / warmup_steps``.
+        """
         rng = self.checkpointer.recoverables.get("rng") if self.checkpointer else None
         if rng is not None:
             rng.apply_pending()
-
-    def on_fit_batch_end(self, batch, outputs, loss, should_step):
-        """Steps the per-step LR schedule after each optimizer step."""
         schedule = getattr(self.hparams, "lr_schedule", None)
-        if should_step and schedule is not None:
+        if should_step and schedule is not None and self.opt_class is not None:
             schedule(self.optimizer)
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
-        """Logs loss / perplexity; saves a checkpoint after validation."""
+        """Computes the stage's metrics, logs them, keeps the best checkpoint after validation.
+
+        Metrics are named in ``valid_metrics`` / ``test_metrics`` (see
+        ``METRICS``); the checkpoint kept is the best by ``ckpt_key``
+        (``loss`` by default; higher is better for accuracies).
+        """
         stats = {"loss": stage_loss, "ppl": math.exp(min(stage_loss, 50.0))}
         if stage == sb.Stage.TRAIN:
             self.train_stats = stats
             return
-        text_set = getattr(self.hparams, "text_valid_set", None)
-        if stage == sb.Stage.VALID and text_set is not None:
-            stats["text_ppl"] = self.perplexity(text_set, mode="text")
-        logger_ = getattr(self.hparams, "train_logger", None)
+        names = getattr(
+            self.hparams, "valid_metrics" if stage == sb.Stage.VALID else "test_metrics", []
+        )
+        stats.update(self.compute_metrics(names, stage))
+        train_logger = getattr(self.hparams, "train_logger", None)
         if stage == sb.Stage.VALID:
             lr = self.optimizer.param_groups[0]["lr"] if self.opt_class else 0.0
-            if logger_ is not None:
-                logger_.log_stats(
+            if train_logger is not None:
+                train_logger.log_stats(
                     stats_meta={"epoch": epoch, "lr": lr},
                     train_stats=getattr(self, "train_stats", None),
                     valid_stats=stats,
                 )
             if self.checkpointer is not None:
-                self.checkpointer.save_and_keep_only(meta={"loss": stage_loss}, min_keys=["loss"])
-        elif logger_ is not None:
-            logger_.log_stats(stats_meta={"Epoch loaded": epoch}, test_stats=stats)
+                key = self.ckpt_key
+                keys = {"max_keys": [key]} if key in MAX_METRICS else {"min_keys": [key]}
+                self.checkpointer.save_and_keep_only(meta=stats, **keys)
+            return
+        self.test_stats = stats
+        if train_logger is not None:
+            train_logger.log_stats(
+                stats_meta={
+                    "Epoch loaded": self.hparams.epoch_counter.current,
+                    "set": self.eval_name,
+                },
+                test_stats=stats,
+            )
+
+    @property
+    def ckpt_key(self):
+        """The checkpoint meta key that selects the best checkpoint (``ckpt_key`` hparam)."""
+        key = getattr(self.hparams, "ckpt_key", "loss")
+        allowed = ["loss", *getattr(self.hparams, "valid_metrics", [])]
+        if key not in allowed:
+            raise ValueError(
+                f"ckpt_key {key!r} is not computed at validation; use one of {allowed} "
+                "(add it to valid_metrics)."
+            )
+        return key
+
+    def compute_metrics(self, names, stage):
+        """Metrics of the current evaluation set (decoding split across ranks).
+
+        Arguments
+        ---------
+        names : list of str
+            Among ``METRICS``: ``WER`` (speech -> transcript), ``S2T`` / ``T2T``
+            (spoken / written QA accuracy), ``text_ppl`` (perplexity of
+            ``text_valid_set``, or of the evaluation set's written questions).
+        stage : sb.Stage
+            ``VALID`` or ``TEST`` (per-item outputs are written at TEST).
+
+        Returns
+        -------
+        dict
+        """
+        unknown = sorted(set(names) - set(METRICS))
+        if unknown:
+            raise ValueError(f"metrics {unknown} unknown; use some of {METRICS}.")
+        folder = getattr(self.hparams, "output_folder", None)
+        write = stage == sb.Stage.TEST and folder is not None
+        kwargs = {"batch_size": getattr(self.hparams, "eval_batch_size", 8)}
+        stats = {}
+        for name in names:
+            output = os.path.join(folder, f"{self.eval_name}_{name}.txt") if write else None
+            if name == "WER":
+                stats[name] = self.evaluate_wer(self.eval_set, output_file=output, **kwargs)
+            elif name in ("S2T", "T2T"):
+                mode = "speech" if name == "S2T" else "text"
+                match = getattr(self.hparams, "answer_match", "contains")
+                stats[name] = self.evaluate_qa(
+                    self.eval_set, mode, match=match, output_file=output, **kwargs
+                )
+            else:
+                text_set = getattr(self.hparams, "text_valid_set", None) or self.eval_set
+                stats[name] = self.perplexity(text_set, mode="text", **kwargs)
+        return stats
 
     def _rank_loader(self, dataset, batch_size):
         """This rank's share of ``dataset`` (``rank::world``) and its item positions."""

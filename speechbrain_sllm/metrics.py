@@ -134,9 +134,37 @@ class QAAccuracyStats(MetricStats):
         return self.summary[field] if field else self.summary
 
     def write_stats(self, filestream):
-        """Writes one line per item: id, match, prediction, reference."""
-        for item in zip(self.ids, self.scores, self.predictions, self.references):
-            filestream.write("{}\t{:.0f}\t{}\t{}\n".format(*item))
+        """Writes one line per item: id, match, prediction, reference (see ``tsv_field``)."""
+        for item_id, score, prediction, reference in zip(
+            self.ids, self.scores, self.predictions, self.references
+        ):
+            fields = (
+                tsv_field(item_id),
+                f"{score:.0f}",
+                tsv_field(prediction),
+                tsv_field(reference),
+            )
+            filestream.write("\t".join(fields) + "\n")
+
+
+def tsv_field(text):
+    r"""Escapes backslashes, tabs and newlines so a field stays on its line and column.
+
+    Arguments
+    ---------
+    text : str
+        A prediction, reference or id.
+
+    Returns
+    -------
+    str
+
+    Example
+    -------
+    >>> print(tsv_field("two\nlines\tand a tab"))
+    two\nlines\tand a tab
+    """
+    return str(text).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
 
 
 def wer_stats():

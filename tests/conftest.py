@@ -103,3 +103,94 @@ def manifests(tmp_path_factory, kb_pairs):
     write_manifest(rows, paths["speech"])
     write_manifest(text_rows(pairs, "txt"), paths["text"])
     return paths
+
+
+# ---------------------------------------------------------------------------
+# Recipe fixtures: the small data and tiny models that the rows of
+# tests/recipes/*.csv name in their flags, built under tests/fixtures/ (a known,
+# git-ignored folder) once per session.
+# ---------------------------------------------------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+SENTENCES = ["the cat sat on the mat", "a dog ran home", "we like green tea", "birds sing at dawn"]
+
+
+def build_tiny_models(folder, tokenizer):
+    """A 3-layer Llama (with the test tokenizer) and a 1-layer Whisper, saved as HF folders."""
+    import soundfile  # noqa: F401  (keeps import order stable for transformers)
+    from transformers import WhisperFeatureExtractor, WhisperModel
+
+    torch.manual_seed(0)
+    llm = load_causal_lm(config=llama_config(vocab_size=len(tokenizer)))
+    llm.save_pretrained(os.path.join(folder, "tiny_llm"))
+    tokenizer.to_hf(os.path.join(folder, "tiny_llm"))
+    whisper = os.path.join(folder, "tiny_whisper")
+    WhisperModel(tiny_whisper_config(max_source_positions=200)).save_pretrained(whisper)
+    WhisperFeatureExtractor(feature_size=20).save_pretrained(whisper)
+
+
+def build_librispeech(folder):
+    """A LibriSpeech tree (flac + .trans.txt) of real synthetic speech, 3 train / 1 dev / 1 test split."""
+    import soundfile
+
+    tts = EspeakTTS()
+    splits = ("train-clean-100", "train-clean-360", "dev-clean", "test-clean")
+    for speaker, split in enumerate(splits, 19):  # utterance ids are unique across splits
+        chapter = os.path.join(folder, split, str(speaker), "198")
+        os.makedirs(chapter)
+        lines = []
+        for index, text in enumerate(SENTENCES):
+            utt = f"{speaker}-198-{index:04d}"
+            wav = tts.synthesize(text, rate=220).numpy()
+            soundfile.write(os.path.join(chapter, f"{utt}.flac"), wav, 16000)
+            lines.append(f"{utt} {text.upper()}")
+        with open(os.path.join(chapter, f"{speaker}-198.trans.txt"), "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+
+
+def build_spoken_qa(folder, pairs):
+    """JSON-lines spoken QA (train + one evaluation set) with real speech and one broken item."""
+    import json
+
+    import soundfile
+
+    os.makedirs(os.path.join(folder, "wav"))
+    tts = EspeakTTS()
+    train, evaluation = [], []
+    for index, pair in enumerate(pairs[:12]):
+        name = f"wav/{index:03d}.wav"
+        wav = tts.synthesize(pair["question"], rate=220).numpy()
+        soundfile.write(os.path.join(folder, name), wav, 16000)
+        train.append(
+            {
+                "id": f"t{index}",
+                "audio": name,
+                "question": pair["question"],
+                "answer": pair["answer"],
+            }
+        )
+        evaluation.append(
+            {
+                "id": f"e{index}",
+                "audio": name,
+                "question": pair["question"],
+                "answers": [pair["answer"], pair["answer"].lower()],
+            }
+        )
+    train.append({"id": "broken", "audio": "wav/missing.wav", "question": "q", "answer": "a"})
+    for name, items in (("train.jsonl", train), ("llama_questions.jsonl", evaluation)):
+        with open(os.path.join(folder, name), "w") as handle:
+            handle.write("\n".join(json.dumps(item) for item in items) + "\n")
+
+
+@pytest.fixture(scope="session")
+def recipe_fixtures(tokenizer, kb_pairs):
+    """Builds tests/fixtures/ (models + data named by the recipe CSV rows); returns its path."""
+    import shutil
+
+    shutil.rmtree(FIXTURES, ignore_errors=True)
+    os.makedirs(FIXTURES)
+    build_tiny_models(FIXTURES, tokenizer)
+    build_librispeech(os.path.join(FIXTURES, "LibriSpeech"))
+    build_spoken_qa(os.path.join(FIXTURES, "spokenqa"), kb_pairs)
+    return FIXTURES

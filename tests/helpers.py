@@ -55,7 +55,7 @@ def make_brain(
         hparams={
             "prompt": prompt,
             "tokenizer": tokenizer,
-            "strategy": strategy,
+            "training_strategy": strategy,
             "lr": lr,
             "input_mode": mode,
             "epoch_counter": counter,

@@ -15,11 +15,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import llama_config, tiny_speech_llm  # noqa: E402
 from helpers import strategy_for  # noqa: E402
 
-from speechbrain_sllm.checkpointing import TrainableState  # noqa: E402
+from speechbrain_sllm.brains import SpeechLLMBrain  # noqa: E402
+from speechbrain_sllm.checkpointing import (  # noqa: E402
+    AtomicCheckpointer,
+    RNGState,
+    TrainableState,
+    WarmupDecaySchedule,
+)
 from speechbrain_sllm.data.dataio import make_qa_dataset  # noqa: E402
 from speechbrain_sllm.data.prompts import ChatPrompt  # noqa: E402
 from speechbrain_sllm.data.tokenizers import SentencePieceTokenizer  # noqa: E402
-from speechbrain_sllm.experiment import make_speech_llm_brain, steps_per_run  # noqa: E402
 from speechbrain_sllm.strategies import apply_strategy  # noqa: E402
 
 
@@ -34,16 +39,25 @@ def main(strategy_name, folder, spm_model, manifest, kill_at=None):
         strategy.lora.dropout = 0.1  # randomness that an exact resume must replay
     apply_strategy(model, strategy)
     epochs, batch = 2, 2
-    brain = make_speech_llm_brain(
-        model,
-        strategy,
-        prompt,
-        tokenizer,
-        folder,
-        3e-3,
-        epochs,
-        steps_per_run(len(dataset), batch, epochs),
+    counter = sb.utils.epoch_loop.EpochCounter(limit=epochs)
+    brain = SpeechLLMBrain(
+        modules={"model": model},
+        opt_class=torch.optim.AdamW,
+        hparams={
+            "prompt": prompt,
+            "tokenizer": tokenizer,
+            "training_strategy": strategy,
+            "lr": 3e-3,
+            "lr_schedule": WarmupDecaySchedule(3e-3, warmup_fraction=0.1),
+            "epoch_counter": counter,
+            "train_logger": sb.utils.train_logger.FileTrainLogger(
+                os.path.join(folder, "train_log.txt")
+            ),
+        },
         run_opts={"device": "cpu", "ckpt_interval_steps": 2, "max_grad_norm": 5.0},
+        checkpointer=AtomicCheckpointer(
+            os.path.join(folder, "save"), recoverables={"counter": counter, "rng": RNGState()}
+        ),
     )
     original = brain.on_fit_batch_end
 

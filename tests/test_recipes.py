@@ -1,195 +1,181 @@
-"""Every recipe yaml listed in tests/recipes/*.csv runs in --debug mode on tiny
-self-made data in the real layout, with tiny models saved to local folders,
-and passes SpeechBrain's yaml-vs-script rule (every top-level key is used)."""
+"""Every row of tests/recipes/*.csv runs on its own flags, read the way upstream
+SpeechBrain's ``run_recipe_tests`` reads them (with the session's fixtures under
+tests/fixtures/), passes its ``test_debug_checks``, and its yaml loads and passes
+the yaml-vs-script rule."""
 
 import csv
 import glob
+import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
 import pytest
-import soundfile
+import speechbrain as sb
 import torch
-from conftest import llama_config, tiny_whisper_config
-from transformers import WhisperFeatureExtractor, WhisperModel
+from conftest import ROOT
+from hyperpyyaml import load_hyperpyyaml
 
-from speechbrain_sllm.data.tts import EspeakTTS
-from speechbrain_sllm.model.speech_llm import load_causal_lm
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEADER = (
+    "Task,Dataset,Script_file,Hparam_file,Data_prep_file,Readme_file,Result_url,HF_repo,"
+    "test_debug_flags,test_debug_checks,performance"
+).split(",")
 ROWS = [
-    row
+    dict(row, recipe_id=f"{row['Dataset']}_{index}")
     for path in sorted(glob.glob(os.path.join(ROOT, "tests", "recipes", "*.csv")))
-    for row in csv.DictReader(open(path))
+    for index, row in enumerate(csv.DictReader(open(path)))
 ]
-TINY_FLAGS = [
-    "--encoder_dim=16",
-    "--llm_dim=32",
-    "--llm_dtype=float32",
-    "--precision=fp32",
-    "--batch_size=2",
-    "--max_new_tokens=4",
-    "--importance_fraction=1.0",
-    "--device=cpu",
-    "--debug",
-    "--debug_batches=2",
-    "--debug_epochs=1",
-]
-SENTENCES = ["the cat sat on the mat", "a dog ran home", "we like green tea", "birds sing at dawn"]
+RUN_OPTS = ["--device=cpu"]
 
 
-def run_recipe(row, models, out, *data_flags):
-    """Runs a recipe row with tiny local models in --debug mode; returns the process."""
+def row_strategy(row):
+    match = re.search(r"--strategy=(\w+)", row["test_debug_flags"])
+    return match.group(1) if match else "study"
+
+
+def row_id(row):
+    return f"{row['Dataset']}-{row_strategy(row)}"
+
+
+def run_row(row, output_folder, extra_flags=()):
+    """Runs one CSV row as upstream does: script, yaml, its flags, run options, output folder."""
+    script = os.path.join(ROOT, row["Script_file"])
     command = [
         sys.executable,
-        os.path.join(ROOT, row["Script_file"]),
+        script,
         os.path.join(ROOT, row["Hparam_file"]),
-        *data_flags,
-        f"--llm_source={models['llm']}",
-        f"--encoder_source={models['encoder']}",
-        f"--output_folder={out}",
-        *TINY_FLAGS,
-        *row["test_debug_flags"].split(),
+        *shlex.split(row["test_debug_flags"]),
+        *RUN_OPTS,
+        f"--output_folder={output_folder}",
+        *extra_flags,
     ]
-    return subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(out))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(script))
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+
+
+def check_files(checks, output_folder):
+    """Upstream's ``files_check=[a,b]``: every named file exists in the output folder."""
+    match = re.search(r"files_check=\[(.*?)\]", checks)
+    names = match.group(1).split(",") if match else []
+    return [name for name in names if not os.path.exists(os.path.join(output_folder, name))]
+
+
+def check_performance(checks, output_folder):
+    """Upstream's ``performance_check=[file, variable, <=x, epoch: n]`` (None when it holds)."""
+    match = re.search(r"performance_check=\[(.*?)\]", checks)
+    if match is None:
+        return None
+    filename, variable, threshold, epoch = (part.strip() for part in match.group(1).split(","))
+    with open(os.path.join(output_folder, filename)) as handle:
+        lines = [line for line in handle if line.strip()]
+    chosen = lines[-1:] if epoch.endswith("-1") else [line for line in lines if epoch in line]
+    if not chosen:
+        return f"no line with {epoch!r} in {filename}"
+    found = re.search(re.escape(variable) + r"\s*:\s*([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)", chosen[0])
+    if found is None:
+        return f"{variable!r} not in {chosen[0]!r}"
+    value, bound = float(found.group(1)), float(threshold.lstrip("<>="))
+    op = threshold[: len(threshold) - len(threshold.lstrip("<>="))]
+    holds = {"<=": value <= bound, ">=": value >= bound, "==": value == bound}.get(op)
+    if holds is None:
+        holds = value < bound if op == "<" else value > bound
+    return None if holds else f"{variable} = {value} violates {threshold}"
+
+
+def test_csv_files_have_upstreams_header_and_existing_files():
+    for path in glob.glob(os.path.join(ROOT, "tests", "recipes", "*.csv")):
+        with open(path) as handle:
+            assert next(csv.reader(handle)) == HEADER, path
+    for row in ROWS:
+        for field in ("Script_file", "Hparam_file", "Data_prep_file", "Readme_file"):
+            assert os.path.isfile(os.path.join(ROOT, row[field])), (row["recipe_id"], field)
+    assert {row["Dataset"] for row in ROWS} == {"LibriSpeech", "VoiceAssistant", "MiniSpokenQA"}
 
 
 def yaml_keys(path):
     with open(path) as handle:
-        return [m.group(1) for m in re.finditer(r"^([A-Za-z_][\w]*):", handle.read(), re.M)]
+        return [m.group(1) for m in re.finditer(r"^([A-Za-z_]\w*):", handle.read(), re.M)]
 
 
-@pytest.mark.parametrize("row", ROWS, ids=lambda r: f"{r['Dataset']}-{r['test_debug_flags']}")
-def test_recipe_yaml_keys_are_all_used(row):
-    yaml_path = os.path.join(ROOT, row["Hparam_file"])
+def keys_read_by_the_package():
+    """hparams the package's Brain reads (``self.hparams.x`` / ``getattr(self.hparams, "x"``)."""
+    with open(os.path.join(ROOT, "speechbrain_sllm", "brains.py")) as handle:
+        text = handle.read()
+    found = re.findall(r"self\.hparams\.(\w+)", text)
+    found += re.findall(r"getattr\(\s*self\.hparams,\s*\"(\w+)\"", text)
+    found += re.findall(r"\"(\w+)\" if stage == sb\.Stage\.VALID else \"(\w+)\"", text)[0]
+    return set(found)
+
+
+@pytest.mark.parametrize("hparam_file", sorted({row["Hparam_file"] for row in ROWS}))
+def test_every_yaml_key_is_used_by_its_script_the_brain_or_another_key(hparam_file):
+    """SpeechBrain's yaml-vs-script rule, plus keys read by the package's Brain and run options."""
+    row = next(r for r in ROWS if r["Hparam_file"] == hparam_file)
+    yaml_path = os.path.join(ROOT, hparam_file)
     with open(os.path.join(ROOT, row["Script_file"])) as handle:
         script = handle.read()
     with open(yaml_path) as handle:
         yaml_text = handle.read()
+    from speechbrain.utils.run_opts import RunOptions
+
+    used = keys_read_by_the_package() | set(RunOptions().as_dict())
     unused = [
         key
         for key in yaml_keys(yaml_path)
-        if not key.startswith("__") and f'"{key}"' not in script and f"<{key}>" not in yaml_text
+        if not key.startswith("__")
+        and key not in used
+        and f'"{key}"' not in script
+        and f".{key}" not in script
+        and f"<{key}>" not in yaml_text
     ]
-    assert not unused, f"{row['Hparam_file']}: keys not used by {row['Script_file']}: {unused}"
-    assert not re.search(r":\s*(true|false)\s*$", yaml_text, re.M), "booleans must be True/False"
-    for field in ("Script_file", "Hparam_file", "Data_prep_file", "Readme_file"):
-        assert os.path.isfile(os.path.join(ROOT, row[field])), row[field]
+    assert not unused, f"{hparam_file}: keys used by nothing: {unused}"
+    assert not re.search(r":\s*(true|false)\s*(#.*)?$", yaml_text, re.M), "booleans: True/False"
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    llm = load_causal_lm(config=llama_config(vocab_size=len(tokenizer)))
-    llm.save_pretrained(folder / "llm")
-    tokenizer.to_hf(str(folder / "llm"))
-    config = tiny_whisper_config(max_source_positions=200)
-    WhisperModel(config).save_pretrained(folder / "whisper")
-    WhisperFeatureExtractor(feature_size=20).save_pretrained(folder / "whisper")
-    return {"llm": str(folder / "llm"), "encoder": str(folder / "whisper")}
+@pytest.mark.parametrize("row", [r for r in ROWS if r["Dataset"] != "MiniSpokenQA"], ids=row_id)
+def test_every_yaml_loads_with_its_rows_flags(row, recipe_fixtures):
+    flags = shlex.split(row["test_debug_flags"]) + ["--output_folder=unused"]
+    _, _, overrides = sb.parse_arguments([os.path.join(ROOT, row["Hparam_file"]), *flags])
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with open(os.path.join(ROOT, row["Hparam_file"])) as handle:
+            hparams = load_hyperpyyaml(handle, overrides)
+    finally:
+        os.chdir(cwd)
+    assert {"modules", "opt_class", "checkpointer", "epoch_counter", "train_logger"} <= set(hparams)
+    assert hparams["training_strategy"].name == row_strategy(row)
 
 
-@pytest.fixture(scope="module")
-def librispeech(tmp_path_factory):
-    """A tiny LibriSpeech tree: flac files of real (synthetic) speech + .trans.txt."""
-    root = tmp_path_factory.mktemp("LibriSpeech")
-    tts = EspeakTTS()
-    for split in ("train-clean-100", "dev-clean", "test-clean"):
-        chapter = root / split / "19" / "198"
-        chapter.mkdir(parents=True)
-        lines = []
-        for index, text in enumerate(SENTENCES):
-            utt = f"19-198-{index:04d}"
-            soundfile.write(chapter / f"{utt}.flac", tts.synthesize(text, rate=220).numpy(), 16000)
-            lines.append(f"{utt} {text.upper()}")
-        (chapter / "19-198.trans.txt").write_text("\n".join(lines) + "\n")
-    return str(root)
-
-
-@pytest.mark.parametrize(
-    "row", [r for r in ROWS if r["Dataset"] == "LibriSpeech"], ids=lambda r: r["test_debug_flags"]
-)
-def test_librispeech_recipe_runs_in_debug_mode(row, tiny_models, librispeech, tmp_path):
-    out = tmp_path / "out"
-    result = run_recipe(row, tiny_models, out, f"--data_folder={librispeech}")
+@pytest.mark.parametrize("row", [r for r in ROWS if r["Dataset"] != "MiniSpokenQA"], ids=row_id)
+def test_recipe_row_runs_and_passes_its_checks(row, recipe_fixtures, tmp_path):
+    out = tmp_path / row["recipe_id"]
+    result = run_row(row, out)
     assert result.returncode == 0, result.stderr[-4000:]
-    log = (out / "train_log.txt").read_text()
-    assert "text_ppl" in log and "WER" in log
-    assert (out / "wer_test-clean.txt").is_file()
-    if "layerwise" in row["test_debug_flags"]:
-        assert (out / "importance" / "base" / "profile.json").is_file()
+    assert not check_files(row["test_debug_checks"], out)
+    assert check_performance(row["test_debug_checks"], out) is None
+    log = (out / "log.txt").read_text()
+    strategy = row_strategy(row)
+    if row["Dataset"] == "LibriSpeech":
+        train_log = (out / "train_log.txt").read_text()
+        assert "valid WER" in train_log and "text_ppl" in train_log
+        with open(out / "manifests" / "train.csv") as handle:
+            assert len(list(csv.DictReader(handle))) == 8  # both training splits merged
+    if row["Dataset"] == "VoiceAssistant":
+        results = json.loads((out / "results.json").read_text())
+        accuracy = results["accuracy"]["llama_questions"]
+        assert 0.0 <= accuracy["T2T"] <= 100.0 and 0.0 <= accuracy["S2T"] <= 100.0
+        assert "skipped 1 items" in result.stderr + log
+        # at least one optimizer step: a trained LLM's importance moves, a frozen one's does not
+        if strategy == "frozen_llm":
+            assert results["shift"]["js"] == 0.0
+        else:
+            assert results["shift"]["js"] > 0.0, results["shift"]
 
 
-@pytest.fixture(scope="module")
-def spoken_qa_files(tmp_path_factory, kb_pairs):
-    """JSON-lines spoken QA files (train + one evaluation set) with real speech."""
-    import json
-
-    root = tmp_path_factory.mktemp("spokenqa")
-    (root / "wav").mkdir()
-    tts = EspeakTTS()
-    train, evaluation = [], []
-    for index, pair in enumerate(kb_pairs[:12]):
-        name = f"wav/{index:03d}.wav"
-        soundfile.write(root / name, tts.synthesize(pair["question"], rate=220).numpy(), 16000)
-        train.append(
-            {
-                "id": f"t{index}",
-                "audio": name,
-                "question": pair["question"],
-                "answer": pair["answer"],
-            }
-        )
-        evaluation.append(
-            {
-                "id": f"e{index}",
-                "audio": name,
-                "question": pair["question"],
-                "answers": [pair["answer"], pair["answer"].lower()],
-            }
-        )
-    train.append({"id": "broken", "audio": "wav/missing.wav", "question": "q", "answer": "a"})
-    for name, items in (("train.jsonl", train), ("eval.jsonl", evaluation)):
-        (root / name).write_text("\n".join(json.dumps(item) for item in items) + "\n")
-    return {"train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl")}
-
-
-@pytest.mark.parametrize(
-    "row",
-    [r for r in ROWS if r["Dataset"] == "VoiceAssistant"],
-    ids=lambda r: r["test_debug_flags"],
-)
-def test_spoken_qa_recipe_runs_in_debug_mode(row, tiny_models, spoken_qa_files, tmp_path):
-    import json
-
-    out = tmp_path / "out"
-    result = run_recipe(
-        row,
-        tiny_models,
-        out,
-        f"--train_file={spoken_qa_files['train']}",
-        f"--eval_files={{llama_questions: {spoken_qa_files['eval']}}}",
-        "--valid_fraction=0.2",
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    results = json.loads((out / "results.json").read_text())
-    accuracy = results["accuracy"]["llama_questions"]
-    assert 0.0 <= accuracy["T2T"] <= 100.0 and 0.0 <= accuracy["S2T"] <= 100.0
-    assert set(results["shift"]) >= {"js", "kl", "spearman", "emd_layers", "peak_shift"}
-    for name in (
-        "base/profile.json",
-        "finetuned/profile.json",
-        "shift.json",
-        "layer_importance.png",
-    ):
-        assert (out / "importance" / name).is_file(), name
-    assert "skipped 1 items" in result.stderr + (out / "log.txt").read_text()
-
-
-def run_torchrun(command, cwd, timeout=600):
+def run_torchrun(command, cwd, env, timeout=600):
     """Runs ``torchrun`` and stops it cleanly on timeout.
 
     torch elastic starts each worker in its own session, so killing the
@@ -197,7 +183,7 @@ def run_torchrun(command, cwd, timeout=600):
     SIGTERM to its workers.
     """
     process = subprocess.Popen(
-        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
@@ -214,42 +200,74 @@ def run_torchrun(command, cwd, timeout=600):
 
 @pytest.mark.parametrize("persistent", [False, True], ids=["debug", "debug_persistently"])
 def test_spoken_qa_recipe_trains_and_scores_under_torchrun_with_two_processes(
-    persistent, tiny_models, spoken_qa_files, tmp_path
+    persistent, recipe_fixtures, tmp_path
 ):
     """DDP on CPU (gloo), 2 epochs so keep-only deletion runs; ranks share checkpoints."""
-    import json
-
-    row = next(
-        r for r in ROWS if r["Dataset"] == "VoiceAssistant" and "lora" in r["test_debug_flags"]
-    )
+    row = next(r for r in ROWS if r["Dataset"] == "VoiceAssistant" and row_strategy(r) == "lora")
     out = tmp_path / "out"
+    script = os.path.join(ROOT, row["Script_file"])
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node=2",
-        os.path.join(ROOT, row["Script_file"]),
+        script,
         os.path.join(ROOT, row["Hparam_file"]),
-        f"--train_file={spoken_qa_files['train']}",
-        f"--eval_files={{llama_questions: {spoken_qa_files['eval']}}}",
-        "--valid_fraction=0.2",
-        f"--llm_source={tiny_models['llm']}",
-        f"--encoder_source={tiny_models['encoder']}",
+        *shlex.split(row["test_debug_flags"]),
+        *RUN_OPTS,
         f"--output_folder={out}",
         "--distributed_backend=gloo",
-        *TINY_FLAGS,
         "--number_of_epochs=2",
         "--debug_epochs=2",
-        "--strategy=lora",
         *(["--debug_persistently"] if persistent else []),
     ]
-    returncode, _, stderr = run_torchrun(command, tmp_path)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(script))
+    returncode, _, stderr = run_torchrun(command, ROOT, env)
     assert returncode == 0, stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
-    assert set(results["accuracy"]["llama_questions"]) == {"T2T", "S2T"}
+    assert {"T2T", "S2T"} <= set(results["accuracy"]["llama_questions"])
     assert "epoch: 2" in (out / "train_log.txt").read_text()
     if persistent:
         saved = os.listdir(out / "save")
-        assert len([d for d in saved if d.startswith("CKPT")]) in (1, 2)  # best + most recent
+        assert 1 <= len([d for d in saved if d.startswith("CKPT")]) <= 2  # best + most recent
         assert not [d for d in saved if d.startswith(".staging")]
+
+
+def test_a_trained_spoken_qa_run_loads_for_inference_and_as_a_peft_adapter(
+    recipe_fixtures, tmp_path
+):
+    """The recipe's exported folder answers like the recipe's own S2T decoding, and its
+    LoRA adapter loads in plain transformers + peft with the same text outputs."""
+    from peft import PeftModel
+    from speechbrain.dataio.batch import PaddedBatch
+    from transformers import AutoModelForCausalLM
+
+    from speechbrain_sllm.data.dataio import load_audio
+    from speechbrain_sllm.inference import SpeechLLMInference
+    from speechbrain_sllm.metrics import tsv_field
+
+    row = next(r for r in ROWS if r["Dataset"] == "VoiceAssistant" and row_strategy(r) == "lora")
+    out = tmp_path / "out"
+    result = run_row(row, out, ["--llm={dtype: float32}", "--precision=fp32"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    model = SpeechLLMInference.from_hparams(source=str(out / "inference"))
+    with open(out / "llama_questions_S2T.txt") as handle:
+        recipe = {line.split("\t")[0]: line.split("\t")[2] for line in handle}
+    # the recipe decoded batches of 2 in manifest order: decode the first batch the same way
+    with open(out / "manifests" / "eval_llama_questions.csv") as handle:
+        first_two = list(csv.DictReader(handle))[:2]
+    wavs = [load_audio(item["wav"]) for item in first_two]
+    batch = PaddedBatch([{"sig": wav} for wav in wavs])
+    answers = model.answer_batch(*batch.sig)
+    assert [tsv_field(a) for a in answers] == [recipe[item["ID"]] for item in first_two]
+    single = model.answer_file(first_two[0]["wav"])
+    assert single == model.answer_batch(wavs[0][None], torch.ones(1))[0]
+
+    base = AutoModelForCausalLM.from_pretrained(os.path.join(ROOT, "tests/fixtures/tiny_llm"))
+    plain = PeftModel.from_pretrained(base, str(out / "inference" / "lora_adapter")).eval()
+    ids = torch.tensor([[2, 5, 7, 9, 11]])
+    with torch.no_grad():
+        ours = model.mods.model.llm(input_ids=ids).logits
+        theirs = plain(input_ids=ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)

@@ -28,3 +28,38 @@ def test_code_is_ruff_clean():
     ruff = os.path.join(os.path.dirname(sys.executable), "ruff")
     result = subprocess.run([ruff, "check", ROOT], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def python_sources():
+    for folder in ("speechbrain_sllm", "recipes", "benchmarks"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            yield from (os.path.join(dirpath, f) for f in sorted(files) if f.endswith(".py"))
+
+
+def test_every_module_class_and_function_has_a_docstring_with_its_arguments():
+    """SpeechBrain's docstring rule: modules, classes and functions are documented, and a
+    public function or class documenting its parameters lists them under ``Arguments``."""
+    import ast
+
+    problems = []
+    for path in python_sources():
+        with open(path) as handle:
+            tree = ast.parse(handle.read())
+        where = os.path.relpath(path, ROOT)
+        if ast.get_docstring(tree) is None:
+            problems.append(f"{where}: module docstring")
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                continue
+            doc = ast.get_docstring(node)
+            if doc is None:
+                if not node.name.startswith("_"):
+                    problems.append(f"{where}:{node.lineno} {node.name}: no docstring")
+                continue
+            if "Arguments\n" in doc and isinstance(node, ast.FunctionDef):
+                names = [a.arg for a in node.args.args + node.args.kwonlyargs]
+                names = [n for n in names if n not in ("self", "cls")]
+                missing = [n for n in names if not re.search(rf"^\s*{n} :", doc, re.M)]
+                if missing:
+                    problems.append(f"{where}:{node.lineno} {node.name}: undocumented {missing}")
+    assert not problems, "\n".join(problems)

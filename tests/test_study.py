@@ -1,30 +1,20 @@
-"""The embedded study runs end to end (--quick) and its outputs are sane."""
+"""The embedded study runs end to end from its tests/recipes/MiniSpokenQA.csv row
+(``--quick``), passes the row's checks, and its outputs are sane."""
 
 import json
-import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPE = os.path.join(ROOT, "recipes", "MiniSpokenQA", "SpokenQA")
+from test_recipes import ROWS, check_files, check_performance, run_row
+
 STRATEGIES = ("full_ft", "layerwise_lr", "lora", "frozen_llm")
 
 
 def test_quick_study_produces_the_table_profiles_and_plots(tmp_path):
+    row = next(r for r in ROWS if r["Dataset"] == "MiniSpokenQA")
     out = tmp_path / "study"
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(RECIPE, "run_study.py"),
-            os.path.join(RECIPE, "hparams", "study.yaml"),
-            "--quick",
-            f"--output_folder={out}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    result = run_row(row, out)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert not check_files(row["test_debug_checks"], out)
+    assert check_performance(row["test_debug_checks"], out) is None
     results = json.loads((out / "results.json").read_text())
     base, runs = results["base"], results["strategies"]
     assert base["t2t"] >= 80.0  # the pretrained LM knows its facts

@@ -1,18 +1,21 @@
-"""LibriSpeech data preparation for speech-LLM recipes.
+"""LibriSpeech data preparation, with upstream SpeechBrain's signature and columns.
 
-Reads the standard layout ``<data_folder>/<split>/<speaker>/<chapter>/`` with
-``<speaker>-<chapter>-<utt>.flac`` files and ``<speaker>-<chapter>.trans.txt``
-transcripts, and writes one SpeechBrain CSV per split with the fields
-``ID, duration, wav, spk_id, question, answer`` (question = answer = the
-transcript, so the same manifest serves ASR and text-perplexity checks).
-A ``<split>_text.csv`` holds the transcripts as written continuation pairs
-(first half -> second half) for the text perplexity of the LLM.
+Writes ``<save_folder>/<split>.csv`` with ``ID, duration, wav, spk_id, wrd``
+for every split, and the merged ``merge_name`` CSV of ``merge_lst``, exactly
+the files SpeechBrain's own ``recipes/LibriSpeech/librispeech_prepare.py``
+writes, so either file can prepare the data for either recipe. The
+speech-LLM recipe builds its question/answer view in its data pipeline.
+
+Preparation is skipped when every CSV exists and was written with the same
+options (a small ``opt_librispeech_prepare.json`` records them).
 
 Authors
  * speechbrain-sllm developers 2026
 """
 
+import csv
 import glob
+import json
 import logging
 import os
 
@@ -21,87 +24,136 @@ import soundfile
 from speechbrain_sllm.data.dataio import write_csv_manifest
 
 logger = logging.getLogger(__name__)
-FIELDS = ["ID", "duration", "wav", "spk_id", "question", "answer"]
+FIELDS = ["ID", "duration", "wav", "spk_id", "wrd"]
+OPTIONS_FILE = "opt_librispeech_prepare.json"
 
 
-def prepare_librispeech(data_folder, save_folder, splits, skip_prep=False):
-    """Writes ``<save_folder>/<split>.csv`` and ``<split>_text.csv`` for each split.
+def prepare_librispeech(
+    data_folder,
+    save_folder,
+    tr_splits=(),
+    dev_splits=(),
+    te_splits=(),
+    select_n_sentences=None,
+    merge_lst=(),
+    merge_name=None,
+    skip_prep=False,
+):
+    """Writes one CSV per split (and the merged CSV of ``merge_lst``).
 
     Arguments
     ---------
     data_folder : str
         The ``LibriSpeech`` folder (containing ``train-clean-100`` etc.).
     save_folder : str
-        Where the manifests go.
-    splits : list of str
-        Split folders to prepare, e.g. ``["train-clean-100", "dev-clean"]``.
+        Where the CSVs go.
+    tr_splits : list of str
+        Training splits, e.g. ``["train-clean-100", "train-clean-360"]``.
+    dev_splits : list of str
+        Validation splits.
+    te_splits : list of str
+        Test splits.
+    select_n_sentences : list of int or None
+        Keep only the first ``n`` utterances of each split (same order as
+        ``tr_splits + dev_splits + te_splits``); None keeps all.
+    merge_lst : list of str
+        Splits merged into ``merge_name`` (e.g. all training splits).
+    merge_name : str or None
+        File name of the merged CSV, e.g. ``train.csv``.
     skip_prep : bool
-        Do nothing (manifests must exist).
+        Do nothing (the CSVs must exist).
+
+    Example
+    -------
+    >>> import tempfile
+    >>> prepare_librispeech(tempfile.mkdtemp(), tempfile.mkdtemp(), skip_prep=True)
     """
     if skip_prep:
         return
+    splits = list(tr_splits) + list(dev_splits) + list(te_splits)
+    options = {
+        "data_folder": os.path.abspath(data_folder),
+        "splits": splits,
+        "select_n_sentences": select_n_sentences,
+        "merge_lst": list(merge_lst),
+        "merge_name": merge_name,
+    }
+    if already_prepared(save_folder, splits, merge_name, options):
+        logger.info(f"LibriSpeech CSVs in {save_folder} are up to date; preparation skipped.")
+        return
     os.makedirs(save_folder, exist_ok=True)
-    for split in splits:
-        target = os.path.join(save_folder, f"{split}.csv")
-        if os.path.isfile(target):
-            logger.info(f"{target} exists, skipping preparation of {split}")
-            continue
-        split_dir = os.path.join(data_folder, split)
-        if not os.path.isdir(split_dir):
-            raise FileNotFoundError(
-                f"LibriSpeech split folder {split_dir!r} not found; set `data_folder` to "
-                "the folder that contains the split folders (e.g. .../LibriSpeech)."
-            )
-        rows = split_rows(split_dir)
-        if not rows:
-            raise ValueError(f"No transcribed flac file found under {split_dir!r}.")
-        write_csv_manifest(rows, FIELDS, target)
-        write_csv_manifest(text_pairs(rows), FIELDS, os.path.join(save_folder, f"{split}_text.csv"))
-        logger.info(f"{split}: {len(rows)} utterances -> {target}")
+    for index, split in enumerate(splits):
+        rows = split_rows(split_folder(data_folder, split))
+        if select_n_sentences is not None:
+            rows = rows[: select_n_sentences[index]]
+        write_csv_manifest(rows, FIELDS, os.path.join(save_folder, f"{split}.csv"))
+        logger.info(f"{split}: {len(rows)} utterances")
+    if merge_lst and merge_name:
+        merge_csvs(save_folder, merge_lst, merge_name)
+    # written last: it marks the preparation as complete
+    with open(os.path.join(save_folder, OPTIONS_FILE), "w") as handle:
+        json.dump(options, handle, indent=1)
 
 
-def split_rows(split_dir):
-    """Manifest rows of one split folder."""
+def already_prepared(save_folder, splits, merge_name, options):
+    """Whether every CSV exists and the recorded options equal ``options``."""
+    record = os.path.join(save_folder, OPTIONS_FILE)
+    names = [f"{split}.csv" for split in splits] + ([merge_name] if merge_name else [])
+    if not os.path.isfile(record):
+        return False
+    if not all(os.path.isfile(os.path.join(save_folder, name)) for name in names):
+        return False
+    with open(record) as handle:
+        return json.load(handle) == options
+
+
+def split_folder(data_folder, split):
+    """The folder of one split, with a clear error when it is missing."""
+    folder = os.path.join(data_folder, split)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"LibriSpeech split folder {folder!r} not found; set `data_folder` to the "
+            "folder that contains the split folders (e.g. .../LibriSpeech)."
+        )
+    return folder
+
+
+def split_rows(folder):
+    """CSV rows of one split folder; unreadable or untranscribed audio is skipped."""
     rows = []
-    for trans in sorted(glob.glob(os.path.join(split_dir, "*", "*", "*.trans.txt"))):
-        folder = os.path.dirname(trans)
-        with open(trans) as handle:
-            for line in handle:
+    for trans in sorted(glob.glob(os.path.join(folder, "*", "*", "*.trans.txt"))):
+        chapter = os.path.dirname(trans)
+        with open(trans, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
                 utt_id, _, words = line.strip().partition(" ")
-                path = os.path.join(folder, utt_id + ".flac")
-                if not words or not os.path.isfile(path):
-                    logger.warning(f"skipping {utt_id}: missing audio or empty transcript")
+                path = os.path.join(chapter, utt_id + ".flac")
+                try:
+                    info = soundfile.info(path)
+                except (OSError, RuntimeError) as error:  # missing or corrupt
+                    logger.warning(f"{trans}:{number}: skipping {utt_id} ({error})")
                     continue
-                info = soundfile.info(path)
+                if not words:
+                    logger.warning(f"{trans}:{number}: skipping {utt_id} (empty transcript)")
+                    continue
                 rows.append(
                     {
                         "ID": utt_id,
                         "duration": round(info.frames / info.samplerate, 3),
                         "wav": path,
-                        "spk_id": utt_id.split("-")[0],
-                        "question": words.lower(),
-                        "answer": words.lower(),
+                        "spk_id": "-".join(utt_id.split("-")[:2]),
+                        "wrd": words,
                     }
                 )
+    if not rows:
+        raise ValueError(f"No transcribed flac file found under {folder!r}.")
     return rows
 
 
-def text_pairs(rows):
-    """Written continuation pairs (first half -> second half) of transcripts."""
-    pairs = []
-    for row in rows:
-        words = row["answer"].split()
-        if len(words) < 2:
-            continue
-        half = len(words) // 2
-        pairs.append(
-            {
-                "ID": row["ID"],
-                "duration": 0.0,
-                "wav": "",
-                "spk_id": row["spk_id"],
-                "question": " ".join(words[:half]),
-                "answer": " ".join(words[half:]),
-            }
-        )
-    return pairs
+def merge_csvs(save_folder, merge_lst, merge_name):
+    """Concatenates the CSVs of ``merge_lst`` into ``merge_name``."""
+    rows = []
+    for split in merge_lst:
+        with open(os.path.join(save_folder, f"{split}.csv"), newline="") as handle:
+            rows.extend(csv.DictReader(handle))
+    write_csv_manifest(rows, FIELDS, os.path.join(save_folder, merge_name))
+    logger.info(f"{merge_name}: {len(rows)} utterances from {list(merge_lst)}")

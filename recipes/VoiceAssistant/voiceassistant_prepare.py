@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+from collections import Counter
 
 import soundfile
 
@@ -69,32 +70,61 @@ def read_items(path, answers_key):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Spoken-QA file {path!r} not found; check the yaml's data paths.")
     base = os.path.dirname(os.path.abspath(path))
-    rows, skipped = [], 0
-    with open(path) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
+    rows, skipped = [], Counter()
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            item = parse_line(raw, path, number)
+            if item is None:
                 continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number} is not valid JSON ({error}).") from error
             answers = item.get(answers_key)
             answer = "|".join(answers) if isinstance(answers, list) else answers
             audio = os.path.join(base, item.get("audio", ""))
-            if not (item.get("question") and answer and os.path.isfile(audio)):
-                skipped += 1
-                logger.warning(f"{path}:{number}: skipped (missing audio, question or answer)")
+            problem = None if item.get("question") and answer else "missing question or answer"
+            duration = None
+            if problem is None:
+                duration, problem = audio_duration(audio)
+            if problem:
+                skipped[problem] += 1
+                logger.warning(f"{path}:{number}: skipped ({problem}): {audio}")
                 continue
-            info = soundfile.info(audio)
             rows.append(
                 {
                     "ID": str(item.get("id", number)),
                     "wav": audio,
-                    "duration": round(info.frames / info.samplerate, 3),
+                    "duration": duration,
                     "question": item["question"],
                     "answer": answer,
                 }
             )
     if skipped:
-        logger.warning(f"{path}: skipped {skipped} items")
+        logger.warning(f"{path}: skipped {sum(skipped.values())} items: {dict(skipped)}")
     return rows
+
+
+def parse_line(raw, path, number):
+    """One JSON-lines item (None for a blank line), errors naming ``path:line``."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}:{number} is not valid UTF-8 ({error}); re-encode the file as UTF-8."
+        ) from error
+    if not line.strip():
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{number} is not valid JSON ({error}).") from error
+
+
+def audio_duration(path):
+    """``(seconds, None)`` for a readable audio file, else ``(None, reason)``."""
+    if not os.path.isfile(path):
+        return None, "missing audio"
+    try:
+        info = soundfile.info(path)
+    except (soundfile.LibsndfileError, RuntimeError, OSError) as error:
+        return None, f"unreadable audio ({error})"
+    if info.frames == 0:
+        return None, "empty audio"
+    return round(info.frames / info.samplerate, 3), None

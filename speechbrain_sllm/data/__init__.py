@@ -1,0 +1,1 @@
+"""Data: manifests and audio policy, prompts, tokenizers, speech synthesis, synthetic QA."""

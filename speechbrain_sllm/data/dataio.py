@@ -211,8 +211,10 @@ def make_qa_dataset(
 
     Arguments
     ---------
-    manifest : str
-        CSV/JSON manifest with ``question`` and ``answer`` (and ``wav``).
+    manifest : str or DynamicItemDataset
+        CSV/JSON manifest with ``question`` and ``answer`` (and ``wav``), or a
+        dataset already loaded with those fields (a recipe's own view of its
+        data, e.g. LibriSpeech's ``wrd`` as both).
     prompt : ChatPrompt
         Prompt builder of the LLM.
     with_audio : bool
@@ -232,18 +234,22 @@ def make_qa_dataset(
     -------
     DynamicItemDataset
     """
-    dataset = load_manifest(manifest, replacements)
+    if isinstance(manifest, sb.dataio.dataset.DynamicItemDataset):
+        dataset, name = manifest, "dataset"
+    else:
+        dataset, name = load_manifest(manifest, replacements), os.path.basename(manifest)
     if check_items:
         fields = ["question", "answer"] + (["wav"] if with_audio else [])
-        dataset, _ = drop_bad_items(dataset, fields, max_duration, os.path.basename(manifest))
+        dataset, _ = drop_bad_items(dataset, fields, max_duration, name)
     if sort_key:
         dataset = dataset.filtered_sorted(sort_key=sort_key)
     if len(dataset) == 0:
-        raise ValueError(f"Manifest {manifest!r} has no usable item left; see the log.")
+        raise ValueError(f"{name}: no usable item left; see the log.")
 
     @sb.utils.data_pipeline.takes("question", "answer")
     @sb.utils.data_pipeline.provides("prompt_ids", "answer_ids")
     def text_pipeline(question, answer):
+        """Prompt ids of the written question and answer ids (first answer, with eos)."""
         yield torch.tensor(prompt.text_prompt(question), dtype=torch.long)
         yield torch.tensor(prompt.answer_ids(answer.split("|")[0]), dtype=torch.long)
 
@@ -254,6 +260,7 @@ def make_qa_dataset(
         @sb.utils.data_pipeline.takes("wav")
         @sb.utils.data_pipeline.provides("sig")
         def audio_pipeline(wav):
+            """The mono waveform at ``sample_rate``."""
             return load_audio(wav, sample_rate, max_duration)
 
         dataset.add_dynamic_item(audio_pipeline)

@@ -111,6 +111,7 @@ def make_knowledge_base(num_entities, seed=0):
     used = set()
 
     def fresh(syllables):
+        """An invented word of ``syllables`` syllables not used before."""
         while True:
             word = invent_word(rng, syllables)
             if word not in used:

@@ -66,6 +66,7 @@ class EspeakTTS:
             raise RuntimeError(f"eSpeak NG failed to initialise with data in {data_parent!r}.")
 
         def collect(samples, count, events):
+            """eSpeak's synthesis callback: keeps a copy of each chunk of samples."""
             if count > 0:
                 cls._chunks.append(np.ctypeslib.as_array(samples, shape=(count,)).copy())
             return 0

@@ -1,0 +1,1 @@
+"""Parameter importance: estimators, aggregation, shift metrics, reports and the stage."""

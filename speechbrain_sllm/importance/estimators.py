@@ -76,6 +76,7 @@ class ImportanceAccumulator:
 
     def _fold_hook(self, name):
         def fold(param):
+            """Folds the fresh gradient of one parameter into its accumulator, then frees it."""
             grad = param.grad
             param.grad = None
             self.fold(name, grad)

@@ -12,7 +12,6 @@ Authors
 
 import logging
 import math
-import os
 import time
 
 import torch
@@ -247,15 +246,3 @@ def zeroing_check(brain, dataset, accumulator, fraction=0.03, mode="text", seed=
         for name, (mask, values) in saved.items():
             accumulator.params[name][mask] = values
     return results
-
-
-def save_scores(accumulator, path):
-    """Saves per-parameter fp32 scores (for later top-k overlap) with torch.save."""
-    if if_main_process():
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        torch.save({name: accumulator.score(name).cpu() for name in accumulator.params}, path)
-
-
-def load_scores(path):
-    """Loads scores written by ``save_scores`` (``weights_only=True``) as a ``ScoreSet``."""
-    return ScoreSet.from_dict(torch.load(path, map_location="cpu", weights_only=True))

@@ -1,0 +1,1 @@
+"""Speech encoders, adaptors and the SpeechLLM module."""

@@ -225,12 +225,56 @@ class HFWhisperEncoder(SpeechEncoder):
             ``(B, n_mels, n_frames)`` features on the device of ``wavs``.
         """
         n_samples = self.n_frames * self.hop_length
-        padded = nn.functional.pad(wavs.float(), (0, n_samples - wavs.shape[1]))
-        feats = self.feature_extractor._torch_extract_fbank_features(
-            padded.cpu().numpy(), device=str(wavs.device)
-        )
-        feats = torch.as_tensor(feats, device=wavs.device)[..., : self.n_frames]
+        with torch.autocast(wavs.device.type, enabled=False):  # mel matmul stays fp32
+            padded = nn.functional.pad(wavs.float(), (0, n_samples - wavs.shape[1]))
+            feats = whisper_log_mel(padded, self.feature_extractor)[..., : self.n_frames]
         return feats.to(next(self.encoder.parameters()).dtype)
+
+
+def whisper_log_mel(wavs, feature_extractor):
+    """Whisper's log-mel spectrogram, in torch on the device of ``wavs`` (fp32).
+
+    The same computation as HF's ``WhisperFeatureExtractor`` (its batched torch
+    path, without dither), kept on the device: HF's version takes a numpy
+    array and returns one, a host round trip per batch, and it fails under
+    bf16 autocast.
+
+    Arguments
+    ---------
+    wavs : torch.Tensor
+        ``(B, S)`` float32 waveforms at the extractor's sample rate.
+    feature_extractor : transformers.WhisperFeatureExtractor
+        Supplies ``n_fft``, ``hop_length`` and ``mel_filters``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, n_mels, S // hop_length)`` features.
+
+    Example
+    -------
+    >>> from transformers import WhisperFeatureExtractor
+    >>> extractor = WhisperFeatureExtractor(feature_size=20)
+    >>> wavs = torch.randn(2, 16000)
+    >>> ours = whisper_log_mel(wavs, extractor)
+    >>> theirs = extractor._torch_extract_fbank_features(wavs.numpy())
+    >>> ours.shape, bool(torch.allclose(ours, torch.from_numpy(theirs), atol=1e-5))
+    (torch.Size([2, 20, 100]), True)
+    """
+    window = torch.hann_window(feature_extractor.n_fft, device=wavs.device)
+    stft = torch.stft(
+        wavs,
+        feature_extractor.n_fft,
+        feature_extractor.hop_length,
+        window=window,
+        return_complex=True,
+    )
+    power = (stft[..., :-1].abs() ** 2).contiguous()  # (B, n_freq, frames)
+    mel_filters = torch.as_tensor(feature_extractor.mel_filters, device=wavs.device).float()
+    log_spec = torch.clamp(mel_filters.T @ power, min=1e-10).log10()  # (B, n_mels, frames)
+    peak = log_spec.amax(dim=(1, 2), keepdim=True)
+    log_spec = torch.maximum(log_spec, peak - 8.0)
+    return (log_spec + 4.0) / 4.0
 
 
 class HFWav2Vec2Encoder(SpeechEncoder):

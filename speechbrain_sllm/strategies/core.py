@@ -169,6 +169,7 @@ def param_groups(model, strategy, base_lr):
     groups = {}
 
     def add(group_name, scale, param):
+        """Adds ``param`` to the group of its name and LR scale."""
         group = groups.setdefault(group_name, {"name": group_name, "lr_scale": scale, "params": []})
         group["params"].append(param)
 

@@ -32,6 +32,8 @@ from speechbrain_sllm.data.tts import EspeakTTS
 
 logger = logging.getLogger(__name__)
 SPLITS = ("text_train", "text_test", "speech_train", "speech_valid", "speech_test")
+# Bump when the data written changes: a folder prepared by another version is redone.
+DATA_VERSION = 4
 
 
 def prepare_minispokenqa(data_folder, num_entities=40, seed=1234, skip_prep=False):
@@ -76,7 +78,7 @@ def prepare_minispokenqa(data_folder, num_entities=40, seed=1234, skip_prep=Fals
         write_manifest(split_rows, paths[split])
     with open(kb_path, "w") as handle:
         json.dump(
-            {"num_entities": num_entities, "seed": seed, "version": 4, "facts": kb},
+            {"num_entities": num_entities, "seed": seed, "version": DATA_VERSION, "facts": kb},
             handle,
             indent=1,
         )
@@ -95,5 +97,5 @@ def prepared_with(kb_path, num_entities, seed):
     return (meta.get("num_entities"), meta.get("seed"), meta.get("version")) == (
         num_entities,
         seed,
-        2,
+        DATA_VERSION,
     )

@@ -13,6 +13,7 @@ Authors
  * speechbrain-sllm developers 2026
 """
 
+import functools
 import logging
 import os
 import sys
@@ -22,11 +23,11 @@ import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 
-from speechbrain_sllm.brains import CTCEncoderBrain
+from speechbrain_sllm.brains import CTCEncoderBrain, SpeechLLMBrain
+from speechbrain_sllm.checkpointing import AtomicCheckpointer, RNGState, WarmupDecaySchedule
 from speechbrain_sllm.data.dataio import make_qa_dataset
 from speechbrain_sllm.data.prompts import ChatPrompt
 from speechbrain_sllm.data.tokenizers import train_sentencepiece
-from speechbrain_sllm.experiment import fit_and_restore_best, make_speech_llm_brain, steps_per_run
 from speechbrain_sllm.importance.aggregate import ScoreSet
 from speechbrain_sllm.importance.report import (
     plot_layer_distributions,
@@ -46,22 +47,46 @@ sys.path.append(HERE)
 from minispokenqa_prepare import prepare_minispokenqa  # noqa: E402
 
 
-def make_brain(model, hparams, run_opts, strategy, lr, input_mode, folder, epochs, steps):
-    """A SpeechLLMBrain with the study's settings."""
-    return make_speech_llm_brain(
-        model,
-        strategy,
-        hparams["prompt"],
-        hparams["tokenizer"],
-        folder,
-        lr,
-        epochs,
-        steps,
-        run_opts=dict(run_opts, max_grad_norm=hparams["max_grad_norm"]),
+def make_brain(model, hparams, run_opts, strategy, lr, input_mode, folder, epochs):
+    """A SpeechLLMBrain for one stage of the study (scoring only when ``epochs == 0``).
+
+    Each stage has its own rate, schedule, epoch counter, log and checkpoint
+    folder; everything else (run options such as ``max_grad_norm``, the
+    prompt, decoding settings) comes from the study's yaml.
+    """
+    counter = sb.utils.epoch_loop.EpochCounter(limit=epochs)
+    stage_hparams = dict(
+        hparams,
+        training_strategy=strategy,
+        lr=lr,
         input_mode=input_mode,
-        warmup_fraction=hparams["warmup_fraction"],
-        max_new_tokens=hparams["max_new_tokens"],
+        lr_schedule=WarmupDecaySchedule(lr, warmup_fraction=hparams["warmup_fraction"]),
+        epoch_counter=counter,
+        train_logger=sb.utils.train_logger.FileTrainLogger(os.path.join(folder, "train_log.txt")),
+        output_folder=folder,
     )
+    checkpointer = AtomicCheckpointer(
+        os.path.join(folder, "save"), recoverables={"counter": counter, "rng": RNGState()}
+    )
+    return SpeechLLMBrain(
+        modules={"model": model},
+        opt_class=functools.partial(torch.optim.AdamW, weight_decay=0.0) if epochs else None,
+        hparams=stage_hparams,
+        run_opts=run_opts,
+        checkpointer=checkpointer if epochs else None,
+    )
+
+
+def fit_and_restore_best(brain, train_set, valid_set, batch_size):
+    """Trains for the brain's epochs, then reloads the lowest-validation-loss checkpoint."""
+    brain.fit(
+        brain.hparams.epoch_counter,
+        train_set,
+        valid_set,
+        train_loader_kwargs={"batch_size": batch_size, "shuffle": True},
+        valid_loader_kwargs={"batch_size": batch_size},
+    )
+    brain.checkpointer.recover_if_possible(min_key="loss")
 
 
 def pretrain_lm(hparams, run_opts, data):
@@ -74,17 +99,8 @@ def pretrain_lm(hparams, run_opts, data):
     model = SpeechLLM(load_causal_lm(config=hparams["lm_config"]))
     strategy = build_strategy("full_ft")
     apply_strategy(model, strategy)
-    steps = steps_per_run(len(data["text_train"]), hparams["lm_batch_size"], hparams["lm_epochs"])
     brain = make_brain(
-        model,
-        hparams,
-        run_opts,
-        strategy,
-        hparams["lm_lr"],
-        "text",
-        folder,
-        hparams["lm_epochs"],
-        steps,
+        model, hparams, run_opts, strategy, hparams["lm_lr"], "text", folder, hparams["lm_epochs"]
     )
     fit_and_restore_best(brain, data["text_train"], data["text_test"], hparams["lm_batch_size"])
     if sb.utils.distributed.if_main_process():
@@ -114,11 +130,12 @@ def pretrain_encoder(hparams, run_opts, data):
         opt_class=lambda params: torch.optim.AdamW(params, lr=hparams["encoder_lr"]),
         hparams={
             "alphabet": alphabet,
+            "max_grad_norm": hparams["max_grad_norm"],
             "train_logger": sb.utils.train_logger.FileTrainLogger(
                 os.path.join(folder, "train_log.txt")
             ),
         },
-        run_opts=dict(run_opts, max_grad_norm=hparams["max_grad_norm"]),
+        run_opts=run_opts,
         checkpointer=sb.utils.checkpoints.Checkpointer(
             os.path.join(folder, "save"),
             recoverables={"counter": counter, "encoder": encoder, "head": head},
@@ -174,7 +191,7 @@ def base_stage(hparams, run_opts, data, lm_dir):
     folder = os.path.join(hparams["output_folder"], "base_lm")
     model = SpeechLLM(load_causal_lm(source=lm_dir))
     strategy = build_strategy("frozen_llm")
-    brain = make_brain(model, hparams, run_opts, strategy, 0.0, "text", folder, 0, 1)
+    brain = make_brain(model, hparams, run_opts, strategy, 0.0, "text", folder, 0)
     results = evaluate_both(brain, data, hparams, folder)
     profile, accumulator = importance(
         brain, data, hparams, os.path.join(hparams["output_folder"], "importance", "base")
@@ -203,17 +220,8 @@ def finetune_stage(name, hparams, run_opts, data, lm_dir, base_profile_path):
         name, lora=hparams["lora"], layerwise_lr=layerwise, train_encoder=hparams["train_encoder"]
     )
     apply_strategy(model, strategy)
-    steps = steps_per_run(len(data["speech_train"]), hparams["ft_batch_size"], hparams["ft_epochs"])
     brain = make_brain(
-        model,
-        hparams,
-        run_opts,
-        strategy,
-        hparams["ft_lr"],
-        "speech",
-        folder,
-        hparams["ft_epochs"],
-        steps,
+        model, hparams, run_opts, strategy, hparams["ft_lr"], "speech", folder, hparams["ft_epochs"]
     )
     start = time.time()
     fit_and_restore_best(
@@ -283,6 +291,7 @@ def main(argv):
             path,
             hparams["prompt"],
             with_audio=split.startswith("speech"),
+            sample_rate=hparams["sample_rate"],
             max_duration=hparams["max_duration"],
             sort_key=None,
         )

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """LibriSpeech stage-1 alignment of a speech LLM (ASR): encoder -> adaptor -> LLM.
 
-Trains the adaptor (and, per `strategy`, LoRA or the LLM) to transcribe speech,
-logs the LLM's text perplexity on held-out text beside the validation loss,
-and reports WER on the test splits.
+Trains the adaptor (and, per `strategy`, LoRA or the LLM) to transcribe speech;
+at every validation it decodes the dev set (WER, which selects the best
+checkpoint) and scores the LLM's text perplexity on held-out text; the test
+splits are decoded with the best checkpoint.
 
 To run it (1 GPU):
 > python train.py hparams/whisper_llm.yaml --data_folder=/data/LibriSpeech \
@@ -20,43 +21,93 @@ import sys
 
 import speechbrain as sb
 from hyperpyyaml import load_hyperpyyaml
+from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.utils.distributed import run_on_main
 
-from speechbrain_sllm.data.dataio import make_qa_dataset
-from speechbrain_sllm.experiment import (
-    ensure_base_profile,
-    fit_and_restore_best,
-    make_speech_llm_brain,
-    steps_per_run,
-)
-from speechbrain_sllm.model.speech_llm import SpeechLLM
-from speechbrain_sllm.strategies import apply_strategy, build_strategy
+from speechbrain_sllm.brains import SpeechLLMBrain
+from speechbrain_sllm.data.dataio import load_manifest, make_qa_dataset
+from speechbrain_sllm.importance.stage import run_importance
+from speechbrain_sllm.inference import export_recipe_run
+from speechbrain_sllm.strategies import apply_strategy
 
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 from librispeech_prepare import prepare_librispeech  # noqa: E402
 
 
+def read_splits(csv_paths):
+    """The rows of one or more LibriSpeech CSVs, by utterance id."""
+    rows = {}
+    for path in csv_paths:
+        rows.update(load_manifest(path).data)
+    return rows
+
+
+def transcription_view(csv_paths):
+    """LibriSpeech CSVs seen as QA: the transcript (``wrd``, lower-cased) is the answer."""
+    rows = read_splits(csv_paths)
+    for item in rows.values():
+        item["question"] = item["answer"] = item["wrd"].lower()
+    return DynamicItemDataset(rows)
+
+
+def continuation_view(csv_paths):
+    """Written continuation pairs of transcripts (first half -> second half)."""
+    pairs = {}
+    for data_id, item in read_splits(csv_paths).items():
+        words = item["wrd"].lower().split()
+        if len(words) >= 2:
+            half = len(words) // 2
+            pairs[data_id] = {
+                "question": " ".join(words[:half]),
+                "answer": " ".join(words[half:]),
+            }
+    return DynamicItemDataset(pairs)
+
+
 def dataio_prepare(hparams):
     """Speech datasets (transcript as target) and the held-out text set."""
 
-    def speech(split):
+    def csvs(names):
+        """Paths of the prepared CSVs of ``names``."""
+        return [os.path.join(hparams["manifest_folder"], f"{name}.csv") for name in names]
+
+    def speech(names):
+        """Spoken QA view (transcript as answer) of the CSVs of ``names``."""
         return make_qa_dataset(
-            os.path.join(hparams["manifest_folder"], f"{split}.csv"),
+            transcription_view(csvs(names)),
             hparams["prompt"],
             sample_rate=hparams["sample_rate"],
             max_duration=hparams["max_duration"],
             sort_key="duration",
         )
 
-    train = speech(hparams["train_splits"][0])
-    valid = speech(hparams["dev_splits"][0])
-    tests = {split: speech(split) for split in hparams["test_splits"]}
+    train = speech(["train"])  # every training split, merged by the preparation
+    valid = speech(hparams["dev_splits"])
+    tests = {split: speech([split]) for split in hparams["test_splits"]}
     text = make_qa_dataset(
-        os.path.join(hparams["manifest_folder"], f"{hparams['dev_splits'][0]}_text.csv"),
+        continuation_view(csvs(hparams["dev_splits"])),
         hparams["text_prompt"],
         with_audio=False,
     )
     return train, valid, tests, text
+
+
+def base_importance(hparams, run_opts, text_set):
+    """Scores the untouched LLM on text when the importance LR rule needs its profile."""
+    strategy = hparams["training_strategy"]
+    if strategy.layerwise is None or strategy.layerwise.rule != "importance":
+        return
+    if os.path.isfile(strategy.layerwise.profile):
+        return
+    scorer = SpeechLLMBrain(modules=hparams["modules"], hparams=hparams, run_opts=run_opts)
+    run_importance(
+        scorer,
+        text_set,
+        os.path.dirname(strategy.layerwise.profile),
+        mode="text",
+        fraction=hparams["importance_fraction"],
+        batch_size=hparams["batch_size"],
+    )
 
 
 if __name__ == "__main__":
@@ -67,72 +118,43 @@ if __name__ == "__main__":
     sb.create_experiment_directory(
         hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides
     )
-    splits = hparams["train_splits"] + hparams["dev_splits"] + hparams["test_splits"]
     run_on_main(
         prepare_librispeech,
         kwargs={
             "data_folder": hparams["data_folder"],
             "save_folder": hparams["manifest_folder"],
-            "splits": splits,
+            "tr_splits": hparams["train_splits"],
+            "dev_splits": hparams["dev_splits"],
+            "te_splits": hparams["test_splits"],
+            "merge_lst": hparams["train_splits"],
+            "merge_name": "train.csv",
             "skip_prep": hparams["skip_prep"],
         },
     )
     train_set, valid_set, test_sets, text_set = dataio_prepare(hparams)
+    hparams["text_valid_set"] = text_set
 
-    model = SpeechLLM(hparams["llm"], hparams["encoder"], hparams["adaptor"])
-    strategy = build_strategy(
-        hparams["strategy"],
-        lora=hparams["lora"],
-        layerwise_lr=hparams["layerwise_lr"],
-        train_encoder=hparams["train_encoder"],
+    base_importance(hparams, run_opts, text_set)
+    apply_strategy(hparams["model"], hparams["training_strategy"])
+    asr_brain = SpeechLLMBrain(
+        modules=hparams["modules"],
+        opt_class=hparams["opt_class"],
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=hparams["checkpointer"],
     )
-    ensure_base_profile(
-        model,
-        strategy,
-        hparams["text_prompt"],
-        hparams["tokenizer"],
-        text_set,
-        os.path.join(hparams["output_folder"], "importance"),
-        run_opts,
-        fraction=hparams["importance_fraction"],
-        batch_size=hparams["batch_size"],
+    asr_brain.fit(
+        asr_brain.hparams.epoch_counter,
+        train_set,
+        valid_set,
+        train_loader_kwargs={"batch_size": hparams["batch_size"], "shuffle": True},
+        valid_loader_kwargs={"batch_size": hparams["batch_size"]},
     )
-    apply_strategy(model, strategy)
-    brain = make_speech_llm_brain(
-        model,
-        strategy,
-        hparams["prompt"],
-        hparams["tokenizer"],
-        hparams["output_folder"],
-        hparams["lr"],
-        hparams["number_of_epochs"],
-        steps_per_run(
-            len(train_set),
-            hparams["batch_size"],
-            hparams["number_of_epochs"],
-            hparams["grad_accumulation_factor"],
-        ),
-        run_opts=dict(
-            run_opts,
-            precision=run_opts.get("precision", hparams["precision"]),
-            max_grad_norm=hparams["max_grad_norm"],
-            grad_accumulation_factor=hparams["grad_accumulation_factor"],
-            ckpt_interval_minutes=hparams["ckpt_interval_minutes"],
-        ),
-        warmup_fraction=hparams["warmup_fraction"],
-        max_new_tokens=hparams["max_new_tokens"],
-        num_beams=hparams["num_beams"],
-        text_valid_set=text_set,
-    )
-    fit_and_restore_best(brain, train_set, valid_set, hparams["batch_size"])
-
     for split, dataset in test_sets.items():
-        wer = brain.evaluate_wer(
+        asr_brain.evaluate(
             dataset,
-            output_file=os.path.join(hparams["output_folder"], f"wer_{split}.txt"),
-            batch_size=hparams["batch_size"],
+            min_key=hparams["ckpt_key"],
+            test_loader_kwargs={"batch_size": hparams["batch_size"]},
+            name=split,
         )
-        text_ppl = brain.perplexity(text_set, "text", hparams["batch_size"])
-        brain.hparams.train_logger.log_stats(
-            stats_meta={"test split": split}, test_stats={"WER": wer, "text_ppl": text_ppl}
-        )
+    export_recipe_run(hparams, os.path.join(os.path.dirname(hparams_file), "inference.yaml"))

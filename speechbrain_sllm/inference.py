@@ -1,0 +1,303 @@
+"""Inference with a trained speech LLM, the SpeechBrain way, and export of a trained run.
+
+``export_trained_model`` writes a self-contained folder from a finished run:
+
+* ``model.ckpt``: the trainable tensors (adaptor, LoRA or the fine-tuned LLM);
+* ``strategy.json``: how the LLM was trained (LoRA settings are needed to rebuild it);
+* ``hyperparams.yaml``: the recipe's ``inference.yaml`` with the run's settings filled in;
+* ``lora_adapter/`` (LoRA runs): a standard peft adapter folder that plain
+  ``transformers`` + ``peft`` load onto the base LLM.
+
+``SpeechLLMInference.from_hparams(source=folder)`` then answers or transcribes
+audio files or batches.
+
+Authors
+ * speechbrain-sllm developers 2026
+"""
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+
+import torch
+from speechbrain.inference.interfaces import Pretrained
+from speechbrain.utils.distributed import ddp_barrier, if_main_process
+
+from speechbrain_sllm.checkpointing import TrainableState
+from speechbrain_sllm.data.dataio import load_audio
+from speechbrain_sllm.model.speech_llm import SpeechLLM
+from speechbrain_sllm.strategies import LoRASettings, apply_strategy
+from speechbrain_sllm.strategies.core import Strategy
+
+CHECKPOINT_FILE = "model.ckpt"
+STRATEGY_FILE = "strategy.json"
+ADAPTER_FOLDER = "lora_adapter"
+
+
+def speech_answers(model, prompt, tokenizer, wavs, wav_lens, max_new_tokens=32, num_beams=1):
+    """Generates the text answer to each spoken question of a batch.
+
+    Arguments
+    ---------
+    model : SpeechLLM
+        The model (eval mode).
+    prompt : ChatPrompt
+        Prompt builder (the speech is spliced at its placeholder).
+    tokenizer : HFTokenizer or SentencePieceTokenizer
+        Decodes the generated ids.
+    wavs : torch.Tensor
+        ``(B, S)`` waveforms on the model's device.
+    wav_lens : torch.Tensor
+        ``(B,)`` relative lengths.
+    max_new_tokens : int
+        Decoding budget.
+    num_beams : int
+        Beam size (1: greedy).
+
+    Returns
+    -------
+    list of str
+    """
+    prefix, suffix = prompt.speech_prompt()
+    speech = model.speech_embeddings(wavs, wav_lens)
+    count = len(speech)
+    inputs = model.build_batch([prefix] * count, speech, [suffix] * count, padding_side="left")
+    outputs = model.generate(
+        inputs,
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+    )
+    return [tokenizer.decode(out) for out in outputs]
+
+
+def rebuild_trained_speech_llm(folder, llm, encoder, adaptor):
+    """Rebuilds the architecture of a trained ``SpeechLLM`` (LoRA wrapping included).
+
+    The trained tensors are loaded afterwards by the inference yaml's
+    ``pretrainer`` (``TrainableState`` of this model, from ``model.ckpt``).
+
+    Arguments
+    ---------
+    folder : str
+        Folder written by ``export_trained_model``.
+    llm : transformers.PreTrainedModel
+        The base LLM the run started from.
+    encoder : SpeechEncoder
+        The speech encoder of the run.
+    adaptor : torch.nn.Module
+        A freshly built adaptor of the run's shape.
+
+    Returns
+    -------
+    SpeechLLM
+    """
+    with open(os.path.join(folder, STRATEGY_FILE)) as handle:
+        saved = json.load(handle)
+    lora = LoRASettings(**saved["lora"]) if saved.get("lora") else None
+    # the learning-rate rule does not matter here: only which tensors were trained
+    strategy = Strategy(
+        name=saved["name"],
+        train_llm=saved["train_llm"],
+        lora=lora,
+        train_encoder=saved["train_encoder"],
+    )
+    return apply_strategy(SpeechLLM(llm, encoder, adaptor), strategy)
+
+
+def export_trained_model(model, strategy, inference_yaml, folder, settings):
+    """Writes a folder that ``SpeechLLMInference.from_hparams`` loads.
+
+    Arguments
+    ---------
+    model : SpeechLLM
+        The trained model (best checkpoint loaded; LoRA not merged).
+    strategy : Strategy
+        The strategy it was trained with.
+    inference_yaml : str
+        The recipe's ``inference.yaml`` template.
+    folder : str
+        Output folder (created).
+    settings : dict
+        Top-level scalar keys of the template to fill in (``llm_source``,
+        ``encoder_source``, ``encoder_dim``, ``llm_dim``, ``instruction``, ...).
+    """
+    os.makedirs(folder, exist_ok=True)
+    torch.save(TrainableState(model).state_dict(), os.path.join(folder, CHECKPOINT_FILE))
+    saved = {
+        "name": strategy.name,
+        "train_llm": strategy.train_llm,
+        "train_encoder": strategy.train_encoder,
+        "lora": dataclasses.asdict(strategy.lora) if strategy.lora else None,
+    }
+    with open(os.path.join(folder, STRATEGY_FILE), "w") as handle:
+        json.dump(saved, handle, indent=1)
+    with open(inference_yaml) as handle:
+        text = handle.read()
+    for key, value in settings.items():
+        text, count = re.subn(
+            rf"^{key}:.*$", f"{key}: {json.dumps(value)}", text, count=1, flags=re.M
+        )
+        if count != 1:
+            raise KeyError(f"{inference_yaml}: no top-level key {key!r} to fill in.")
+    with open(os.path.join(folder, "hyperparams.yaml"), "w") as handle:
+        handle.write(text)
+    if strategy.lora is not None:
+        adapter = os.path.join(folder, ADAPTER_FOLDER)
+        shutil.rmtree(adapter, ignore_errors=True)
+        model.llm.save_pretrained(adapter)
+
+
+def export_recipe_run(hparams, inference_yaml):
+    """Exports a recipe's trained model (main process only) to ``<output_folder>/inference``.
+
+    Arguments
+    ---------
+    hparams : dict
+        The recipe's loaded yaml (``model``, ``training_strategy``, ``llm_source``,
+        ``encoder_source``, ``encoder_dim``, ``llm_dim``, ``prompt``, ``sample_rate``,
+        ``max_new_tokens``, ``num_beams``).
+    inference_yaml : str
+        The recipe's ``hparams/inference.yaml``.
+
+    Returns
+    -------
+    str
+        The exported folder.
+    """
+    model = hparams["model"]
+
+    def source(path):
+        """A local folder as an absolute path (the export may be loaded from elsewhere)."""
+        return os.path.abspath(path) if os.path.isdir(path) else path
+
+    settings = {
+        "llm_source": source(hparams["llm_source"]),
+        "encoder_source": source(hparams["encoder_source"]),
+        "llm_dtype": str(model.llm.dtype).replace("torch.", ""),
+        "encoder_dim": hparams["encoder_dim"],
+        "llm_dim": hparams["llm_dim"],
+        "adaptor_stack": model.adaptor.stack,
+        "adaptor_hidden_size": model.adaptor.mlp[0].out_features,
+        "instruction": hparams["prompt"].instruction,
+        "sample_rate": hparams["sample_rate"],
+        "max_new_tokens": hparams["max_new_tokens"],
+        "num_beams": hparams["num_beams"],
+    }
+    folder = os.path.join(hparams["output_folder"], "inference")
+    if if_main_process():
+        export_trained_model(model, hparams["training_strategy"], inference_yaml, folder, settings)
+    ddp_barrier()
+    return folder
+
+
+class SpeechLLMInference(Pretrained):
+    """Answers spoken questions (or transcribes speech) with an exported speech LLM.
+
+    Load with ``SpeechLLMInference.from_hparams(source=folder)``, where ``folder``
+    was written by ``export_trained_model`` (the recipes write ``<output>/inference``).
+
+    Arguments
+    ---------
+    *args : tuple
+        See ``speechbrain.inference.interfaces.Pretrained``.
+    **kwargs : dict
+        See ``speechbrain.inference.interfaces.Pretrained``.
+    """
+
+    HPARAMS_NEEDED = ["prompt", "tokenizer", "sample_rate", "max_new_tokens"]
+    MODULES_NEEDED = ["model"]
+
+    @classmethod
+    def from_hparams(cls, source, hparams_file="hyperparams.yaml", overrides=None, **kwargs):
+        """Loads an exported folder; its own location fills ``trained_folder``.
+
+        Arguments
+        ---------
+        source : str
+            The exported folder.
+        hparams_file : str
+            The yaml inside it.
+        overrides : dict or None
+            Further yaml overrides.
+        **kwargs : dict
+            Passed to SpeechBrain's ``Pretrained.from_hparams`` (``run_opts``, ...).
+
+        Returns
+        -------
+        SpeechLLMInference
+        """
+        if not os.path.isdir(source):
+            raise FileNotFoundError(
+                f"SpeechLLMInference: {source!r} is not a folder; pass the folder written "
+                "by export_trained_model (a recipe's <output_folder>/inference)."
+            )
+        overrides = dict(overrides or {}, trained_folder=os.path.abspath(source))
+        return super().from_hparams(
+            source=source,
+            hparams_file=hparams_file,
+            overrides=overrides,
+            savedir=os.path.abspath(source),
+            **kwargs,
+        )
+
+    def answer_batch(self, wavs, wav_lens):
+        """Answers (or transcribes) a batch of waveforms.
+
+        Arguments
+        ---------
+        wavs : torch.Tensor
+            ``(B, S)`` waveforms at ``sample_rate``.
+        wav_lens : torch.Tensor
+            ``(B,)`` relative lengths.
+
+        Returns
+        -------
+        list of str
+        """
+        with torch.no_grad(), self.inference_ctx:
+            return speech_answers(
+                self.mods.model,
+                self.hparams.prompt,
+                self.hparams.tokenizer,
+                wavs.to(self.device),
+                wav_lens.to(self.device),
+                max_new_tokens=self.hparams.max_new_tokens,
+                num_beams=getattr(self.hparams, "num_beams", 1),
+            )
+
+    def answer_file(self, path):
+        """Answers the spoken question in an audio file (any rate, mono or not).
+
+        Arguments
+        ---------
+        path : str
+            Audio file.
+
+        Returns
+        -------
+        str
+        """
+        wav = load_audio(path, self.hparams.sample_rate)
+        return self.answer_batch(wav.unsqueeze(0), torch.ones(1))[0]
+
+    def transcribe_file(self, path):
+        """Transcribes an audio file (a model trained on ASR, e.g. the LibriSpeech recipe).
+
+        Arguments
+        ---------
+        path : str
+            Audio file.
+
+        Returns
+        -------
+        str
+        """
+        return self.answer_file(path)
+
+    def forward(self, wavs, wav_lens):
+        """See ``answer_batch``."""
+        return self.answer_batch(wavs, wav_lens)
