@@ -1,19 +1,25 @@
 #!/usr/bin/env python3
 """Speed and memory of the importance stage against a bare forward + backward.
 
-In ONE run on the same device and the same batches, times:
-  (a) bare: forward + backward of the summed LM loss (gradients accumulate, no optimizer);
-  (b) stage: the same with speechbrain_sllm's ImportanceAccumulator (hooks fold each
-      gradient into the accumulator and free it);
-  (c) naive: an fp32 accumulator per parameter, filled by a Python loop after each backward;
-and prints tokens/s, peak memory and the ratios (b)/(a), (c)/(a).
+In ONE run, on the same device and the same batches, at each shape, measures:
+  bare:        forward + backward of the summed LM loss (gradients accumulate, no optimizer);
+  stage_fp32:  the same with speechbrain_sllm's ImportanceAccumulator and float32
+               accumulators (the API's default: hooks fold each gradient and free it);
+  stage_param: the same with accumulators in the parameter dtype;
+  naive_fp32:  an fp32 accumulator per parameter, filled by a loop after each backward;
+and prints tokens/s, peak memory and the ratios to bare. Each measurement runs in a
+fresh process, so the CPU peak (resident set) belongs to that measurement alone.
 
-Random weights, shapes of Llama-3.2-1B / Llama-3.1-8B (or a tiny one for CPU checks):
-> python benchmarks/importance_speed.py --shape 8b --batches 8 --batch-size 4 --seq-len 1024
-> python benchmarks/importance_speed.py --shape tiny --device cpu
+Random weights, shapes of Llama-3.2-1B / Llama-3.1-8B (or small ones for CPU checks):
+> python benchmarks/importance_speed.py --shapes 1b,8b --batches 8 --batch-size 2 --seq-len 1024
+> python benchmarks/importance_speed.py --shapes tiny,small --device cpu --batches 4 --batch-size 2 --seq-len 128
 """
 
 import argparse
+import json
+import resource
+import subprocess
+import sys
 import time
 
 import torch
@@ -29,6 +35,14 @@ SHAPES = {
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=4096,
+    ),
+    "small": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
     ),
     "1b": dict(
         hidden_size=2048,
@@ -71,7 +85,12 @@ def sync(device):
 
 
 def measure(name, model, batches, device, before=None, after=None):
-    """Runs forward + backward over ``batches``; returns (tokens/s, peak GiB)."""
+    """Runs forward + backward over ``batches``; returns (tokens/s, peak GiB).
+
+    Peak memory: CUDA's allocator peak on a GPU; on a CPU the process's peak
+    resident set (``ru_maxrss``), meaningful because every measurement runs in
+    a fresh process (``--variant``).
+    """
     sync(device)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -84,29 +103,25 @@ def measure(name, model, batches, device, before=None, after=None):
             after(state)
     sync(device)
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if isinstance(state, ImportanceAccumulator):
         state.detach()
     for param in model.parameters():
         param.grad = None
     tokens = sum(ids.numel() for ids in batches)
-    print(f"{name:>6}: {tokens / seconds:10.1f} tok/s, peak {peak:6.2f} GiB, {seconds:.2f} s")
     return tokens / seconds, peak
 
 
-def main():
-    """Parses the options, runs the three measurements in one process, prints ratios."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
-    parser.add_argument("--batches", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--accumulate-dtype", default="param", help="param, float32 or bfloat16")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+VARIANTS = ("bare", "stage_fp32", "stage_param", "naive_fp32")
+
+
+def run_variant(args, shape, variant):
+    """One measurement (warm-up batch first) in this process; returns (tokens/s, peak GiB)."""
     dtype = getattr(torch, args.dtype)
-    model = build(args.shape, dtype, args.device)
+    model = build(shape, dtype, args.device)
     params = dict(model.named_parameters())
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
@@ -114,11 +129,6 @@ def main():
         torch.randint(vocab, (args.batch_size, args.seq_len), generator=generator).to(args.device)
         for _ in range(args.batches)
     ]
-    acc_dtype = dtype if args.accumulate_dtype == "param" else getattr(torch, args.accumulate_dtype)
-    print(
-        f"shape {args.shape}, {sum(p.numel() for p in params.values()) / 1e9:.2f}B params, "
-        f"{args.dtype}, device {args.device}, accumulators {acc_dtype}"
-    )
     measure("warmup", model, batches[:1], args.device)
 
     def naive_state():
@@ -131,22 +141,56 @@ def main():
             state[name] += param.grad.float()
             param.grad = None
 
-    bare = measure("bare", model, batches, args.device)
-    stage = measure(
-        "stage",
+    if variant == "bare":
+        return measure(variant, model, batches, args.device)
+    if variant == "naive_fp32":
+        return measure(variant, model, batches, args.device, naive_state, naive_fold)
+    acc_dtype = torch.float32 if variant == "stage_fp32" else dtype  # API default: float32
+    return measure(
+        variant,
         model,
         batches,
         args.device,
         before=lambda: ImportanceAccumulator(params, "taylor", acc_dtype),
         after=lambda acc: acc.step(),
     )
-    naive = measure("naive", model, batches, args.device, before=naive_state, after=naive_fold)
+
+
+def main():
+    """Runs every variant at every shape, each in a fresh process, and prints ratios to bare."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default="1b,8b", help="comma-separated: " + ",".join(SHAPES))
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: one measurement
+    args, _ = parser.parse_known_args()
+    if args.variant:
+        shape, variant = args.variant.split(":")
+        print(json.dumps(run_variant(args, shape, variant)))
+        return
     print(
-        f"stage / bare: throughput x{stage[0] / bare[0]:.3f}, peak memory x{stage[1] / bare[1]:.3f}"
+        f"{args.dtype}, device {args.device}, {args.batches} batches of "
+        f"{args.batch_size}x{args.seq_len} tokens; each row a fresh process"
     )
-    print(
-        f"naive / bare: throughput x{naive[0] / bare[0]:.3f}, peak memory x{naive[1] / bare[1]:.3f}"
-    )
+    for shape in args.shapes.split(","):
+        results = {}
+        for variant in VARIANTS:
+            out = subprocess.run(
+                [sys.executable, __file__, *sys.argv[1:], f"--variant={shape}:{variant}"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        bare_speed, bare_peak = results["bare"]
+        for variant, (speed, peak) in results.items():
+            print(
+                f"{shape:>5} {variant:>12}: {speed:10.1f} tok/s (x{speed / bare_speed:.3f}), "
+                f"peak {peak:7.3f} GiB (x{peak / bare_peak:.3f})"
+            )
 
 
 if __name__ == "__main__":

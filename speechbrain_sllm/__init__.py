@@ -9,6 +9,12 @@ Public API (import the submodules for the rest):
 * importance: ``run_importance``, ``zeroing_check``, ``layer_shift``.
 """
 
+# isort: off
+from speechbrain_sllm.openmp import choose_openmp_waiting
+
+OPENMP_WAITING = choose_openmp_waiting()  # before anything imports torch
+# isort: on
+
 from speechbrain_sllm.brains import SpeechLLMBrain
 from speechbrain_sllm.checkpointing import AtomicCheckpointer, WarmupDecaySchedule
 from speechbrain_sllm.importance.shift import layer_shift

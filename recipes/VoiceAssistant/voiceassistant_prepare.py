@@ -24,15 +24,30 @@ from collections import Counter
 import soundfile
 
 from speechbrain_sllm.data.dataio import write_csv_manifest
+from speechbrain_sllm.data.preparation import (
+    completion_record,
+    is_prepared,
+    staged_preparation,
+)
 
 logger = logging.getLogger(__name__)
 FIELDS = ["ID", "wav", "duration", "question", "answer"]
 
 
 def prepare_spoken_qa(
-    train_file, eval_files, save_folder, valid_fraction=0.02, seed=0, skip_prep=False
+    train_file,
+    eval_files,
+    save_folder,
+    valid_fraction=0.02,
+    seed=0,
+    skip_prep=False,
+    on_change="redo",
 ):
-    """Writes train / valid / eval manifests (skipped when they exist).
+    """Writes train / valid / eval manifests, atomically, unless they are up to date.
+
+    The manifests are redone when a source file (path, size, modification time)
+    or an option differs from the completion record of the previous
+    preparation (``speechbrain_sllm.data.preparation``).
 
     Arguments
     ---------
@@ -48,21 +63,29 @@ def prepare_spoken_qa(
         Seed of the validation draw.
     skip_prep : bool
         Do nothing.
+    on_change : str
+        ``redo`` or ``stop`` when the sources or options changed since the last run.
     """
     if skip_prep:
         return
     os.makedirs(save_folder, exist_ok=True)
-    train_csv = os.path.join(save_folder, "train.csv")
-    if not os.path.isfile(train_csv):
+    record = completion_record(
+        [train_file, *eval_files.values()],
+        {"valid_fraction": valid_fraction, "seed": seed, "eval_sets": sorted(eval_files)},
+    )
+    outputs = ["train.csv", "valid.csv"] + [f"eval_{name}.csv" for name in eval_files]
+    if is_prepared(save_folder, record, outputs, on_change):
+        logger.info(f"Spoken-QA manifests in {save_folder} are up to date.")
+        return
+    with staged_preparation(save_folder, record) as staging:
         rows = read_items(train_file, answers_key="answer")
         random.Random(seed).shuffle(rows)
         count = max(1, int(valid_fraction * len(rows)))
-        write_csv_manifest(rows[count:], FIELDS, train_csv)
-        write_csv_manifest(rows[:count], FIELDS, os.path.join(save_folder, "valid.csv"))
-    for name, path in eval_files.items():
-        target = os.path.join(save_folder, f"eval_{name}.csv")
-        if not os.path.isfile(target):
-            write_csv_manifest(read_items(path, answers_key="answers"), FIELDS, target)
+        write_csv_manifest(rows[count:], FIELDS, os.path.join(staging, "train.csv"))
+        write_csv_manifest(rows[:count], FIELDS, os.path.join(staging, "valid.csv"))
+        for name, path in eval_files.items():
+            items = read_items(path, answers_key="answers")
+            write_csv_manifest(items, FIELDS, os.path.join(staging, f"eval_{name}.csv"))
 
 
 def read_items(path, answers_key):

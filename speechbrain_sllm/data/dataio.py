@@ -35,6 +35,11 @@ class AudioError(ValueError):
 def load_audio(path, sample_rate=16000, max_duration=None):
     """Reads an audio file as a mono float waveform at ``sample_rate``.
 
+    SpeechBrain's ``read_audio`` returns the file as stored (any rate, every
+    channel) and its errors name neither the fix nor the limit; speech LLM
+    encoders need mono at one rate, so this reader downmixes, resamples and
+    says what to change.
+
     Arguments
     ---------
     path : str

@@ -8,7 +8,9 @@ Authors
 """
 
 import abc
+import hashlib
 import logging
+import os
 
 import torch
 from speechbrain.lobes.features import Fbank
@@ -22,16 +24,27 @@ WAV2VEC2_FAMILY = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "wav2vec2-be
 class SpeechEncoder(nn.Module, abc.ABC):
     """Base class: handles freezing (no grad, eval mode) around ``encode``.
 
+    A frozen encoder can keep its outputs in an ``EncoderOutputCache``: each
+    item is then encoded once (on its own, so the result does not depend on
+    the batch it came in) and reused by every later epoch, strategy and
+    evaluation that sees the same audio.
+
     Arguments
     ---------
     freeze : bool
         If True, parameters are not trained and the forward pass runs in
         ``torch.no_grad`` and eval mode.
+    output_cache : EncoderOutputCache, str or None
+        Cache of a frozen encoder's outputs: a shared cache object, ``"memory"``,
+        or a folder for an on-disk cache; None disables caching.
     """
 
-    def __init__(self, freeze=True):
+    def __init__(self, freeze=True, output_cache=None):
         super().__init__()
         self.freeze = freeze
+        if isinstance(output_cache, str):
+            output_cache = EncoderOutputCache(None if output_cache == "memory" else output_cache)
+        self.output_cache = output_cache
 
     def freeze_parameters(self):
         """Applies ``self.freeze`` to the parameters (call after building)."""
@@ -63,6 +76,8 @@ class SpeechEncoder(nn.Module, abc.ABC):
         """
         if self.freeze:
             with torch.no_grad():
+                if self.output_cache is not None:
+                    return self.output_cache.encode(self, wavs, wav_lens)
                 feats, lengths = self.encode(wavs, wav_lens)
             return feats.detach(), lengths
         return self.encode(wavs, wav_lens)
@@ -70,6 +85,96 @@ class SpeechEncoder(nn.Module, abc.ABC):
     @abc.abstractmethod
     def encode(self, wavs, wav_lens):
         """Subclasses implement the encoding here (see ``forward``)."""
+
+
+class EncoderOutputCache:
+    """Exact cache of a frozen encoder's outputs, one entry per item.
+
+    The key hashes the encoder's weights (taken at its first use: the encoder
+    must stay frozen), the valid samples of the item's audio and the autocast
+    dtype, so a hit returns exactly what encoding that item alone would. Items
+    are encoded one at a time, so the cached output does not depend on the
+    other items of a batch or their padding.
+
+    Arguments
+    ---------
+    folder : str or None
+        Where entries are also written as ``<key>.pt`` (shared by runs and
+        processes); None keeps them in memory only.
+
+    Example
+    -------
+    >>> encoder = FbankTransformerEncoder(n_mels=20, d_model=16, num_layers=1, nhead=2, freeze=True)
+    >>> encoder.output_cache = EncoderOutputCache()
+    >>> wavs, lens = torch.randn(2, 8000), torch.tensor([1.0, 0.5])
+    >>> first, first_lens = encoder(wavs, lens)
+    >>> again, _ = encoder(wavs, lens)
+    >>> len(encoder.output_cache.memory), torch.equal(first, again)
+    (2, True)
+    """
+
+    def __init__(self, folder=None):
+        self.folder = folder
+        self.memory = {}
+        if folder is not None:
+            os.makedirs(folder, exist_ok=True)
+
+    def fingerprint(self, encoder):
+        """A hash of the encoder's weights and buffers (computed at its first use)."""
+        if getattr(encoder, "weights_fingerprint", None) is None:
+            digest = hashlib.sha1(type(encoder).__name__.encode())
+            for name, tensor in encoder.state_dict().items():
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+            encoder.weights_fingerprint = digest.hexdigest()
+        return encoder.weights_fingerprint
+
+    def key(self, encoder, wav):
+        """The entry key of one item: encoder weights, audio samples, autocast dtype."""
+        device = wav.device.type
+        precision = (
+            str(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else "off"
+        )
+        digest = hashlib.sha1(self.fingerprint(encoder).encode())
+        digest.update(precision.encode())
+        digest.update(wav.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def lookup(self, key, device):
+        """The cached ``(T, D)`` output of ``key`` on ``device``, or None."""
+        if key in self.memory:
+            return self.memory[key].to(device)
+        path = os.path.join(self.folder, f"{key}.pt") if self.folder else None
+        if path and os.path.isfile(path):
+            self.memory[key] = torch.load(path, map_location="cpu", weights_only=True)
+            return self.memory[key].to(device)
+        return None
+
+    def store(self, key, output):
+        """Keeps ``output`` (and writes it atomically when the cache has a folder)."""
+        self.memory[key] = output.cpu()
+        if self.folder:
+            path = os.path.join(self.folder, f"{key}.pt")
+            torch.save(self.memory[key], path + ".tmp")
+            os.replace(path + ".tmp", path)
+
+    def encode(self, encoder, wavs, wav_lens):
+        """``encoder(wavs, wav_lens)`` through the cache (see ``SpeechEncoder.forward``)."""
+        samples = torch.round(wav_lens * wavs.shape[1]).long().clamp(min=1).tolist()
+        outputs = []
+        for wav, count in zip(wavs, samples):
+            wav = wav[:count]
+            key = self.key(encoder, wav)
+            output = self.lookup(key, wavs.device)
+            if output is None:
+                feats, _ = encoder.encode(wav[None], torch.ones(1, device=wavs.device))
+                output = feats[0].detach()
+                self.store(key, output)
+            outputs.append(output)
+        longest = max(len(output) for output in outputs)
+        feats = nn.utils.rnn.pad_sequence(outputs, batch_first=True)  # (B, T, D)
+        lengths = torch.tensor([len(output) / longest for output in outputs], device=wavs.device)
+        return feats, lengths
 
 
 class FbankTransformerEncoder(SpeechEncoder):
@@ -91,6 +196,8 @@ class FbankTransformerEncoder(SpeechEncoder):
         Whether the encoder is frozen.
     sample_rate : int
         Input sampling rate.
+    output_cache : EncoderOutputCache, str or None
+        Cache of the frozen encoder's outputs (see ``SpeechEncoder``).
 
     Example
     -------
@@ -109,8 +216,9 @@ class FbankTransformerEncoder(SpeechEncoder):
         dropout=0.1,
         freeze=False,
         sample_rate=16000,
+        output_cache=None,
     ):
-        super().__init__(freeze=freeze)
+        super().__init__(freeze=freeze, output_cache=output_cache)
         self.fbank = Fbank(n_mels=n_mels, sample_rate=sample_rate)
         self.subsample = nn.Sequential(
             nn.Conv1d(n_mels, d_model, 3, 2, padding=1),
@@ -161,6 +269,8 @@ class HFWhisperEncoder(SpeechEncoder):
         Whether the encoder is frozen.
     cache_dir : str or None
         HF cache folder.
+    output_cache : EncoderOutputCache, str or None
+        Cache of the frozen encoder's outputs (see ``SpeechEncoder``).
 
     Example
     -------
@@ -174,8 +284,8 @@ class HFWhisperEncoder(SpeechEncoder):
     (torch.Size([2, 25, 16]), tensor([1.0000, 0.5200]))
     """
 
-    def __init__(self, source=None, config=None, freeze=True, cache_dir=None):
-        super().__init__(freeze=freeze)
+    def __init__(self, source=None, config=None, freeze=True, cache_dir=None, output_cache=None):
+        super().__init__(freeze=freeze, output_cache=output_cache)
         from transformers import WhisperFeatureExtractor, WhisperModel
 
         if (source is None) == (config is None):
@@ -292,6 +402,8 @@ class HFWav2Vec2Encoder(SpeechEncoder):
         Normalise each waveform to zero mean, unit variance over its valid part.
     cache_dir : str or None
         HF cache folder.
+    output_cache : EncoderOutputCache, str or None
+        Cache of the frozen encoder's outputs (see ``SpeechEncoder``).
 
     Example
     -------
@@ -305,8 +417,16 @@ class HFWav2Vec2Encoder(SpeechEncoder):
     torch.Size([2, 198, 16])
     """
 
-    def __init__(self, source=None, config=None, freeze=True, normalize=True, cache_dir=None):
-        super().__init__(freeze=freeze)
+    def __init__(
+        self,
+        source=None,
+        config=None,
+        freeze=True,
+        normalize=True,
+        cache_dir=None,
+        output_cache=None,
+    ):
+        super().__init__(freeze=freeze, output_cache=output_cache)
         from transformers import AutoModel
 
         if (source is None) == (config is None):

@@ -62,6 +62,8 @@ def prepare_minispokenqa(data_folder, num_entities=40, seed=1234, skip_prep=Fals
     ):
         logger.info(f"MiniSpokenQA already prepared in {data_folder}")
         return paths
+    if os.path.isfile(kb_path):
+        os.remove(kb_path)  # the completion marker: written again only once all is done
     kb = make_knowledge_base(num_entities, seed)
     pairs = make_qa_pairs(kb)
     tts = EspeakTTS(sample_rate=16000)

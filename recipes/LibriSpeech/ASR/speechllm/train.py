@@ -16,15 +16,20 @@ Authors
  * speechbrain-sllm developers 2026
 """
 
+# isort: off
+import speechbrain_sllm  # noqa: F401  (first: chooses OpenMP waiting before torch loads)
+
+# isort: on
+
 import os
 import sys
 
 import speechbrain as sb
-from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.utils.distributed import run_on_main
 
 from speechbrain_sllm.brains import SpeechLLMBrain
+from speechbrain_sllm.config import load_recipe_hparams
 from speechbrain_sllm.data.dataio import load_manifest, make_qa_dataset
 from speechbrain_sllm.importance.stage import run_importance
 from speechbrain_sllm.inference import export_recipe_run
@@ -112,8 +117,7 @@ def base_importance(hparams, run_opts, text_set):
 
 if __name__ == "__main__":
     hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
-    with open(hparams_file) as fin:
-        hparams = load_hyperpyyaml(fin, overrides)
+    hparams = load_recipe_hparams(hparams_file, overrides)  # checked before building
     sb.utils.distributed.ddp_init_group(run_opts)
     sb.create_experiment_directory(
         hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides

@@ -16,14 +16,19 @@ Authors
  * speechbrain-sllm developers 2026
 """
 
+# isort: off
+import speechbrain_sllm  # noqa: F401  (first: chooses OpenMP waiting before torch loads)
+
+# isort: on
+
 import os
 import sys
 
 import speechbrain as sb
-from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from speechbrain_sllm.brains import MAX_METRICS, SpeechLLMBrain
+from speechbrain_sllm.config import load_recipe_hparams
 from speechbrain_sllm.data.dataio import make_qa_dataset
 from speechbrain_sllm.importance.report import compare_profiles, summarize_shift, write_json
 from speechbrain_sllm.importance.stage import run_importance
@@ -67,8 +72,7 @@ def textual_importance(brain, text_set, folder, hparams):
 
 if __name__ == "__main__":
     hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
-    with open(hparams_file) as fin:
-        hparams = load_hyperpyyaml(fin, overrides)
+    hparams = load_recipe_hparams(hparams_file, overrides)  # checked before building
     if not hparams["eval_files"]:
         raise ValueError(
             "eval_files is empty: pass the evaluation sets, e.g. "
@@ -86,6 +90,7 @@ if __name__ == "__main__":
             "save_folder": hparams["manifest_folder"],
             "valid_fraction": hparams["valid_fraction"],
             "skip_prep": hparams["skip_prep"],
+            "on_change": hparams["prepare_on_change"],
         },
     )
     train_set, valid_set, text_set, eval_sets = dataio_prepare(hparams)
