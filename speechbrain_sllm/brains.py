@@ -23,13 +23,27 @@ from speechbrain_sllm.distributed import (
     share_debug_checkpoint_folder,
 )
 from speechbrain_sllm.metrics import QAAccuracyStats, wer_stats
-from speechbrain_sllm.model.speech_llm import shifted_lm_loss
+from speechbrain_sllm.model.speech_llm import ContextLengthError, shifted_lm_loss
 from speechbrain_sllm.strategies import param_groups
 
 logger = logging.getLogger(__name__)
 INPUT_MODES = ("speech", "text")
 METRICS = ("WER", "S2T", "T2T", "text_ppl")
 MAX_METRICS = ("S2T", "T2T")
+
+
+def context_error(error, item_id, mode):
+    """A ``ContextLengthError`` that names the dataset item and the fix for its input mode."""
+    what = "spoken question + answer" if mode == "speech" else "written question + answer"
+    fix = (
+        "lower `max_duration`, or downsample speech more (adaptor stack / stride)"
+        if mode == "speech"
+        else "shorten the question or answer, or remove the item from the manifest"
+    )
+    return ValueError(
+        f"Item {item_id!r}: the {what} takes {error.length} positions, over the LLM "
+        f"context of {error.limit}; {fix}."
+    )
 
 
 class SpeechLLMBrain(sb.Brain):
@@ -88,13 +102,18 @@ class SpeechLLMBrain(sb.Brain):
         """
         batch = batch.to(self.device)
         answers = [ids.tolist() for ids in unpad(batch.answer_ids)]
-        if mode == "speech":
-            prefix, suffix = self.hparams.prompt.speech_prompt()
-            count = len(answers)
-            wavs, wav_lens = batch.sig
-            return self.modules.model([prefix] * count, answers, wavs, wav_lens, [suffix] * count)
-        prompts = [ids.tolist() for ids in unpad(batch.prompt_ids)]
-        return self.modules.model(prompts, answers)
+        try:
+            if mode == "speech":
+                prefix, suffix = self.hparams.prompt.speech_prompt()
+                count = len(answers)
+                wavs, wav_lens = batch.sig
+                return self.modules.model(
+                    [prefix] * count, answers, wavs, wav_lens, [suffix] * count
+                )
+            prompts = [ids.tolist() for ids in unpad(batch.prompt_ids)]
+            return self.modules.model(prompts, answers)
+        except ContextLengthError as error:
+            raise context_error(error, batch.id[error.item], mode) from error
 
     def compute_objectives(self, predictions, batch, stage):
         """Mean next-token cross-entropy over answer tokens."""

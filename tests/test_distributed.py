@@ -107,3 +107,97 @@ def test_two_ranks_checkpoint_evaluate_and_reduce_like_one_process(
         assert [list(column) for column in expected[key]] == ranks[0][key], key
     for key in ("ppl_text", "ppl_speech"):
         assert ranks[0][key] == pytest.approx(expected[key], rel=1e-6), key
+
+
+def text_brain_for_training(name, tokenizer, prompt, folder, run_opts):
+    """A text-only SpeechLLM (no encoder, no adaptor) trained with strategy ``name``."""
+    import speechbrain as sb
+    from conftest import llama_config
+    from helpers import strategy_for
+
+    from speechbrain_sllm.brains import SpeechLLMBrain
+    from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
+    from speechbrain_sllm.strategies import apply_strategy
+
+    torch.manual_seed(0)
+    model = SpeechLLM(load_causal_lm(config=llama_config(vocab_size=len(tokenizer))))
+    strategy = strategy_for(name, str(folder))
+    apply_strategy(model, strategy)
+    return SpeechLLMBrain(
+        modules={"model": model},
+        opt_class=torch.optim.AdamW,
+        hparams={
+            "prompt": prompt,
+            "tokenizer": tokenizer,
+            "training_strategy": strategy,
+            "lr": 3e-3,
+            "input_mode": "text",
+            "epoch_counter": sb.utils.epoch_loop.EpochCounter(limit=1),
+            "sorting": "ascending",  # SpeechBrain's DistributedSampler then keeps the order
+        },
+        run_opts={"device": "cpu", "max_grad_norm": 5.0, **run_opts},
+    )
+
+
+def trained_tensors(brain):
+    from speechbrain_sllm.checkpointing import TrainableState
+
+    return {k: v.clone() for k, v in TrainableState(brain.modules.model).state_dict().items()}
+
+
+def _ddp_training_worker(rank, world, init_file, manifest, spm_path, out, name):
+    import speechbrain  # noqa: F401
+
+    from speechbrain_sllm.data.prompts import ChatPrompt
+    from speechbrain_sllm.data.tokenizers import SentencePieceTokenizer
+
+    init_group(rank, world, init_file)
+    tokenizer = SentencePieceTokenizer(spm_path)
+    prompt = ChatPrompt(tokenizer)
+    folder = os.path.join(out, f"rank{rank}")
+    os.makedirs(folder, exist_ok=True)
+    brain = text_brain_for_training(
+        name, tokenizer, prompt, folder, {"distributed_backend": "gloo"}
+    )
+    dataset = make_qa_dataset(manifest, prompt, with_audio=False)
+    # DistributedSampler without shuffling: rank r trains on items r, r+2, r+4, ...
+    brain.fit(brain.hparams.epoch_counter, dataset, train_loader_kwargs={"batch_size": 2})
+    if rank == 0:
+        torch.save(trained_tensors(brain), os.path.join(out, "ddp.pt"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["full_ft", "layerwise_lr", "lora"])
+def test_two_rank_ddp_training_ends_with_the_weights_of_one_process(
+    name, tokenizer, prompt, manifests, tmp_path
+):
+    torch.multiprocessing.spawn(
+        _ddp_training_worker,
+        args=(
+            2,
+            str(tmp_path / "init"),
+            manifests["text"],
+            tokenizer.model_path,
+            str(tmp_path),
+            name,
+        ),
+        nprocs=2,
+    )
+    # One process, same global batches: (items 0, 2) + (items 1, 3) per optimizer step,
+    # gradients averaged by accumulating 2 micro-batches, as DDP averages 2 ranks.
+    (tmp_path / "single").mkdir()
+    brain = text_brain_for_training(
+        name, tokenizer, prompt, tmp_path / "single", {"grad_accumulation_factor": 2}
+    )
+    dataset = make_qa_dataset(manifests["text"], prompt, with_audio=False)
+    order = [i for step in range(0, 12, 4) for i in (step, step + 2, step + 1, step + 3)]
+    ids = [dataset.data_ids[i] for i in order]
+    dataset.data_ids = ids  # this order, batches of 2
+    brain.fit(brain.hparams.epoch_counter, dataset, train_loader_kwargs={"batch_size": 2})
+    single = trained_tensors(brain)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    assert single.keys() == ddp.keys() and single
+    start = trained_tensors(text_brain_for_training(name, tokenizer, prompt, tmp_path, {}))
+    assert any(not torch.equal(value, start[key]) for key, value in single.items())  # it trained
+    for key, value in single.items():
+        assert torch.allclose(ddp[key], value, rtol=1e-4, atol=1e-6), key

@@ -161,3 +161,37 @@ def test_a_changed_training_file_is_prepared_again_or_stops_when_asked(recipe_fi
     with pytest.raises(ValueError, match="changed sources.*a.jsonl.*prepare_on_change: redo"):
         prepare(os.path.join(data, "a.jsonl"), evaluation, folder, on_change="stop")
     assert prepare(os.path.join(data, "b.jsonl"), evaluation, folder) == second  # kept
+
+
+def test_a_written_question_over_the_context_names_its_item_and_a_text_fix(
+    tokenizer, prompt, manifests, tmp_path
+):
+    import pytest
+    from helpers import fixed_batch, make_brain
+
+    brain = make_brain("full_ft", tokenizer, prompt, tmp_path, mode="text")
+    brain.model.llm.config.max_position_embeddings = 12
+    batch = fixed_batch(manifests["text"], prompt, with_audio=False)
+    with pytest.raises(ValueError, match=r"Item 'txt_\w+': the written question \+ answer"):
+        brain.compute_forward(batch, None)
+    with pytest.raises(ValueError, match="shorten the question or answer, or remove the item"):
+        brain.compute_forward(batch, None)
+
+
+def test_text_only_datasets_never_read_audio(prompt, manifests, tmp_path):
+    """Text-only stages (importance, T2T, perplexity) survive unreadable audio."""
+    import csv
+
+    rows = list(csv.DictReader(open(manifests["speech"])))
+    for row in rows:
+        row["wav"] = str(tmp_path / "unreadable.flac")
+    (tmp_path / "unreadable.flac").write_bytes(os.urandom(1000))
+    path = tmp_path / "speech.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    from speechbrain_sllm.data.dataio import make_qa_dataset
+
+    text_set = make_qa_dataset(str(path), prompt, with_audio=False)
+    assert len(text_set) == len(rows) and "sig" not in text_set[0]

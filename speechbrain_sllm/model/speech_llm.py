@@ -73,6 +73,28 @@ def load_causal_lm(
     return model
 
 
+class ContextLengthError(ValueError):
+    """A sequence is longer than the LLM's context window.
+
+    Arguments
+    ---------
+    item : int
+        Position of the sequence in its batch.
+    length : int
+        Its number of positions (prompt + speech + answer).
+    limit : int
+        The LLM's context.
+    """
+
+    def __init__(self, item, length, limit):
+        self.item, self.length, self.limit = item, length, limit
+        super().__init__(
+            f"Batch item {item} has {length} positions (prompt + speech + answer), over "
+            f"the LLM context of {limit}; lower `max_duration`, shorten the prompt or "
+            "answers, or downsample speech more (adaptor stack / stride)."
+        )
+
+
 class SpeechLLM(nn.Module):
     """Speech encoder -> adaptor -> causal LLM, with a text-only path through the same LLM.
 
@@ -210,11 +232,7 @@ class SpeechLLM(nn.Module):
         longest = max(row.shape[0] for row in rows)
         if limit is not None and longest > limit:
             item = max(range(len(rows)), key=lambda b: rows[b].shape[0])
-            raise ValueError(
-                f"Batch item {item} has {longest} positions (prompt + speech + answer), over "
-                f"the LLM context of {limit}; lower `max_duration`, shorten the prompt or "
-                "answers, or downsample speech more (adaptor stack / stride)."
-            )
+            raise ContextLengthError(item, longest, limit)
 
     def forward(self, prefixes, answers, wavs=None, wav_lens=None, suffixes=None):
         """Full training forward: (encode speech,) splice, run the LLM.

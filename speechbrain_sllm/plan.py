@@ -1,0 +1,289 @@
+"""Memory planner: per-rank bytes of a speech-LLM training run, before renting machines.
+
+Builds the LLM on the meta device (no memory, no download beyond its config)
+and counts, per rank: weights, gradients, AdamW state, importance
+accumulators and an activation estimate, for a strategy, a world size and
+DDP (everything replicated) or FSDP (weights, gradients and optimizer state
+sharded over the ranks).
+
+> python -m speechbrain_sllm.plan --llm llama-3.1-8b --strategy full_ft --world-size 8 --distributed fsdp
+> python -m speechbrain_sllm.plan --llm /models/my-llm --strategy lora --lora-rank 16
+
+What it assumes, as the package trains: parameters and gradients in the LLM's
+dtype, AdamW state (two tensors per trainable parameter) in the parameter
+dtype, float32 importance accumulators (the default) over the LLM's weights,
+gradient checkpointing per decoder layer, and a float32 loss over the logits.
+
+Authors
+ * speechbrain-sllm developers 2026
+"""
+
+import argparse
+import dataclasses
+
+import torch
+
+BUILTIN_SHAPES = {
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    "llama-3.1-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
+    "llama-3.1-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
+}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DISTRIBUTED = ("ddp", "fsdp")
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    """Bytes per rank of each part of a training run (see ``plan_memory``).
+
+    Arguments
+    ---------
+    weights : int
+        Model weights held by one rank.
+    gradients : int
+        Gradients of the trainable parameters held by one rank.
+    optimizer : int
+        AdamW state held by one rank.
+    importance : int
+        Importance accumulators held by one rank (0 when not scoring).
+    activations : int
+        Estimated activation memory of one micro-batch on one rank.
+    """
+
+    weights: int
+    gradients: int
+    optimizer: int
+    importance: int
+    activations: int
+
+    @property
+    def total(self):
+        """Sum of the parts."""
+        return self.weights + self.gradients + self.optimizer + self.importance + self.activations
+
+
+def llm_config(llm):
+    """An HF config from a built-in shape name, a local folder or a hub id.
+
+    Arguments
+    ---------
+    llm : str or transformers.PretrainedConfig
+        ``llama-3.2-1b``, ``llama-3.1-8b``, ``llama-3.1-70b``, a folder or hub id, or a config.
+
+    Returns
+    -------
+    transformers.PretrainedConfig
+    """
+    from transformers import AutoConfig, LlamaConfig
+
+    if not isinstance(llm, str):
+        return llm
+    if llm in BUILTIN_SHAPES:
+        return LlamaConfig(**BUILTIN_SHAPES[llm])
+    return AutoConfig.from_pretrained(llm)
+
+
+def count_parameters(config, strategy="full_ft", lora_rank=8):
+    """Total, trainable and LLM-weight parameter counts (model built on the meta device).
+
+    Arguments
+    ---------
+    config : transformers.PretrainedConfig
+        The LLM's config.
+    strategy : str
+        ``frozen_llm``, ``full_ft``, ``layerwise_lr``, ``lora`` or ``lora_layerwise_lr``.
+    lora_rank : int
+        LoRA rank (LoRA strategies).
+
+    Returns
+    -------
+    total, trainable, lora : int
+        LLM parameters, trainable LLM parameters, LoRA parameters (included in both).
+
+    Example
+    -------
+    >>> from transformers import LlamaConfig
+    >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+    ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    >>> count_parameters(cfg, "lora", lora_rank=2)
+    (6736, 1024, 1024)
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    base = sum(p.numel() for p in model.parameters())
+    lora = 0
+    if strategy.startswith("lora"):
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS:
+                lora += lora_rank * (module.in_features + module.out_features)
+    trainable = {"frozen_llm": 0, "full_ft": base, "layerwise_lr": base}.get(strategy, lora)
+    return base + lora, trainable, lora
+
+
+def activation_bytes(config, batch_size, seq_len, dtype_bytes, checkpointing=True):
+    """Estimated activation memory of one micro-batch.
+
+    With gradient checkpointing each decoder layer keeps its input, and one
+    layer's internals exist while it is recomputed; without it every layer
+    keeps its internals. The float32 logits and their gradient come on top.
+
+    Arguments
+    ---------
+    config : transformers.PretrainedConfig
+        The LLM's config.
+    batch_size : int
+        Sequences per micro-batch.
+    seq_len : int
+        Tokens per sequence.
+    dtype_bytes : int
+        Bytes per activation value.
+    checkpointing : bool
+        Gradient checkpointing per decoder layer.
+
+    Returns
+    -------
+    int
+    """
+    tokens = batch_size * seq_len
+    hidden, inner = config.hidden_size, config.intermediate_size
+    kv = hidden * config.num_key_value_heads // config.num_attention_heads
+    # inside one layer: 2 norms, q, k, v, attention out, o_proj, 3 MLP projections + product
+    per_layer = tokens * (5 * hidden + 2 * kv + 4 * inner) * dtype_bytes
+    layers = config.num_hidden_layers
+    kept = (
+        layers * tokens * hidden * dtype_bytes + per_layer if checkpointing else layers * per_layer
+    )
+    logits = 2 * tokens * config.vocab_size * 4  # float32 logits and their gradient
+    return kept + logits
+
+
+def plan_memory(
+    llm,
+    strategy="full_ft",
+    world_size=1,
+    distributed="ddp",
+    dtype="bfloat16",
+    batch_size=1,
+    seq_len=1024,
+    lora_rank=8,
+    importance=False,
+    checkpointing=True,
+):
+    """Per-rank memory of a training run.
+
+    Arguments
+    ---------
+    llm : str or transformers.PretrainedConfig
+        See ``llm_config``.
+    strategy : str
+        The training strategy.
+    world_size : int
+        Number of ranks.
+    distributed : str
+        ``ddp`` (replicated) or ``fsdp`` (weights, gradients and optimizer state sharded).
+    dtype : str
+        Parameter dtype (``bfloat16``, ``float32``, ...).
+    batch_size : int
+        Micro-batch per rank.
+    seq_len : int
+        Tokens per sequence (prompt, speech embeddings and answer).
+    lora_rank : int
+        LoRA rank.
+    importance : bool
+        Whether the importance stage runs (float32 accumulators over the LLM's weights).
+    checkpointing : bool
+        Gradient checkpointing.
+
+    Returns
+    -------
+    MemoryPlan
+
+    Example
+    -------
+    >>> plan = plan_memory("llama-3.2-1b", "lora", world_size=1)
+    >>> round(plan.weights / 2**30, 2)
+    2.31
+    """
+    if distributed not in DISTRIBUTED:
+        raise ValueError(f"distributed {distributed!r} unknown; use one of {DISTRIBUTED}.")
+    config = llm_config(llm)
+    dtype_bytes = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    total, trainable, lora = count_parameters(config, strategy, lora_rank)
+    shard = world_size if distributed == "fsdp" else 1
+    return MemoryPlan(
+        weights=total * dtype_bytes // shard,
+        gradients=trainable * dtype_bytes // shard,
+        optimizer=2 * trainable * dtype_bytes // shard,
+        importance=(total - lora) * 4 // shard if importance else 0,
+        activations=activation_bytes(config, batch_size, seq_len, dtype_bytes, checkpointing),
+    )
+
+
+def format_plan(plan):
+    """One line of GiB per part."""
+    parts = dataclasses.asdict(plan)
+    parts["total"] = plan.total
+    return ", ".join(f"{name} {value / 2**30:.2f}" for name, value in parts.items()) + " (GiB/rank)"
+
+
+def main(argv=None):
+    """Command line: prints the per-rank plan.
+
+    Arguments
+    ---------
+    argv : list of str or None
+        Arguments (``sys.argv`` when None).
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--llm", required=True, help="shape name, local folder or hub id")
+    parser.add_argument("--strategy", default="full_ft")
+    parser.add_argument("--world-size", type=int, default=1)
+    parser.add_argument("--distributed", default="ddp", choices=DISTRIBUTED)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--importance", action="store_true")
+    args = parser.parse_args(argv)
+    plan = plan_memory(
+        args.llm,
+        args.strategy,
+        args.world_size,
+        args.distributed,
+        args.dtype,
+        args.batch_size,
+        args.seq_len,
+        args.lora_rank,
+        args.importance,
+    )
+    print(format_plan(plan))
+
+
+if __name__ == "__main__":
+    main()

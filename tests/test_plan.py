@@ -1,0 +1,67 @@
+"""The memory planner against memory measured on the CPU, and its command line."""
+
+import json
+import subprocess
+import sys
+
+from transformers import LlamaConfig
+
+from speechbrain_sllm.plan import main, plan_memory
+
+CONFIG = dict(
+    vocab_size=16000,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    tie_word_embeddings=False,
+)
+MEASURE = """
+import json, resource, sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+config = LlamaConfig(**json.loads(sys.argv[1]))
+ids = torch.randint(0, config.vocab_size, (1, 32))
+def rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+warm = LlamaForCausalLM(LlamaConfig(**dict(json.loads(sys.argv[1]), num_hidden_layers=1,
+    vocab_size=64, hidden_size=64, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2)))
+warm(input_ids=ids % 64, labels=ids % 64).loss.backward()  # library warm-up, not counted
+del warm
+before = rss()
+model = LlamaForCausalLM(config)
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+for _ in range(2):
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+print(rss() - before)
+"""
+
+
+def test_planned_bytes_match_the_measured_peak_of_a_cpu_training_step():
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, json.dumps(CONFIG)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    measured = int(out.stdout.strip().splitlines()[-1])
+    plan = plan_memory(
+        LlamaConfig(**CONFIG), "full_ft", dtype="float32", seq_len=32, checkpointing=False
+    )
+    assert abs(plan.total - measured) / measured < 0.10, (plan, measured)
+
+
+def test_sharding_divides_weights_gradients_and_optimizer_but_not_activations():
+    ddp = plan_memory("llama-3.1-8b", "full_ft", world_size=8, distributed="ddp")
+    fsdp = plan_memory("llama-3.1-8b", "full_ft", world_size=8, distributed="fsdp")
+    for part in ("weights", "gradients", "optimizer"):
+        assert getattr(fsdp, part) == getattr(ddp, part) // 8
+    assert fsdp.activations == ddp.activations
+    lora = plan_memory("llama-3.1-8b", "lora", lora_rank=16)
+    assert lora.gradients < ddp.gradients / 100 and lora.weights > ddp.weights
+
+
+def test_the_command_line_prints_the_plan(capsys):
+    main(["--llm", "llama-3.2-1b", "--strategy", "lora", "--world-size", "8"])
+    assert "weights 2.31" in capsys.readouterr().out
