@@ -26,6 +26,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from speechbrain_sllm.importance.estimators import ImportanceAccumulator
+from speechbrain_sllm.plan import BUILTIN_SHAPES
 
 SHAPES = {
     "tiny": dict(
@@ -44,28 +45,14 @@ SHAPES = {
         num_key_value_heads=3,
         vocab_size=49152,
     ),
-    "1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-    ),
-    "8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-    ),
+    "1b": BUILTIN_SHAPES["llama-3.2-1b"],
+    "8b": BUILTIN_SHAPES["llama-3.1-8b"],
 }
 
 
 def build(shape, dtype, device):
     """A randomly initialised Llama of the given shape."""
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, tie_word_embeddings=False)
+    config = LlamaConfig(**{"tie_word_embeddings": False, **SHAPES[shape]})
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     model.config.use_cache = False

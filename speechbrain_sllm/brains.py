@@ -49,12 +49,16 @@ def context_error(error, item_id, mode):
 class SpeechLLMBrain(sb.Brain):
     """Trains a ``SpeechLLM`` (module key ``model``) with the strategy in ``hparams``.
 
-    Expected hparams: ``prompt`` (ChatPrompt), ``tokenizer``, ``strategy``
-    (from ``build_strategy``; applied to the model before the Brain is built),
-    ``lr``; optional ``lr_schedule`` (WarmupDecaySchedule, stepped per
-    optimizer step), ``input_mode`` (``speech`` or ``text``), ``train_logger``,
-    ``text_valid_set`` (a written-QA dataset whose perplexity is logged at each
-    validation), ``max_new_tokens``, ``num_beams``.
+    Expected hparams (a recipe passes its whole yaml): ``prompt`` (ChatPrompt),
+    ``tokenizer``; for training also ``training_strategy`` (from
+    ``build_strategy``, applied to the model before the Brain is built) and
+    ``lr``. Optional: ``lr_schedule`` (WarmupDecaySchedule, set before each
+    optimizer step), ``epoch_counter``, ``input_mode`` (``speech`` or ``text``),
+    ``train_logger``, ``valid_metrics`` / ``test_metrics`` (see ``METRICS``),
+    ``ckpt_key``, ``text_valid_set`` (written QA for ``text_ppl``),
+    ``answer_match``, ``eval_batch_size``, ``max_new_tokens``, ``num_beams``,
+    ``output_folder`` (per-item test outputs). SpeechBrain run options in the
+    yaml (``precision``, ``max_grad_norm``, ...) are read by ``sb.Brain``.
 
     Gradients are clipped over ALL parameter groups (SpeechBrain clips
     ``param_groups[0]`` only), and checkpoints hold only trainable tensors.

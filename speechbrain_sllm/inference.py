@@ -177,6 +177,7 @@ def export_recipe_run(hparams, inference_yaml):
     settings = {
         "llm_source": source(hparams["llm_source"]),
         "encoder_source": source(hparams["encoder_source"]),
+        "encoder_window": getattr(model.encoder, "window", "full"),
         "llm_dtype": str(model.llm.dtype).replace("torch.", ""),
         "encoder_dim": hparams["encoder_dim"],
         "llm_dim": hparams["llm_dim"],

@@ -144,3 +144,19 @@ def test_cached_encoder_outputs_equal_encoding_each_item_alone(tmp_path):
     other = FbankTransformerEncoder(n_mels=20, d_model=16, num_layers=1, nhead=2, freeze=True)
     other.output_cache = fresh.output_cache
     assert not torch.equal(other(wavs, lens)[0], cached)
+
+
+def test_whisper_batch_window_runs_the_same_layers_as_hf_on_the_full_window():
+    from conftest import tiny_whisper_config
+
+    from speechbrain_sllm.model.encoders import HFWhisperEncoder
+
+    torch.manual_seed(0)
+    encoder = HFWhisperEncoder(config=tiny_whisper_config(max_source_positions=50), window="batch")
+    mels = torch.randn(2, 20, 100)  # the full 1 s window of this tiny config
+    with torch.no_grad():
+        ours = encoder.windowed_forward(mels)
+        theirs = encoder.encoder(mels).last_hidden_state
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    feats, lengths = encoder(torch.randn(2, 4000), torch.tensor([1.0, 0.5]))
+    assert feats.shape == (2, 13, 16) and torch.allclose(lengths, torch.tensor([1.0, 7 / 13]))

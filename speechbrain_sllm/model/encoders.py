@@ -10,6 +10,7 @@ Authors
 import abc
 import hashlib
 import logging
+import math
 import os
 
 import torch
@@ -271,6 +272,11 @@ class HFWhisperEncoder(SpeechEncoder):
         HF cache folder.
     output_cache : EncoderOutputCache, str or None
         Cache of the frozen encoder's outputs (see ``SpeechEncoder``).
+    window : str
+        ``full``: every clip padded to Whisper's 30 s window, as it was trained;
+        ``batch``: a window fitted to the batch's longest clip (positional
+        embeddings sliced), far cheaper for short clips but not what Whisper saw
+        in training (measured effect in the README).
 
     Example
     -------
@@ -284,9 +290,23 @@ class HFWhisperEncoder(SpeechEncoder):
     (torch.Size([2, 25, 16]), tensor([1.0000, 0.5200]))
     """
 
-    def __init__(self, source=None, config=None, freeze=True, cache_dir=None, output_cache=None):
+    WINDOWS = ("full", "batch")
+
+    def __init__(
+        self,
+        source=None,
+        config=None,
+        freeze=True,
+        cache_dir=None,
+        output_cache=None,
+        window="full",
+    ):
         super().__init__(freeze=freeze, output_cache=output_cache)
         from transformers import WhisperFeatureExtractor, WhisperModel
+
+        if window not in self.WINDOWS:
+            raise ValueError(f"HFWhisperEncoder: window {window!r} unknown; use {self.WINDOWS}.")
+        self.window = window
 
         if (source is None) == (config is None):
             raise ValueError("HFWhisperEncoder: give exactly one of `source` or `config`.")
@@ -314,30 +334,65 @@ class HFWhisperEncoder(SpeechEncoder):
                 f"encoder window of {n_samples} samples; filter long utterances "
                 "(the data pipeline's `max_duration`) or use a longer window."
             )
-        mels = self.log_mel(wavs)  # (B, n_mels, n_frames)
-        hidden = self.encoder(mels).last_hidden_state  # (B, n_frames/2, D)
+        frames = self.n_frames
+        if self.window == "batch":
+            frames = min(self.n_frames, 2 * math.ceil(wavs.shape[1] / self.hop_length / 2))
+        mels = self.log_mel(wavs, frames)  # (B, n_mels, frames)
+        if frames == self.n_frames:
+            hidden = self.encoder(mels).last_hidden_state  # (B, n_frames/2, D)
+        else:
+            hidden = self.windowed_forward(mels)  # (B, frames/2, D)
         out_time = hidden.shape[1]
         valid = torch.ceil(wav_lens * wavs.shape[1] / self.hop_length / 2).clamp(1, out_time)
         keep = int(valid.max().item())
         return hidden[:, :keep], valid / keep
 
-    def log_mel(self, wavs):
+    def windowed_forward(self, mels):
+        """HF ``WhisperEncoder.forward`` on a window shorter than 30 s.
+
+        The same layers in the same order, with the positional embeddings sliced
+        to the window (HF's forward insists on the full 30 s).
+
+        Arguments
+        ---------
+        mels : torch.Tensor
+            ``(B, n_mels, frames)`` features, ``frames`` even.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, frames / 2, D)``.
+        """
+        encoder = self.encoder
+        embeds = nn.functional.gelu(encoder.conv1(mels))
+        embeds = nn.functional.gelu(encoder.conv2(embeds)).permute(0, 2, 1)  # (B, T, D)
+        hidden = embeds + encoder.embed_positions.weight[: embeds.shape[1]]
+        hidden = nn.functional.dropout(hidden, p=encoder.dropout, training=encoder.training)
+        for layer in encoder.layers:
+            hidden = layer(hidden, None)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        return encoder.layer_norm(hidden)
+
+    def log_mel(self, wavs, frames=None):
         """Whisper log-mel features of waveforms padded to the encoder window.
 
         Arguments
         ---------
         wavs : torch.Tensor
             ``(B, S)`` waveforms.
+        frames : int or None
+            Window in mel frames (None: the full 30 s window).
 
         Returns
         -------
         torch.Tensor
             ``(B, n_mels, n_frames)`` features on the device of ``wavs``.
         """
-        n_samples = self.n_frames * self.hop_length
+        frames = frames or self.n_frames
+        n_samples = frames * self.hop_length
         with torch.autocast(wavs.device.type, enabled=False):  # mel matmul stays fp32
             padded = nn.functional.pad(wavs.float(), (0, n_samples - wavs.shape[1]))
-            feats = whisper_log_mel(padded, self.feature_extractor)[..., : self.n_frames]
+            feats = whisper_log_mel(padded, self.feature_extractor)[..., :frames]
         return feats.to(next(self.encoder.parameters()).dtype)
 
 
