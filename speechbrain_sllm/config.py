@@ -65,6 +65,8 @@ def plain_settings(hparams_file, overrides):
         try:
             resolved = resolve_references(handle, overrides, overrides_must_match=True)
         except KeyError as error:
+            if "Override" not in str(error):
+                raise
             raise KeyError(unknown_override_message(hparams_file, error)) from None
     return dict(ruamel.yaml.YAML().load(io.StringIO(resolved.getvalue())))
 
