@@ -22,6 +22,7 @@ from speechbrain_sllm.distributed import (
     rank_shard,
     share_debug_checkpoint_folder,
 )
+from speechbrain_sllm.inference import generated_texts, speech_inputs
 from speechbrain_sllm.metrics import QAAccuracyStats, wer_stats
 from speechbrain_sllm.model.speech_llm import ContextLengthError, shifted_lm_loss
 from speechbrain_sllm.strategies import param_groups
@@ -440,24 +441,19 @@ class SpeechLLMBrain(sb.Brain):
             batch = batch.to(self.device)
             with self.evaluation_ctx:
                 if mode == "speech":
-                    prefix, suffix = prompt.speech_prompt()
-                    speech = model.speech_embeddings(*batch.sig)
-                    count = len(speech)
-                    inputs = model.build_batch(
-                        [prefix] * count, speech, [suffix] * count, padding_side="left"
-                    )
+                    inputs = speech_inputs(model, prompt, *batch.sig)
                 else:
                     prompts = [p.tolist() for p in unpad(batch.prompt_ids)]
                     inputs = model.build_batch(prompts, padding_side="left")
-                outputs = model.generate(
+                texts = generated_texts(
+                    model,
+                    tok,
                     inputs,
                     max_new_tokens=getattr(self.hparams, "max_new_tokens", 32),
                     num_beams=getattr(self.hparams, "num_beams", 1),
-                    eos_id=tok.eos_id,
-                    pad_id=tok.pad_id,
                 )
             ids.extend(batch.id)
-            predictions.extend(tok.decode(out) for out in outputs)
+            predictions.extend(texts)
             references.extend(batch.answer)
         items = gather_in_order(list(zip(ids, predictions, references)), positions)
         if not items:

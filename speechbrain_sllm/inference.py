@@ -36,6 +36,61 @@ STRATEGY_FILE = "strategy.json"
 ADAPTER_FOLDER = "lora_adapter"
 
 
+def speech_inputs(model, prompt, wavs, wav_lens):
+    """The left-padded generation inputs of a batch of spoken questions.
+
+    Arguments
+    ---------
+    model : SpeechLLM
+        The model.
+    prompt : ChatPrompt
+        Prompt builder (the speech is spliced at its placeholder).
+    wavs : torch.Tensor
+        ``(B, S)`` waveforms on the model's device.
+    wav_lens : torch.Tensor
+        ``(B,)`` relative lengths.
+
+    Returns
+    -------
+    dict
+        Output of ``SpeechLLM.build_batch(..., padding_side="left")``.
+    """
+    prefix, suffix = prompt.speech_prompt()
+    speech = model.speech_embeddings(wavs, wav_lens)
+    count = len(speech)
+    return model.build_batch([prefix] * count, speech, [suffix] * count, padding_side="left")
+
+
+def generated_texts(model, tokenizer, inputs, max_new_tokens=32, num_beams=1):
+    """Generates from left-padded ``inputs`` and decodes each answer to text.
+
+    Arguments
+    ---------
+    model : SpeechLLM
+        The model (eval mode).
+    tokenizer : HFTokenizer or SentencePieceTokenizer
+        Decodes the generated ids.
+    inputs : dict
+        Output of ``SpeechLLM.build_batch(..., padding_side="left")``.
+    max_new_tokens : int
+        Decoding budget.
+    num_beams : int
+        Beam size (1: greedy).
+
+    Returns
+    -------
+    list of str
+    """
+    outputs = model.generate(
+        inputs,
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+    )
+    return [tokenizer.decode(out) for out in outputs]
+
+
 def speech_answers(model, prompt, tokenizer, wavs, wav_lens, max_new_tokens=32, num_beams=1):
     """Generates the text answer to each spoken question of a batch.
 
@@ -60,18 +115,8 @@ def speech_answers(model, prompt, tokenizer, wavs, wav_lens, max_new_tokens=32, 
     -------
     list of str
     """
-    prefix, suffix = prompt.speech_prompt()
-    speech = model.speech_embeddings(wavs, wav_lens)
-    count = len(speech)
-    inputs = model.build_batch([prefix] * count, speech, [suffix] * count, padding_side="left")
-    outputs = model.generate(
-        inputs,
-        max_new_tokens=max_new_tokens,
-        num_beams=num_beams,
-        eos_id=tokenizer.eos_id,
-        pad_id=tokenizer.pad_id,
-    )
-    return [tokenizer.decode(out) for out in outputs]
+    inputs = speech_inputs(model, prompt, wavs, wav_lens)
+    return generated_texts(model, tokenizer, inputs, max_new_tokens, num_beams)
 
 
 def rebuild_trained_speech_llm(folder, llm, encoder, adaptor):
