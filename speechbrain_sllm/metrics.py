@@ -11,10 +11,133 @@ from speechbrain.utils.metric_stats import ErrorRateStats, MetricStats
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
 MATCH_MODES = ("contains", "exact")
+SMALL_NUMBERS = {
+    word: value
+    for value, word in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen "
+        "fourteen fifteen sixteen seventeen eighteen nineteen".split()
+    )
+}
+TENS = {
+    word: 10 * (value + 2)
+    for value, word in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split())
+}
+TENS["fourty"] = 40  # a misspelling found in LLaMA Questions' references
+SCALES = {"hundred": 100, "thousand": 1000, "million": 10**6, "billion": 10**9}
+SCALES.update({f"{word}s": value for word, value in list(SCALES.items())})
+NUMBER_WORDS = {**SMALL_NUMBERS, **TENS, **SCALES}
+TOKEN = re.compile(r"[a-z]+|\d[\d,]*|[^a-z\d]+")
+
+
+def number_value(words):
+    """The value of a run of English number words ("two hundred forty eight" -> 248).
+
+    Arguments
+    ---------
+    words : list of str
+        Lower-case number words (``NUMBER_WORDS``), ``and`` allowed between them.
+
+    Returns
+    -------
+    int
+
+    Example
+    -------
+    >>> number_value(["one", "hundred", "and", "five"])
+    105
+    >>> number_value(["sixty", "thousands"])
+    60000
+    """
+    total, current = 0, 0
+    for word in words:
+        if word == "and":
+            continue
+        if word in SCALES:
+            scale = SCALES[word]
+            if scale == 100:
+                current = max(current, 1) * 100
+            else:
+                total += max(current, 1) * scale
+                current = 0
+        else:
+            current += NUMBER_WORDS[word]
+    return total + current
+
+
+def numbers_to_digits(text):
+    """Writes English number words as digits and drops thousands separators.
+
+    Runs of number words (joined by spaces, hyphens or ``and``; ``a hundred``
+    counts as one hundred) become one integer, so "Twenty-four", "twenty four"
+    and "24" normalise alike.
+
+    Arguments
+    ---------
+    text : str
+        Lower-case text.
+
+    Returns
+    -------
+    str
+
+    Example
+    -------
+    >>> numbers_to_digits("it has twenty-four legs and 1,000 eyes")
+    'it has 24 legs and 1000 eyes'
+    >>> numbers_to_digits("a hundred and one dalmatians")
+    '101 dalmatians'
+    """
+    tokens = TOKEN.findall(text)
+    out, index = [], 0
+    while index < len(tokens):
+        run, end = number_run(tokens, index)
+        if run:
+            out.append(str(number_value(run)))
+            index = end
+        else:
+            out.append(
+                tokens[index].replace(",", "") if tokens[index][0].isdigit() else tokens[index]
+            )
+            index += 1
+    return "".join(out)
+
+
+def number_run(tokens, start):
+    """The number words of the run starting at ``tokens[start]`` and the index after it.
+
+    Returns ``([], start)`` when no number starts there.
+    """
+    words, index, end = [], start, start
+    following = tokens[start + 1 : start + 3]
+    if (
+        tokens[start] == "a"
+        and len(following) == 2
+        and following[0] == " "
+        and following[1] in SCALES
+    ):
+        words, index = ["one"], start + 2
+    while index < len(tokens):
+        token = tokens[index]
+        if token in NUMBER_WORDS:
+            words.append(token)
+            index += 1
+            end = index
+        elif token == "and" and words and words[-1] in SCALES:
+            words.append(token)
+            index += 1
+        elif words and token.strip() in ("", "-"):
+            index += 1
+        else:
+            break
+    if end == start:
+        return [], start
+    while words[-1] == "and":
+        words.pop()
+    return words, end
 
 
 def normalize_answer(text):
-    """Lower-cases, removes punctuation and articles, collapses whitespace (SQuAD style).
+    """Lower-cases, writes numbers as digits, removes punctuation and articles (SQuAD style).
 
     Arguments
     ---------
@@ -29,8 +152,10 @@ def normalize_answer(text):
     -------
     >>> normalize_answer("The  Eiffel-Tower!")
     'eiffeltower'
+    >>> normalize_answer("Two hundred fourty eight")
+    '248'
     """
-    text = text.lower()
+    text = numbers_to_digits(text.lower())
     text = "".join(ch for ch in text if ch not in set(string.punctuation))
     text = ARTICLES.sub(" ", text)
     return " ".join(text.split())

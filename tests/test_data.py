@@ -104,6 +104,26 @@ def test_answer_normalisation_and_matching():
     assert stats.summarize("accuracy") == 50.0
 
 
+@pytest.mark.parametrize(
+    "prediction, reference",
+    [
+        ("A spider has 8 legs.", "Eight"),
+        ("There are 248 of them", "Two hundred fourty eight"),  # LLaMA Questions' spelling
+        ("about sixty thousand", "60,000"),
+        ("Twenty-four hours", "twenty four"),
+        ("one hundred and five", "105"),
+    ],
+)
+def test_number_words_match_digits(prediction, reference):
+    assert answer_matches(prediction, reference)
+
+
+def test_number_words_do_not_match_other_numbers():
+    assert not answer_matches("eighty", "Eight")
+    assert not answer_matches("It has 18 legs", "eight")
+    assert not answer_matches("two hundred", "Two hundred fourty eight")
+
+
 def test_empty_question_or_answer_in_prompts_is_rejected(prompt):
     with pytest.raises(ValueError, match="empty question"):
         prompt.text_prompt("  ")

@@ -125,6 +125,26 @@ def test_aggregation_sums_match_the_total(tokenizer, prompt, manifests, tmp_path
     assert rule.scales(3) == importance_scales([layer["sum"] for layer in profile["layers"]], 0.4)
 
 
+def test_decoder_linear_scope_scores_only_decoder_projections(tokenizer, prompt, manifests, tmp_path):
+    brain = text_brain(tokenizer, prompt, tmp_path, torch.float32)
+    brain.model.llm.lm_head.weight = brain.model.llm.model.embed_tokens.weight  # tied, as SmolLM2
+    dataset = make_qa_dataset(manifests["text"], prompt, with_audio=False)
+    profile, acc = run_importance(
+        brain, dataset, str(tmp_path / "imp"), mode="text", batch_size=4, scope="decoder_linear"
+    )
+    expected = {
+        f"llm.{name}"
+        for name, param in brain.model.llm.named_parameters()
+        if ".layers." in name and name.endswith("proj.weight")
+    }
+    assert set(acc.params) == expected and len(expected) == 3 * 7
+    assert profile["scope"] == "decoder_linear"
+    assert profile["numel"] == sum(acc.params[name].numel() for name in expected)
+    assert profile["non_layer"]["sum"] == 0
+    with pytest.raises(ValueError, match="importance scope 'decoder' unknown"):
+        run_importance(brain, dataset, str(tmp_path / "x"), mode="text", scope="decoder")
+
+
 def test_topk_threshold_and_shares_are_exact_against_a_sort():
     torch.manual_seed(0)
     scores = {f"model.layers.{i}.mlp.up_proj.weight": torch.rand(50, 7) for i in range(4)}

@@ -25,31 +25,54 @@ from speechbrain_sllm.importance.aggregate import ScoreSet, aggregate, topk_thre
 from speechbrain_sllm.importance.estimators import ImportanceAccumulator
 from speechbrain_sllm.importance.report import save_profile, summarize_profile
 from speechbrain_sllm.model.speech_llm import shifted_lm_loss
+from speechbrain_sllm.strategies.layerwise import decoder_layer_index
 
 logger = logging.getLogger(__name__)
-SCOPES = ("llm", "llm+adaptor")
+SCOPES = ("llm", "llm+adaptor", "decoder_linear")
 
 
 def scored_parameters(model, scope="llm"):
     """The parameters to score, by name (LoRA adapter tensors excluded).
+
+    ``llm`` is every LLM parameter; ``decoder_linear`` only the weight matrices
+    of the decoder layers (attention and MLP projections). The latter suits LLMs
+    with tied input/output embeddings: the tied matrix's many near-zero scores
+    would otherwise fill the global "bottom k%", and zeroing them (every row of
+    the output layer) is catastrophic, which defeats the zeroing check.
 
     Arguments
     ---------
     model : SpeechLLM
         The model.
     scope : str
-        ``llm`` or ``llm+adaptor``.
+        ``llm``, ``llm+adaptor`` or ``decoder_linear``.
 
     Returns
     -------
     dict
         ``{name: parameter}`` with names prefixed by ``llm.`` / ``adaptor.``.
+
+    Example
+    -------
+    >>> from transformers import LlamaConfig
+    >>> from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
+    >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+    ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    >>> model = SpeechLLM(load_causal_lm(config=cfg))
+    >>> len(scored_parameters(model)), len(scored_parameters(model, "decoder_linear"))
+    (21, 14)
     """
     if scope not in SCOPES:
         raise ValueError(f"importance scope {scope!r} unknown; use one of {SCOPES}.")
     params = {
         f"llm.{name}": param for name, param in model.llm.named_parameters() if "lora_" not in name
     }
+    if scope == "decoder_linear":
+        return {
+            name: param
+            for name, param in params.items()
+            if param.dim() == 2 and decoder_layer_index(name) is not None
+        }
     if scope == "llm+adaptor" and model.adaptor is not None:
         params.update({f"adaptor.{n}": p for n, p in model.adaptor.named_parameters()})
     return params
@@ -107,7 +130,7 @@ def accumulate_importance(
     mode : str
         ``text`` (textual importance) or ``speech``.
     scope : str
-        ``llm`` or ``llm+adaptor``.
+        ``llm``, ``llm+adaptor`` or ``decoder_linear`` (see ``scored_parameters``).
     fraction : float
         Fraction of the dataset scored.
     batch_size : int
