@@ -125,7 +125,9 @@ def test_aggregation_sums_match_the_total(tokenizer, prompt, manifests, tmp_path
     assert rule.scales(3) == importance_scales([layer["sum"] for layer in profile["layers"]], 0.4)
 
 
-def test_decoder_linear_scope_scores_only_decoder_projections(tokenizer, prompt, manifests, tmp_path):
+def test_decoder_linear_scope_scores_only_decoder_projections(
+    tokenizer, prompt, manifests, tmp_path
+):
     brain = text_brain(tokenizer, prompt, tmp_path, torch.float32)
     brain.model.llm.lm_head.weight = brain.model.llm.model.embed_tokens.weight  # tied, as SmolLM2
     dataset = make_qa_dataset(manifests["text"], prompt, with_audio=False)
