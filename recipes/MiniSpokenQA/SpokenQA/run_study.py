@@ -18,81 +18,40 @@ import speechbrain_sllm  # noqa: F401  (first: chooses OpenMP waiting before tor
 
 # isort: on
 
-import contextlib
-import functools
 import logging
 import os
 import sys
-import time
 
 import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 
-from speechbrain_sllm.brains import CTCEncoderBrain, SpeechLLMBrain
-from speechbrain_sllm.checkpointing import AtomicCheckpointer, RNGState, WarmupDecaySchedule
+from speechbrain_sllm.brains import CTCEncoderBrain
 from speechbrain_sllm.data.dataio import make_qa_dataset
 from speechbrain_sllm.data.prompts import ChatPrompt
 from speechbrain_sllm.data.tokenizers import train_sentencepiece
-from speechbrain_sllm.importance.aggregate import ScoreSet
 from speechbrain_sllm.importance.report import (
     plot_layer_distributions,
     plot_module_heatmap,
     summarize_shift,
     write_json,
 )
-from speechbrain_sllm.importance.shift import layer_shift, topk_overlap
 from speechbrain_sllm.importance.stage import run_importance, zeroing_check
 from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
 from speechbrain_sllm.strategies import LayerwiseLR, apply_strategy, build_strategy
 from speechbrain_sllm.strategies.lora import merge_lora
+from speechbrain_sllm.study import (
+    StageClock,
+    fit_and_restore_best,
+    importance_shift,
+    make_stage_brain,
+    peak_layer,
+)
 
 logger = logging.getLogger(__name__)
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.append(HERE)
 from minispokenqa_prepare import prepare_minispokenqa  # noqa: E402
-
-
-def make_brain(model, hparams, run_opts, strategy, lr, input_mode, folder, epochs):
-    """A SpeechLLMBrain for one stage of the study (scoring only when ``epochs == 0``).
-
-    Each stage has its own rate, schedule, epoch counter, log and checkpoint
-    folder; everything else (run options such as ``max_grad_norm``, the
-    prompt, decoding settings) comes from the study's yaml.
-    """
-    counter = sb.utils.epoch_loop.EpochCounter(limit=epochs)
-    stage_hparams = dict(
-        hparams,
-        training_strategy=strategy,
-        lr=lr,
-        input_mode=input_mode,
-        lr_schedule=WarmupDecaySchedule(lr, warmup_fraction=hparams["warmup_fraction"]),
-        epoch_counter=counter,
-        train_logger=sb.utils.train_logger.FileTrainLogger(os.path.join(folder, "train_log.txt")),
-        output_folder=folder,
-    )
-    checkpointer = AtomicCheckpointer(
-        os.path.join(folder, "save"), recoverables={"counter": counter, "rng": RNGState()}
-    )
-    return SpeechLLMBrain(
-        modules={"model": model},
-        opt_class=functools.partial(torch.optim.AdamW, weight_decay=0.0) if epochs else None,
-        hparams=stage_hparams,
-        run_opts=run_opts,
-        checkpointer=checkpointer if epochs else None,
-    )
-
-
-def fit_and_restore_best(brain, train_set, valid_set, batch_size):
-    """Trains for the brain's epochs, then reloads the lowest-validation-loss checkpoint."""
-    brain.fit(
-        brain.hparams.epoch_counter,
-        train_set,
-        valid_set,
-        train_loader_kwargs={"batch_size": batch_size, "shuffle": True},
-        valid_loader_kwargs={"batch_size": batch_size},
-    )
-    brain.checkpointer.recover_if_possible(min_key="loss")
 
 
 def pretrain_lm(hparams, run_opts, data):
@@ -105,7 +64,7 @@ def pretrain_lm(hparams, run_opts, data):
     model = SpeechLLM(load_causal_lm(config=hparams["lm_config"]))
     strategy = build_strategy("full_ft")
     apply_strategy(model, strategy)
-    brain = make_brain(
+    brain = make_stage_brain(
         model, hparams, run_opts, strategy, hparams["lm_lr"], "text", folder, hparams["lm_epochs"]
     )
     # The LM's task is to memorise the written QA: there is no held-out text to
@@ -204,7 +163,7 @@ def base_stage(hparams, run_opts, data, lm_dir):
     folder = os.path.join(hparams["output_folder"], "base_lm")
     model = SpeechLLM(load_causal_lm(source=lm_dir))
     strategy = build_strategy("frozen_llm")
-    brain = make_brain(model, hparams, run_opts, strategy, 0.0, "text", folder, 0)
+    brain = make_stage_brain(model, hparams, run_opts, strategy, 0.0, "text", folder, 0)
     results = evaluate_both(brain, data, hparams, folder)
     profile, accumulator = importance(
         brain, data, hparams, os.path.join(hparams["output_folder"], "importance", "base")
@@ -233,7 +192,7 @@ def finetune_stage(name, hparams, run_opts, data, lm_dir, base_profile_path):
         name, lora=hparams["lora"], layerwise_lr=layerwise, train_encoder=hparams["train_encoder"]
     )
     apply_strategy(model, strategy)
-    brain = make_brain(
+    brain = make_stage_brain(
         model, hparams, run_opts, strategy, hparams["ft_lr"], "speech", folder, hparams["ft_epochs"]
     )
     fit_and_restore_best(
@@ -247,11 +206,6 @@ def finetune_stage(name, hparams, run_opts, data, lm_dir, base_profile_path):
     scores = {n: accumulator.score(n) for n in accumulator.params}
     logger.info(f"{name}: {results}")
     return results, profile, scores
-
-
-def layer_sums(profile):
-    """Per-layer summed importance of a profile."""
-    return [layer["sum"] for layer in profile["layers"]]
 
 
 def results_table(base, runs):
@@ -281,25 +235,6 @@ def parse(argv):
         quick_overrides.update(user or {})
         overrides = quick_overrides
     return hparams_file, run_opts, overrides
-
-
-class StageClock:
-    """Wall-clock seconds per stage of the study (written to ``timings.json``)."""
-
-    def __init__(self):
-        self.seconds = {}
-        self.start = time.time()
-
-    @contextlib.contextmanager
-    def stage(self, name):
-        """Times the ``with`` block as stage ``name``."""
-        begin = time.time()
-        yield
-        self.seconds[name] = round(time.time() - begin, 1)
-
-    def total(self):
-        """Seconds since the clock started."""
-        return round(time.time() - self.start, 1)
 
 
 def main(argv):
@@ -335,19 +270,14 @@ def main(argv):
     with clock.stage("base_lm_evaluation_and_importance"):
         base, base_profile, base_scores = base_stage(hparams, run_opts, data, lm_dir)
     base_profile_path = os.path.join(hparams["output_folder"], "importance", "base", "profile.json")
-    base["peak"] = max(
-        range(base_profile["num_layers"]), key=lambda i: base_profile["layers"][i]["sum"]
-    )
+    base["peak"] = peak_layer(base_profile)
     runs, profiles = {}, {"base LM": base_profile}
     for name in hparams["strategies"]:
         with clock.stage(f"finetune_{name}"):
             run, profile, scores = finetune_stage(
                 name, hparams, run_opts, data, lm_dir, base_profile_path
             )
-        run["shift"] = layer_shift(layer_sums(base_profile), layer_sums(profile))
-        run["top3_iou"] = topk_overlap(
-            ScoreSet.from_dict(base_scores), ScoreSet.from_dict(scores), 0.03
-        )
+        run["shift"], run["top3_iou"] = importance_shift(base_profile, base_scores, profile, scores)
         logger.info(f"{name}: {summarize_shift(run['shift'])}")
         runs[name], profiles[name] = run, profile
     return report(hparams, base, runs, profiles, base_profile, clock)

@@ -1,0 +1,1 @@
+../../webquestions_prepare.py

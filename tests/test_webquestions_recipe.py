@@ -1,0 +1,126 @@
+"""The real-model study recipe (recipes/WebQuestions/SpokenQA/speechllm), run with
+``--debug`` on SmolLM2-135M-Instruct and Whisper tiny.en converted from PyPI packages.
+
+LLaMA Questions and WebQuestions come from ../shared/data when it is there; elsewhere
+the test writes small sets in the same formats (LLaMA Questions-style recordings
+synthesised with eSpeak), so the same code path runs everywhere.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import soundfile
+from conftest import LLAMA_QUESTIONS, ROOT
+
+from speechbrain_sllm.data.tts import EspeakTTS
+
+RECIPE = os.path.join(ROOT, "recipes", "WebQuestions", "SpokenQA", "speechllm")
+WEBQUESTIONS = os.path.join(os.path.dirname(LLAMA_QUESTIONS), "webquestions", "main")
+FALLBACK_QA = [
+    ("what is the capital of france?", ["Paris"]),
+    ("who wrote romeo and juliet?", ["William Shakespeare"]),
+    ("what language do they speak in brazil?", ["Portuguese"]),
+    ("how many legs does a spider have?", ["8"]),
+    ("what is the largest planet in the solar system?", ["Jupiter"]),
+    ("who painted the mona lisa?", ["Leonardo da Vinci"]),
+    ("what currency does japan use?", ["Japanese yen"]),
+    ("which ocean is the largest?", ["Pacific Ocean"]),
+    ("who was the first president of the united states?", ["George Washington"]),
+    ("what is the chemical symbol for gold?", ["Au"]),
+    ("where is the eiffel tower?", ["Paris"]),
+    ("what is the tallest mountain in the world?", ["Mount Everest"]),
+]
+
+
+def write_webquestions(folder):
+    """WebQuestions-format JSON files (train / val / test) from ``FALLBACK_QA``."""
+    os.makedirs(folder, exist_ok=True)
+    items = [
+        {"qId": f"wq{i}", "qText": q, "answers": a} for i, (q, a) in enumerate(FALLBACK_QA)
+    ]
+    for name in ("trainmodel.json", "val.json", "test.json"):
+        with open(os.path.join(folder, name), "w") as handle:
+            json.dump(items, handle)
+    return folder
+
+
+def write_llama_questions(folder):
+    """A LLaMA Questions-format folder: TSV + wav files spoken by eSpeak."""
+    os.makedirs(folder, exist_ok=True)
+    tts = EspeakTTS()
+    with open(os.path.join(folder, "llama_questions_300.tsv"), "w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t")
+        writer.writerow(["Questions", "Answer", "Wav Filename"])
+        for index, (question, answers) in enumerate(FALLBACK_QA[:8], 1):
+            wav = tts.synthesize(question, voice="en-gb", rate=160)
+            soundfile.write(os.path.join(folder, f"{index}.wav"), wav.numpy(), 16000)
+            writer.writerow([question, answers[0], f"{index}.wav"])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def study_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("webq_data")
+    webq = WEBQUESTIONS if os.path.isdir(WEBQUESTIONS) else write_webquestions(folder / "webq")
+    llamaq = LLAMA_QUESTIONS
+    if not os.path.isdir(llamaq):
+        llamaq = write_llama_questions(folder / "llamaq")
+    return str(webq), str(llamaq)
+
+
+def test_debug_run_of_every_strategy_on_real_models(real_models, study_data, tmp_path):
+    webq, llamaq = study_data
+    output = tmp_path / "study"
+    command = [
+        sys.executable,
+        os.path.join(RECIPE, "run_study.py"),
+        os.path.join(RECIPE, "hparams", "study.yaml"),
+        "--debug",
+        f"--output_folder={output}",
+        f"--data_folder={webq}",
+        f"--llama_questions_folder={llamaq}",
+        f"--llm_source={real_models['llm']}",
+        f"--encoder_source={real_models['whisper']}",
+        "--num_train=8",
+        "--num_valid=4",
+        "--num_test=8",
+        "--num_llamaq=8",
+        "--ft_batch_size=4",
+        "--eval_batch_size=8",
+        "--max_new_tokens=12",
+        "--target_max_new_tokens=12",
+        "--importance_batch_size=2",
+    ]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    with open(output / "results.json") as handle:
+        results = json.load(handle)
+    strategies = results["strategies"]
+    assert list(strategies) == ["full_ft", "layerwise_lr", "lora", "frozen_llm"]
+    for run in [results["stage1"], *strategies.values()]:
+        for column in ("llamaq_t2t", "llamaq_s2t", "webq_t2t", "webq_s2t"):
+            assert 0.0 <= run[column] <= 100.0
+        assert run["text_ppl"] > 1.0
+    # the LLM trains in every strategy but frozen_llm: its importance moves, or not at all
+    for name in ("full_ft", "layerwise_lr", "lora"):
+        assert strategies[name]["shift"]["js"] > 0, name
+    assert strategies["frozen_llm"]["shift"]["js"] == 0
+    assert strategies["frozen_llm"]["top3_iou"] == 1.0
+    # the frozen LLM answers written questions exactly as the base LLM did
+    for column in ("llamaq_t2t", "webq_t2t", "text_ppl"):
+        assert strategies["frozen_llm"][column] == pytest.approx(results["base"][column])
+    zeroing = results["base"]["zeroing"]
+    assert zeroing["top"] > zeroing["bottom"]
+    with open(output / "importance" / "base" / "profile.json") as handle:
+        assert json.load(handle)["scope"] == "decoder_linear"
+    # self-distilled targets: the base LLM's own answers, one per training question
+    with open(output / "targets" / "train.csv") as handle:
+        targets = list(csv.DictReader(handle))
+    assert 0 < len(targets) <= 8 and all(row["answer"].strip() for row in targets)
+    for name in ("results.md", "timings.json", "plots/layer_importance.png"):
+        assert (output / name).is_file(), name
+    assert "| full_ft |" in (output / "results.md").read_text()
