@@ -39,9 +39,7 @@ FALLBACK_QA = [
 def write_webquestions(folder):
     """WebQuestions-format JSON files (train / val / test) from ``FALLBACK_QA``."""
     os.makedirs(folder, exist_ok=True)
-    items = [
-        {"qId": f"wq{i}", "qText": q, "answers": a} for i, (q, a) in enumerate(FALLBACK_QA)
-    ]
+    items = [{"qId": f"wq{i}", "qText": q, "answers": a} for i, (q, a) in enumerate(FALLBACK_QA)]
     for name in ("trainmodel.json", "val.json", "test.json"):
         with open(os.path.join(folder, name), "w") as handle:
             json.dump(items, handle)
