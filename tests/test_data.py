@@ -130,3 +130,26 @@ def test_empty_question_or_answer_in_prompts_is_rejected(prompt):
     with pytest.raises(ValueError, match="empty answer"):
         prompt.answer_ids("")
     assert os.path.isfile(prompt.tokenizer.model_path)
+
+
+SYNTHESIS_SCRIPT = """
+import hashlib
+from speechbrain_sllm.data.tts import EspeakTTS
+tts = EspeakTTS()
+for text, voice in [("what is the capital of zorbaland", "en-us+f3"), ("who rules vouzan", "en-us+f2")]:
+    print(hashlib.sha1(tts.synthesize(text, voice=voice).numpy().tobytes()).hexdigest())
+"""
+
+
+def test_synthesis_is_deterministic_across_processes():
+    """Breath-noise voices (+f2, +f3) draw random numbers: each utterance is re-seeded."""
+    import subprocess
+    import sys
+
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", SYNTHESIS_SCRIPT], capture_output=True, text=True, check=True
+        ).stdout
+        for _ in range(3)
+    ]
+    assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0].split()) == 2

@@ -3,6 +3,14 @@
 Used to make real spoken questions for the embedded study and the tests: no
 download, several voices and speaking rates for variety.
 
+Deterministic: voices with breath noise (e.g. ``+f2``, ``+f3``) draw from
+eSpeak NG's random generator, which is re-seeded before every utterance, so
+the same sequence of calls gives the same samples in every process. eSpeak
+keeps some state from one utterance to the next (the same sentence after
+another one differs by a few samples), so a preparation that speaks its items
+in a fixed order is reproducible; one utterance alone is not the same as in
+the middle of a sequence.
+
 Authors
  * speechbrain-sllm developers 2026
 """
@@ -75,7 +83,7 @@ class EspeakTTS:
         lib.espeak_SetSynthCallback(cls._callback)
         cls._lib, cls._native_rate = lib, rate
 
-    def synthesize(self, text, voice="en-us", rate=175, pitch=50):
+    def synthesize(self, text, voice="en-us", rate=175, pitch=50, seed=0):
         """Speaks ``text``.
 
         Arguments
@@ -88,6 +96,8 @@ class EspeakTTS:
             Words per minute.
         pitch : int
             Base pitch, 0-100.
+        seed : int
+            Seed of eSpeak NG's noise generator for this utterance.
 
         Returns
         -------
@@ -100,6 +110,7 @@ class EspeakTTS:
                 raise ValueError(f"eSpeak NG has no voice {voice!r}; try 'en-us' or 'en-us+f3'.")
             lib.espeak_SetParameter(ESPEAK_RATE, int(rate), 0)
             lib.espeak_SetParameter(ESPEAK_PITCH, int(pitch), 0)
+            lib.espeak_ng_SetRandSeed(ctypes.c_long(seed))
             type(self)._chunks = []
             data = text.encode("utf-8") + b"\0"
             lib.espeak_Synth(data, len(data), 0, 0, 0, 0, None, None)

@@ -33,7 +33,7 @@ from speechbrain_sllm.data.tts import EspeakTTS
 logger = logging.getLogger(__name__)
 SPLITS = ("text_train", "text_test", "speech_train", "speech_valid", "speech_test")
 # Bump when the data written changes: a folder prepared by another version is redone.
-DATA_VERSION = 4
+DATA_VERSION = 5  # 5: eSpeak NG re-seeded per utterance (deterministic audio)
 
 
 def prepare_minispokenqa(data_folder, num_entities=40, seed=1234, skip_prep=False):
