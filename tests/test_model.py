@@ -160,3 +160,24 @@ def test_whisper_batch_window_runs_the_same_layers_as_hf_on_the_full_window():
     assert torch.allclose(ours, theirs, atol=1e-6)
     feats, lengths = encoder(torch.randn(2, 4000), torch.tensor([1.0, 0.5]))
     assert feats.shape == (2, 13, 16) and torch.allclose(lengths, torch.tensor([1.0, 7 / 13]))
+
+
+def test_fbank_feature_cache_gives_the_uncached_outputs_and_gradients():
+    from speechbrain_sllm.model.encoders import FbankTransformerEncoder
+
+    torch.manual_seed(0)
+    settings = {"n_mels": 20, "d_model": 16, "num_layers": 1, "nhead": 2, "dropout": 0.0}
+    plain = FbankTransformerEncoder(**settings)
+    cached = FbankTransformerEncoder(**settings, cache_features=True)
+    cached.load_state_dict(plain.state_dict())
+    wavs, lens = torch.randn(3, 12000), torch.tensor([1.0, 0.61, 0.3])
+    for wav, length in zip(wavs, lens):
+        wav[int(round(length.item() * 12000)) :] = 0.0  # padded as in a PaddedBatch
+    for _ in range(2):  # second pass: every item from the cache
+        ours, our_lens = cached(wavs, lens)
+        theirs, their_lens = plain(wavs, lens)
+        assert torch.equal(our_lens, their_lens)
+        assert torch.allclose(ours, theirs, atol=1e-5)
+    assert len(cached.feature_cache.memory) == 3
+    ours.sum().backward()  # the encoder still trains on cached features
+    assert cached.subsample[0].weight.grad is not None

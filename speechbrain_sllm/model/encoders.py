@@ -178,6 +178,70 @@ class EncoderOutputCache:
         return feats, lengths
 
 
+class FeatureCache:
+    """In-memory cache of an encoder's Fbank features, for encoders that train.
+
+    A training encoder's outputs change every step, but its input features do
+    not: each item's features are computed once, on its valid samples alone
+    followed by ``n_fft`` zeros (every frame that overlaps the audio), and the
+    batch is completed with the item's features of silence. The result equals
+    the features of the zero-padded batch, frame for frame.
+
+    Arguments
+    ---------
+    fbank : speechbrain.lobes.features.Fbank
+        The feature extractor (no randomness, centred STFT).
+
+    Example
+    -------
+    >>> fbank = Fbank(n_mels=20)
+    >>> cache = FeatureCache(fbank)
+    >>> wavs, lens = torch.randn(2, 8000), torch.tensor([1.0, 0.5])
+    >>> wavs[1, 4000:] = 0.0
+    >>> feats = cache.features(wavs, lens)
+    >>> len(cache.memory), torch.allclose(feats, fbank(wavs), atol=1e-5)
+    (2, True)
+    """
+
+    def __init__(self, fbank):
+        self.fbank = fbank
+        stft = fbank.compute_STFT
+        self.n_fft, self.hop = stft.n_fft, stft.hop_length
+        self.memory = {}
+
+    def features(self, wavs, wav_lens):
+        """The Fbank features of a zero-padded batch, item by item through the cache.
+
+        Arguments
+        ---------
+        wavs : torch.Tensor
+            ``(B, S)`` waveforms, zero past each item's end.
+        wav_lens : torch.Tensor
+            ``(B,)`` relative lengths.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, S // hop + 1, n_mels)``.
+        """
+        frames = wavs.shape[1] // self.hop + 1
+        samples = torch.round(wav_lens * wavs.shape[1]).long().clamp(min=1).tolist()
+        outputs = []
+        for wav, count in zip(wavs, samples):
+            wav = wav[:count]
+            key = hashlib.sha1(wav.detach().float().cpu().contiguous().numpy().tobytes())
+            key = key.hexdigest()
+            if key not in self.memory:
+                with torch.no_grad():
+                    padded = nn.functional.pad(wav, (0, self.n_fft))
+                    self.memory[key] = self.fbank(padded[None])[0].cpu()
+            item = self.memory[key][:frames]
+            # the item's last frame sees only zeros: Fbank's floor (top_db below its peak)
+            rest = self.memory[key][-1].expand(frames - len(item), -1)
+            outputs.append(torch.cat([item, rest]).to(wavs.device))
+        return torch.stack(outputs)
+
+
 class FbankTransformerEncoder(SpeechEncoder):
     """Small encoder for CPU work: Fbank -> 2 strided convs (4x) -> Transformer.
 
@@ -199,6 +263,9 @@ class FbankTransformerEncoder(SpeechEncoder):
         Input sampling rate.
     output_cache : EncoderOutputCache, str or None
         Cache of the frozen encoder's outputs (see ``SpeechEncoder``).
+    cache_features : bool
+        Keep each item's Fbank features in a ``FeatureCache`` (for an encoder
+        that trains on audio that is not augmented).
 
     Example
     -------
@@ -218,9 +285,11 @@ class FbankTransformerEncoder(SpeechEncoder):
         freeze=False,
         sample_rate=16000,
         output_cache=None,
+        cache_features=False,
     ):
         super().__init__(freeze=freeze, output_cache=output_cache)
         self.fbank = Fbank(n_mels=n_mels, sample_rate=sample_rate)
+        self.feature_cache = FeatureCache(self.fbank) if cache_features else None
         self.subsample = nn.Sequential(
             nn.Conv1d(n_mels, d_model, 3, 2, padding=1),
             nn.GELU(),
@@ -237,7 +306,10 @@ class FbankTransformerEncoder(SpeechEncoder):
 
     def encode(self, wavs, wav_lens):
         """See ``SpeechEncoder.forward``."""
-        feats = self.fbank(wavs)  # (B, F, n_mels)
+        if self.feature_cache is not None:
+            feats = self.feature_cache.features(wavs, wav_lens)  # (B, F, n_mels)
+        else:
+            feats = self.fbank(wavs)
         frames = feats.shape[1]
         valid_frames = torch.round(wav_lens * (frames - 1)) + 1  # centred STFT: S / hop + 1
         frame_mask = torch.arange(frames, device=feats.device)[None, :] < valid_frames[:, None]
