@@ -17,10 +17,19 @@ from tqdm import tqdm
 from speechbrain_sllm.checkpointing import TrainableState, unwrap
 from speechbrain_sllm.data.dataio import unpad
 from speechbrain_sllm.distributed import (
+    all_reduce_max,
     all_reduce_sum,
     gather_in_order,
     rank_shard,
     share_debug_checkpoint_folder,
+)
+from speechbrain_sllm.fsdp import (
+    DISTRIBUTED_MODES,
+    FSDPSettings,
+    full_tensor,
+    is_sharded,
+    root_gathered,
+    shard_speech_llm,
 )
 from speechbrain_sllm.inference import generated_texts, speech_inputs
 from speechbrain_sllm.metrics import QAAccuracyStats, wer_stats
@@ -148,6 +157,22 @@ class SpeechLLMBrain(sb.Brain):
                 self.checkpointer.add_recoverable("lr_schedule", schedule)
         super().on_fit_start()
 
+    def _wrap_distributed(self):
+        """SpeechBrain's DDP, or FSDP2 sharding with ``distributed: fsdp`` under torchrun."""
+        mode = getattr(self.hparams, "distributed", "ddp")
+        if mode not in DISTRIBUTED_MODES:
+            raise ValueError(f"distributed {mode!r} unknown; use one of {DISTRIBUTED_MODES}.")
+        if mode == "ddp" or not self.distributed_launch:
+            return super()._wrap_distributed()
+        if self.checkpointer is not None:
+            raise NotImplementedError(
+                "distributed: fsdp does not checkpoint yet (sharded checkpoints with "
+                "torch.distributed.checkpoint are not written): set `checkpointer: null`, "
+                "or use `distributed: ddp`."
+            )
+        if not is_sharded(self.model):
+            shard_speech_llm(self.model, getattr(self.hparams, "fsdp", None) or FSDPSettings())
+
     def check_loss_isfinite(self, loss):
         """Counts a non-finite loss; its step will be skipped (see ``optimizers_step``).
 
@@ -181,7 +206,7 @@ class SpeechLLMBrain(sb.Brain):
             return
         self.scaler.unscale_(self.optimizer)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
         if getattr(self, "skip_this_step", False) or not torch.isfinite(norm):
             if not getattr(self, "skip_this_step", False):
                 self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
@@ -382,6 +407,36 @@ class SpeechLLMBrain(sb.Brain):
         )
         return loader, positions
 
+    def rank_batches(self, dataset, batch_size):
+        """Yields ``(batch, counted)`` over this rank's share of ``dataset``.
+
+        A sharded (FSDP) model gathers its parameters in every forward, so all
+        ranks must run the same number of batches: a rank with fewer batches
+        runs copies of the first item with ``counted=False``, whose results
+        the caller drops.
+
+        Arguments
+        ---------
+        dataset : DynamicItemDataset
+            The data.
+        batch_size : int
+            Batch size.
+
+        Yields
+        ------
+        batch : PaddedBatch
+            The next batch.
+        counted : bool
+            False for a lockstep filler batch.
+        """
+        loader, _ = self._rank_loader(dataset, batch_size)
+        missing = 0
+        if is_sharded(self.model):  # agreed before any forward: a collective of its own
+            missing = all_reduce_max(len(loader), self.device) - len(loader)
+        yield from ((batch, True) for batch in loader)
+        for _ in range(missing):
+            yield PaddedBatch([dataset[0]]), False
+
     @torch.no_grad()
     def perplexity(self, dataset, mode="text", batch_size=8):
         """Perplexity of the answers given the questions (token-weighted).
@@ -403,12 +458,12 @@ class SpeechLLMBrain(sb.Brain):
         """
         self.modules.eval()
         total, count = 0.0, 0
-        loader, _ = self._rank_loader(dataset, batch_size)
-        for batch in loader:
+        for batch, counted in self.rank_batches(dataset, batch_size):
             with self.evaluation_ctx:
                 logits, labels = self.forward_mode(batch, mode)
-            total += shifted_lm_loss(logits.float(), labels, "sum").item()
-            count += int((labels[:, 1:] != -100).sum())
+            if counted:
+                total += shifted_lm_loss(logits.float(), labels, "sum").item()
+                count += int((labels[:, 1:] != -100).sum())
         total, count = all_reduce_sum([total, count], self.device)
         return math.exp(min(total / max(count, 1), 50.0))
 
@@ -436,10 +491,11 @@ class SpeechLLMBrain(sb.Brain):
         self.modules.eval()
         model, prompt, tok = self.model, self.hparams.prompt, self.hparams.tokenizer
         ids, predictions, references = [], [], []
-        loader, positions = self._rank_loader(dataset, batch_size)
-        for batch in tqdm(loader, disable=not progress, desc=f"decode {mode}"):
+        positions = rank_shard(range(len(dataset)))
+        batches = self.rank_batches(dataset, batch_size)
+        for batch, counted in tqdm(batches, disable=not progress, desc=f"decode {mode}"):
             batch = batch.to(self.device)
-            with self.evaluation_ctx:
+            with self.evaluation_ctx, root_gathered(model):
                 if mode == "speech":
                     inputs = speech_inputs(model, prompt, *batch.sig)
                 else:
@@ -452,6 +508,8 @@ class SpeechLLMBrain(sb.Brain):
                     max_new_tokens=getattr(self.hparams, "max_new_tokens", 32),
                     num_beams=getattr(self.hparams, "num_beams", 1),
                 )
+            if not counted:
+                continue
             ids.extend(batch.id)
             predictions.extend(texts)
             references.extend(batch.answer)

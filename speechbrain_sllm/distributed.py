@@ -117,6 +117,21 @@ def all_reduce_sum(values, device="cpu"):
     return tensor.tolist()
 
 
+def all_reduce_max(value, device="cpu"):
+    """The largest of each rank's ``value`` (an int).
+
+    Example
+    -------
+    >>> all_reduce_max(3)
+    3
+    """
+    if not is_distributed():
+        return int(value)
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def share_debug_checkpoint_folder(checkpointer):
     """Makes every rank use the main process's temporary checkpoint folder.
 

@@ -201,3 +201,79 @@ def test_two_rank_ddp_training_ends_with_the_weights_of_one_process(
     assert any(not torch.equal(value, start[key]) for key, value in single.items())  # it trained
     for key, value in single.items():
         assert torch.allclose(ddp[key], value, rtol=1e-4, atol=1e-6), key
+
+
+# every step clips: the global norm over all DTensor shards and groups must be the whole one
+CLIPPED = {"max_grad_norm": 0.05}
+
+
+def _fsdp_training_worker(rank, world, init_file, manifest, spm_path, out, name):
+    import speechbrain  # noqa: F401
+
+    from speechbrain_sllm.checkpointing import TrainableState
+    from speechbrain_sllm.data.prompts import ChatPrompt
+    from speechbrain_sllm.data.tokenizers import SentencePieceTokenizer
+    from speechbrain_sllm.fsdp import full_tensor, is_sharded
+
+    init_group(rank, world, init_file)
+    tokenizer = SentencePieceTokenizer(spm_path)
+    prompt = ChatPrompt(tokenizer)
+    folder = os.path.join(out, f"rank{rank}")
+    os.makedirs(folder, exist_ok=True)
+    brain = text_brain_for_training(
+        name, tokenizer, prompt, folder, {"distributed_backend": "gloo", **CLIPPED}
+    )
+    brain.hparams.distributed = "fsdp"
+    dataset = make_qa_dataset(manifest, prompt, with_audio=False)
+    brain.fit(brain.hparams.epoch_counter, dataset, train_loader_kwargs={"batch_size": 2})
+    assert is_sharded(brain.modules.model)
+    state = TrainableState(brain.modules.model).state_dict()
+    tensors = {key: full_tensor(value).clone() for key, value in state.items()}  # collective
+    five = dataset.filtered_sorted(select_n=5)  # 3 items on rank 0, 2 on rank 1
+    results = {
+        "ppl": brain.perplexity(five, mode="text", batch_size=2),
+        "decoded": brain.decode(five, mode="text", batch_size=2),
+    }
+    if rank == 0:
+        torch.save(tensors, os.path.join(out, "fsdp.pt"))
+        with open(os.path.join(out, "fsdp.json"), "w") as handle:
+            json.dump(results, handle)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["full_ft", "layerwise_lr", "lora"])
+def test_two_rank_fsdp_training_ends_with_the_weights_of_one_process(
+    name, tokenizer, prompt, manifests, tmp_path
+):
+    torch.multiprocessing.spawn(
+        _fsdp_training_worker,
+        args=(
+            2,
+            str(tmp_path / "init"),
+            manifests["text"],
+            tokenizer.model_path,
+            str(tmp_path),
+            name,
+        ),
+        nprocs=2,
+    )
+    (tmp_path / "single").mkdir()
+    brain = text_brain_for_training(
+        name, tokenizer, prompt, tmp_path / "single", {"grad_accumulation_factor": 2, **CLIPPED}
+    )
+    dataset = make_qa_dataset(manifests["text"], prompt, with_audio=False)
+    order = [i for step in range(0, 12, 4) for i in (step, step + 2, step + 1, step + 3)]
+    dataset.data_ids = [dataset.data_ids[i] for i in order]
+    brain.fit(brain.hparams.epoch_counter, dataset, train_loader_kwargs={"batch_size": 2})
+    single = trained_tensors(brain)
+    sharded = torch.load(tmp_path / "fsdp.pt", weights_only=True)
+    assert single.keys() == sharded.keys() and single
+    for key, value in single.items():
+        assert torch.allclose(sharded[key], value, rtol=1e-4, atol=1e-6), key
+    # evaluation of the sharded model: ranks in lockstep over uneven shards, each item once
+    with open(tmp_path / "fsdp.json") as handle:
+        results = json.load(handle)
+    five = make_qa_dataset(manifests["text"], prompt, with_audio=False).filtered_sorted(select_n=5)
+    assert results["ppl"] == pytest.approx(brain.perplexity(five, "text", 2), rel=1e-4)
+    ids, predictions, references = brain.decode(five, mode="text", batch_size=2)
+    assert results["decoded"] == [ids, predictions, references]

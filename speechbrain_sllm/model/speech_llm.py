@@ -7,6 +7,8 @@ Authors
 import torch
 from torch import nn
 
+from speechbrain_sllm.fsdp import is_sharded
+
 IGNORE_INDEX = -100
 
 
@@ -325,6 +327,8 @@ class SpeechLLM(nn.Module):
             Generated ids per item, eos and what follows removed.
         """
         out = self.llm.generate(
+            # FSDP: ranks keep stepping until every rank's batch is finished
+            synced_gpus=is_sharded(self.llm),
             inputs_embeds=batch["inputs_embeds"],
             attention_mask=batch["attention_mask"],
             max_new_tokens=max_new_tokens,

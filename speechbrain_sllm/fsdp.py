@@ -1,0 +1,191 @@
+"""FSDP2 sharding of a SpeechLLM under torchrun (``distributed: fsdp`` in the yaml).
+
+Each decoder layer of the LLM becomes one FSDP unit and the whole SpeechLLM the
+root unit (embeddings, final norm, output layer, adaptor and encoder), so a
+rank holds 1 / world of every parameter and gathers one layer at a time.
+Parameters become ``DTensor`` shards; the strategy's parameter groups
+(layer-wise rates, LoRA) are built after sharding, over those shards.
+
+Authors
+ * speechbrain-sllm developers 2026
+"""
+
+import contextlib
+import re
+
+import torch
+
+LAYER_MODULE = re.compile(r"(^|\.)layers\.\d+$")
+DISTRIBUTED_MODES = ("ddp", "fsdp")
+
+
+class FSDPSettings:
+    """How the model is sharded (the yaml's ``fsdp`` entry).
+
+    Arguments
+    ---------
+    param_dtype : str or None
+        Dtype the gathered parameters compute in (e.g. ``bfloat16``); None
+        keeps the parameters' dtype. Gradients are reduced in ``reduce_dtype``.
+    reduce_dtype : str
+        Dtype of the gradient reduce-scatter (``float32``).
+    cpu_offload : bool
+        Keep the sharded parameters, gradients and optimizer state in CPU memory.
+    reshard_after_forward : bool
+        Free gathered parameters after the forward (less memory, one more
+        all-gather in the backward).
+
+    Example
+    -------
+    >>> FSDPSettings(param_dtype="bfloat16").mixed_precision().param_dtype
+    torch.bfloat16
+    """
+
+    def __init__(
+        self,
+        param_dtype=None,
+        reduce_dtype="float32",
+        cpu_offload=False,
+        reshard_after_forward=True,
+    ):
+        self.param_dtype = param_dtype
+        self.reduce_dtype = reduce_dtype
+        self.cpu_offload = cpu_offload
+        self.reshard_after_forward = reshard_after_forward
+
+    def mixed_precision(self):
+        """The ``MixedPrecisionPolicy`` of these settings."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        return MixedPrecisionPolicy(
+            param_dtype=getattr(torch, self.param_dtype) if self.param_dtype else None,
+            reduce_dtype=getattr(torch, self.reduce_dtype),
+        )
+
+    def fully_shard_kwargs(self):
+        """Keyword arguments of ``fully_shard``."""
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+        return {
+            "mp_policy": self.mixed_precision(),
+            "offload_policy": CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy(),
+            "reshard_after_forward": self.reshard_after_forward,
+        }
+
+
+def decoder_layer_modules(llm):
+    """The decoder layers of an HF causal LM (also inside a peft wrapper), in order.
+
+    Example
+    -------
+    >>> from transformers import LlamaConfig
+    >>> from speechbrain_sllm.model.speech_llm import load_causal_lm
+    >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+    ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    >>> len(decoder_layer_modules(load_causal_lm(config=cfg)))
+    2
+    """
+    return [module for name, module in llm.named_modules() if LAYER_MODULE.search(name)]
+
+
+def shard_speech_llm(model, settings=None):
+    """Applies FSDP2 to ``model`` in place: each decoder layer, then the root.
+
+    Call it after ``apply_strategy`` (LoRA adapters are then sharded with their
+    layer, frozen base weights included) and before building the optimizer.
+
+    Arguments
+    ---------
+    model : SpeechLLM
+        The model, on its device.
+    settings : FSDPSettings or None
+        Sharding settings (defaults: parameters' dtype, fp32 reduction).
+
+    Returns
+    -------
+    SpeechLLM
+        The same module, now an FSDP module.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    settings = settings or FSDPSettings()
+    layers = decoder_layer_modules(model.llm)
+    if not layers:
+        raise ValueError(
+            f"FSDP: no decoder layer found in {type(model.llm).__name__} (modules named "
+            "'layers.<i>'); use `distributed: ddp` for this LLM."
+        )
+    kwargs = settings.fully_shard_kwargs()
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def is_sharded(module):
+    """Whether any parameter of ``module`` is a DTensor shard.
+
+    Example
+    -------
+    >>> is_sharded(torch.nn.Linear(2, 2))
+    False
+    """
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(param, DTensor) for param in module.parameters())
+
+
+def local_tensor(tensor):
+    """This rank's part of a DTensor, or the tensor itself.
+
+    Example
+    -------
+    >>> local_tensor(torch.ones(2)).tolist()
+    [1.0, 1.0]
+    """
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def full_tensor(tensor):
+    """The whole tensor of a DTensor (a collective: every rank calls it), or the tensor.
+
+    Example
+    -------
+    >>> full_tensor(torch.ones(2)).tolist()
+    [1.0, 1.0]
+    """
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+@contextlib.contextmanager
+def root_gathered(model):
+    """Gathers an FSDP root's own parameters for calls that bypass its ``forward``.
+
+    Decoding calls the SpeechLLM's parts (embeddings, encoder, adaptor, the
+    LLM's ``generate``) directly, so the root's pre-forward gathering never
+    runs; the decoder layers still gather in their own forwards.
+
+    Arguments
+    ---------
+    model : torch.nn.Module
+        The model (anything but an FSDP module passes through).
+
+    Yields
+    ------
+    torch.nn.Module
+        ``model``.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield model
+        return
+    model.unshard()
+    try:
+        yield model
+    finally:
+        model.reshard()
