@@ -207,6 +207,14 @@ def test_two_rank_ddp_training_ends_with_the_weights_of_one_process(
 CLIPPED = {"max_grad_norm": 0.05}
 
 
+def layer_importance(brain, dataset):
+    from speechbrain_sllm.importance.aggregate import ScoreSet, aggregate
+    from speechbrain_sllm.importance.stage import accumulate_importance
+
+    accumulator = accumulate_importance(brain, dataset, mode="text", batch_size=2)
+    return [layer["sum"] for layer in aggregate(ScoreSet.from_accumulator(accumulator))["layers"]]
+
+
 def _fsdp_training_worker(rank, world, init_file, manifest, spm_path, out, name):
     import speechbrain  # noqa: F401
 
@@ -233,6 +241,8 @@ def _fsdp_training_worker(rank, world, init_file, manifest, spm_path, out, name)
     results = {
         "ppl": brain.perplexity(five, mode="text", batch_size=2),
         "decoded": brain.decode(five, mode="text", batch_size=2),
+        # importance of the trained, sharded model (LoRA: the frozen base weights too)
+        "importance": layer_importance(brain, five),
     }
     if rank == 0:
         torch.save(tensors, os.path.join(out, "fsdp.pt"))
@@ -277,3 +287,63 @@ def test_two_rank_fsdp_training_ends_with_the_weights_of_one_process(
     assert results["ppl"] == pytest.approx(brain.perplexity(five, "text", 2), rel=1e-4)
     ids, predictions, references = brain.decode(five, mode="text", batch_size=2)
     assert results["decoded"] == [ids, predictions, references]
+    # weights agree to ~1e-6 after training, so importance agrees to about that
+    assert results["importance"] == pytest.approx(layer_importance(brain, five), rel=1e-3)
+
+
+def _fsdp_importance_worker(rank, world, init_file, manifest, spm_path, out):
+    import speechbrain  # noqa: F401
+
+    from speechbrain_sllm.data.prompts import ChatPrompt
+    from speechbrain_sllm.data.tokenizers import SentencePieceTokenizer
+    from speechbrain_sllm.fsdp import shard_speech_llm
+    from speechbrain_sllm.importance.aggregate import ScoreSet
+    from speechbrain_sllm.importance.shift import topk_overlap
+    from speechbrain_sllm.importance.stage import run_importance
+
+    init_group(rank, world, init_file)
+    tokenizer = SentencePieceTokenizer(spm_path)
+    prompt = ChatPrompt(tokenizer)
+    brain = text_brain_for_training("full_ft", tokenizer, prompt, out, {})
+    shard_speech_llm(brain.modules.model)
+    dataset = make_qa_dataset(manifest, prompt, with_audio=False).filtered_sorted(select_n=5)
+    profile, accumulator = run_importance(
+        brain, dataset, os.path.join(out, "fsdp_importance"), mode="text", batch_size=2
+    )
+    scores = ScoreSet.from_accumulator(accumulator)
+    profile["self_iou"] = topk_overlap(scores, scores, 0.03)  # a collective on each rank
+    profile["local_numel"] = sum(score.numel() for _, score in scores.items())
+    with open(os.path.join(out, f"profile{rank}.json"), "w") as handle:
+        json.dump(profile, handle)
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp_importance_equals_single_process(tokenizer, prompt, manifests, tmp_path):
+    from speechbrain_sllm.importance.stage import run_importance
+
+    torch.multiprocessing.spawn(
+        _fsdp_importance_worker,
+        args=(2, str(tmp_path / "init"), manifests["text"], tokenizer.model_path, str(tmp_path)),
+        nprocs=2,
+    )
+    brain = text_brain_for_training("full_ft", tokenizer, prompt, tmp_path, {})
+    dataset = make_qa_dataset(manifests["text"], prompt, with_audio=False).filtered_sorted(
+        select_n=5
+    )
+    expected, _ = run_importance(
+        brain, dataset, str(tmp_path / "single"), mode="text", batch_size=2
+    )
+    for rank in range(2):
+        with open(tmp_path / f"profile{rank}.json") as handle:
+            profile = json.load(handle)
+        # each rank held about half of the scores, and reports those of the whole model
+        assert profile["local_numel"] < 0.6 * expected["numel"]
+        assert profile["numel"] == expected["numel"] and profile["self_iou"] == 1.0
+        assert profile["num_batches"] == expected["num_batches"] == 3  # fillers not counted
+        for ours, reference in zip(profile["layers"], expected["layers"]):
+            assert ours["sum"] == pytest.approx(reference["sum"], rel=1e-5)
+            for key in ("top1", "top3", "top5"):
+                assert ours[key] == reference[key], key
+        for key, value in expected["thresholds"].items():  # float summation order differs
+            assert profile["thresholds"][key] == pytest.approx(value, rel=1e-5)
+        assert profile["non_layer"]["sum"] == pytest.approx(expected["non_layer"]["sum"], rel=1e-5)

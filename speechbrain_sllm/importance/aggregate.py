@@ -17,12 +17,19 @@ FLOAT_INF_BITS = 0x7F800000  # bit pattern of +inf in float32
 class ScoreSet:
     """Named non-negative score tensors, produced on demand (never all copied at once).
 
+    A sharded set (FSDP) holds on each rank its shard of every tensor; counts
+    and sums over the set are then summed over ranks, so every rank gets the
+    numbers of the whole set while no rank holds it.
+
     Arguments
     ---------
     names : list of str
         Parameter names.
     score_fn : callable
         ``score_fn(name) -> fp32 tensor``.
+    sharded : bool
+        Whether the tensors are this rank's shards (every rank must then make
+        the same calls in the same order: they are collectives).
 
     Example
     -------
@@ -31,9 +38,10 @@ class ScoreSet:
     3
     """
 
-    def __init__(self, names, score_fn):
+    def __init__(self, names, score_fn, sharded=False):
         self.names = list(names)
         self.score_fn = score_fn
+        self.sharded = sharded
 
     @classmethod
     def from_dict(cls, scores):
@@ -44,7 +52,7 @@ class ScoreSet:
     def from_accumulator(cls, accumulator):
         """Wraps an ``ImportanceAccumulator`` (after ``check_finite``)."""
         accumulator.check_finite()
-        return cls(accumulator.params.keys(), accumulator.score)
+        return cls(accumulator.params.keys(), accumulator.score, accumulator.sharded)
 
     def items(self):
         """Yields ``(name, scores)`` one tensor at a time."""
@@ -53,17 +61,30 @@ class ScoreSet:
 
     def numel(self):
         """Total number of scores."""
-        return sum(self.score_fn(name).numel() for name in self.names)
+        return self.total(sum(self.score_fn(name).numel() for name in self.names))
+
+    def total(self, values):
+        """Sums a number (int) or a float64 tensor over the ranks of a sharded set."""
+        if not self.sharded:
+            return values
+        tensor = torch.as_tensor(values, dtype=torch.int64 if isinstance(values, int) else None)
+        tensor = tensor.clone()
+        torch.distributed.all_reduce(tensor)
+        return int(tensor.item()) if isinstance(values, int) else tensor
 
 
 def count_at_least(score_set, bits):
     """Number of scores whose float32 bit pattern is ``>= bits`` (i.e. value >= it)."""
-    return sum(int((s.view(torch.int32) >= bits).sum()) for _, s in score_set.items())
+    return score_set.total(
+        sum(int((s.view(torch.int32) >= bits).sum()) for _, s in score_set.items())
+    )
 
 
 def count_at_most(score_set, bits):
     """Number of scores whose float32 bit pattern is ``<= bits``."""
-    return sum(int((s.view(torch.int32) <= bits).sum()) for _, s in score_set.items())
+    return score_set.total(
+        sum(int((s.view(torch.int32) <= bits).sum()) for _, s in score_set.items())
+    )
 
 
 def topk_threshold(score_set, fraction, largest=True):
@@ -208,18 +229,17 @@ def aggregate(score_set, topk_percents=(1.0, 3.0, 5.0)):
     non_layer = new_stats(keys)
     top_counts = dict.fromkeys(keys, 0)
     total, numel = 0.0, 0
-    for name, scores in score_set.items():
+    for name, (value, size, *top) in per_parameter_stats(score_set, thresholds, keys).items():
         layer = decoder_layer_index(canonical_name(name))
         module = module_type(name)
-        value = float(scores.sum(dtype=torch.float64))
-        counts = {key: int((scores >= thresholds[key]).sum()) for key in keys}
+        counts = dict(zip(keys, top))
         targets = [module_stats.setdefault(module, new_stats(keys))]
         targets.append(
             non_layer if layer is None else layer_stats.setdefault(layer, new_stats(keys))
         )
         for stats in targets:
             stats["sum"] += value
-            stats["numel"] += scores.numel()
+            stats["numel"] += size
             for key in keys:
                 stats[key] += counts[key]
         if layer is not None:
@@ -228,7 +248,7 @@ def aggregate(score_set, topk_percents=(1.0, 3.0, 5.0)):
         for key in keys:
             top_counts[key] += counts[key]
         total += value
-        numel += scores.numel()
+        numel += size
     num_layers = max(layer_stats) + 1 if layer_stats else 0
     layers = [
         finish(layer_stats.get(i, new_stats(keys)), keys, top_counts, layer=i)
@@ -250,6 +270,34 @@ def aggregate(score_set, topk_percents=(1.0, 3.0, 5.0)):
         "top_counts": top_counts,
         "total": total,
         "numel": numel,
+    }
+
+
+def per_parameter_stats(score_set, thresholds, keys):
+    """``{name: (sum, numel, count >= threshold per key)}``, over all ranks of a sharded set.
+
+    Arguments
+    ---------
+    score_set : ScoreSet
+        Non-negative scores.
+    thresholds : dict
+        ``{key: threshold}``.
+    keys : list of str
+        The order of the counts.
+
+    Returns
+    -------
+    dict
+    """
+    rows = []
+    for _, scores in score_set.items():
+        row = [scores.sum(dtype=torch.float64).item(), scores.numel()]
+        row += [int((scores >= thresholds[key]).sum()) for key in keys]
+        rows.append(row)
+    table = score_set.total(torch.tensor(rows, dtype=torch.float64).reshape(len(rows), -1))
+    return {
+        name: (row[0], int(row[1]), *(int(count) for count in row[2:]))
+        for name, row in zip(score_set.names, table.tolist())
     }
 
 

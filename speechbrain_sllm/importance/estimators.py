@@ -15,11 +15,18 @@ parameter's gradient: with accumulators in the parameter dtype that is the
 footprint of a plain forward + backward. Accumulation in a reduced dtype is
 checked at the end: an overflow to inf / nan raises instead of returning scores.
 
+Under FSDP the parameters are DTensor shards: each rank's accumulators cover
+its shard only. FSDP has already reduce-scattered the gradients (averaged
+over ranks), so the shard's gradient times the world size is the gradient of
+the loss summed over every rank's data: nothing is all-reduced afterwards.
+
 Authors
  * speechbrain-sllm developers 2026
 """
 
 import torch
+
+from speechbrain_sllm.fsdp import local_tensor
 
 ESTIMATORS = ("taylor", "taylor_batch", "fisher", "second_order")
 
@@ -59,6 +66,8 @@ class ImportanceAccumulator:
             raise ValueError("ImportanceAccumulator: no parameter to score.")
         self.estimator = estimator
         self.params = dict(named_parameters)
+        self.sharded = any(local_tensor(p) is not p for p in self.params.values())
+        self.world_size = torch.distributed.get_world_size() if self.sharded else 1
         dtype = accumulate_dtype or torch.float32
         self.first = {}  # taylor / second_order: sum of g; taylor_batch: sum |g w|; fisher: sum g^2
         self.second = {}  # second_order: sum of g^2
@@ -66,9 +75,9 @@ class ImportanceAccumulator:
         self._handles = []
         self._was_trainable = {}
         for name, param in self.params.items():
-            self.first[name] = torch.zeros_like(param, dtype=dtype)
+            self.first[name] = torch.zeros_like(local_tensor(param), dtype=dtype)
             if estimator == "second_order":
-                self.second[name] = torch.zeros_like(param, dtype=dtype)
+                self.second[name] = torch.zeros_like(self.first[name])
             self._was_trainable[name] = param.requires_grad
             param.requires_grad_(True)
             param.grad = None
@@ -94,10 +103,12 @@ class ImportanceAccumulator:
         grad : torch.Tensor
             Its gradient (consumed: it may be modified in place).
         """
+        if self.sharded:  # FSDP averaged the shard's gradient over ranks
+            grad = local_tensor(grad).mul_(self.world_size)
         if self.estimator == "taylor":
             self.first[name].add_(grad)
         elif self.estimator == "taylor_batch":
-            self.first[name].add_(grad.mul_(self.params[name]).abs_())
+            self.first[name].add_(grad.mul_(local_tensor(self.params[name])).abs_())
         elif self.estimator == "fisher":
             self.first[name].addcmul_(grad, grad)
         else:
@@ -110,10 +121,13 @@ class ImportanceAccumulator:
 
     @torch.no_grad()
     def all_reduce(self):
-        """Sums the accumulators over DDP ranks (no-op outside torch.distributed)."""
+        """Sums the accumulators over DDP ranks (no-op outside torch.distributed).
+
+        Sharded (FSDP) accumulators already hold the sums: only the batch count is summed.
+        """
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
-        for buffers in (self.first, self.second):
+        for buffers in (self.first, self.second) if not self.sharded else ():
             for buffer in buffers.values():
                 torch.distributed.all_reduce(buffer)
         count = torch.tensor([self.num_backward], dtype=torch.float64)
@@ -136,7 +150,7 @@ class ImportanceAccumulator:
         torch.Tensor
             Non-negative scores, shape of the parameter.
         """
-        weight = self.params[name].float()
+        weight = local_tensor(self.params[name]).float()
         first = self.first[name].float()
         if self.estimator == "taylor":
             return (first * weight).abs_()
@@ -157,15 +171,24 @@ class ImportanceAccumulator:
 
     @torch.no_grad()
     def check_finite(self):
-        """Raises if any accumulator overflowed or saw a non-finite gradient."""
-        for buffers in (self.first, self.second):
-            for name, buffer in buffers.items():
-                if not torch.isfinite(buffer).all():
-                    raise FloatingPointError(
-                        f"Importance accumulator of {name!r} holds inf/nan "
-                        f"(dtype {buffer.dtype}): a gradient was non-finite or the sum "
-                        "overflowed. Use accumulate_dtype float32 and check the data."
-                    )
+        """Raises (on every rank) if any accumulator overflowed or saw a non-finite gradient."""
+        bad = [
+            name
+            for buffers in (self.first, self.second)
+            for name, buffer in buffers.items()
+            if not torch.isfinite(buffer).all()
+        ]
+        if self.sharded:  # every rank raises, or none does
+            flag = torch.tensor([len(bad)])
+            torch.distributed.all_reduce(flag)
+            bad = bad or (["(a shard on another rank)"] if flag.item() else [])
+        if bad:
+            dtype = next(iter(self.first.values())).dtype
+            raise FloatingPointError(
+                f"Importance accumulator of {bad[0]!r} holds inf/nan "
+                f"(dtype {dtype}): a gradient was non-finite or the sum "
+                "overflowed. Use accumulate_dtype float32 and check the data."
+            )
 
     def detach(self):
         """Removes the hooks and restores the parameters' ``requires_grad``."""

@@ -181,4 +181,5 @@ def topk_overlap(scores_a, scores_b, fraction):
         in_b = scores_b.score_fn(name).to(in_a.device) >= threshold_b
         inter += int((in_a & in_b).sum())
         union += int((in_a | in_b).sum())
+    inter, union = scores_a.total(inter), scores_a.total(union)
     return inter / union if union else 1.0

@@ -2,9 +2,11 @@
 
 Runs on the LLM of a ``SpeechLLM`` held by a :class:`SpeechLLMBrain`; a plain HF
 causal LM is scored by wrapping it in ``SpeechLLM(llm)`` (no encoder) and
-using written questions. Under torchrun every rank scores its own shard
-(items ``rank::world_size``, no padding) and the accumulators are summed, so
-the result equals a single-process run up to float summation order.
+using written questions. Under torchrun every rank scores its own share of
+the items (``rank::world_size``) and the accumulators are summed, so the
+result equals a single-process run up to float summation order. With an
+FSDP-sharded model each rank keeps the accumulators of its parameter shards
+only, and per-layer sums and top-k thresholds are reduced over ranks.
 
 Authors
  * speechbrain-sllm developers 2026
@@ -15,12 +17,9 @@ import math
 import time
 
 import torch
-from speechbrain.dataio.batch import PaddedBatch
-from speechbrain.dataio.dataloader import make_dataloader
 from speechbrain.utils.distributed import if_main_process
 from tqdm import tqdm
 
-from speechbrain_sllm.distributed import rank_shard
 from speechbrain_sllm.importance.aggregate import ScoreSet, aggregate, topk_threshold
 from speechbrain_sllm.importance.estimators import ImportanceAccumulator
 from speechbrain_sllm.importance.report import save_profile, summarize_profile
@@ -78,8 +77,8 @@ def scored_parameters(model, scope="llm"):
     return params
 
 
-def shard_indices(num_items, fraction=1.0, seed=0):
-    """Items scored by this rank: a seeded subset of ``fraction``, then ``rank::world``.
+def scored_indices(num_items, fraction=1.0, seed=0):
+    """The items scored (by all ranks together): a seeded subset of ``fraction``.
 
     Arguments
     ---------
@@ -96,13 +95,12 @@ def shard_indices(num_items, fraction=1.0, seed=0):
 
     Example
     -------
-    >>> len(shard_indices(90, fraction=1 / 30))
+    >>> len(scored_indices(90, fraction=1 / 30))
     3
     """
     count = max(1, math.ceil(fraction * num_items))
     generator = torch.Generator().manual_seed(seed)
-    chosen = sorted(torch.randperm(num_items, generator=generator)[:count].tolist())
-    return rank_shard(chosen)
+    return sorted(torch.randperm(num_items, generator=generator)[:count].tolist())
 
 
 def accumulate_importance(
@@ -157,19 +155,21 @@ def accumulate_importance(
     frozen = {p: p.requires_grad for p in model.parameters()}
     for param in model.parameters():
         param.requires_grad_(False)
-    subset = torch.utils.data.Subset(dataset, shard_indices(len(dataset), fraction, seed))
-    loader = make_dataloader(subset, batch_size=batch_size, shuffle=False, collate_fn=PaddedBatch)
+    subset = torch.utils.data.Subset(dataset, scored_indices(len(dataset), fraction, seed))
     model.eval()
     wrapped = brain.modules["model"]
     brain.modules["model"] = model  # no DDP hooks: ranks reduce accumulators, not gradients
     accumulator = ImportanceAccumulator(params, estimator, dtype)
     try:
-        for batch in tqdm(loader, disable=not progress, desc=f"importance ({mode})"):
+        # each rank scores items rank::world; under FSDP, filler batches keep ranks in step
+        batches = brain.rank_batches(subset, batch_size)
+        for batch, counted in tqdm(batches, disable=not progress, desc=f"importance ({mode})"):
             with brain.training_ctx:
                 logits, labels = brain.forward_mode(batch, mode)
                 loss = shifted_lm_loss(logits, labels, "sum")
-            loss.backward()
-            accumulator.step()
+            (loss if counted else loss * 0.0).backward()
+            if counted:
+                accumulator.step()
     finally:
         brain.modules["model"] = wrapped
         accumulator.detach()
@@ -247,6 +247,10 @@ def zeroing_check(brain, dataset, accumulator, fraction=0.03, mode="text", seed=
     dict
         Perplexity for ``none``, ``top``, ``random`` and ``bottom``.
     """
+    if accumulator.sharded:
+        raise NotImplementedError(
+            "zeroing_check on an FSDP-sharded model is not supported: run it on one process."
+        )
     scores = ScoreSet.from_accumulator(accumulator)
     top, _ = topk_threshold(scores, fraction, largest=True)
     bottom, _ = topk_threshold(scores, fraction, largest=False)
