@@ -26,6 +26,7 @@ from speechbrain_sllm.distributed import (
 from speechbrain_sllm.fsdp import (
     DISTRIBUTED_MODES,
     FSDPSettings,
+    ShardedState,
     full_tensor,
     is_sharded,
     root_gathered,
@@ -143,7 +144,12 @@ class SpeechLLMBrain(sb.Brain):
             raise ValueError("No trainable parameter: check `strategy` and the model settings.")
         self.optimizer = self.opt_class(groups)
         self.optimizers_dict = {"optimizer": self.optimizer}
-        if self.checkpointer is not None:
+        if self.checkpointer is None:
+            return
+        if is_sharded(self.model):  # one DCP entry: trainable shards + optimizer shards
+            self.checkpointer.recoverables.pop("optimizer", None)
+            self.checkpointer.add_recoverable("model", ShardedState(self.model, self.optimizer))
+        else:
             self.checkpointer.add_recoverable("optimizer", self.optimizer)
 
     def on_fit_start(self):
@@ -164,12 +170,6 @@ class SpeechLLMBrain(sb.Brain):
             raise ValueError(f"distributed {mode!r} unknown; use one of {DISTRIBUTED_MODES}.")
         if mode == "ddp" or not self.distributed_launch:
             return super()._wrap_distributed()
-        if self.checkpointer is not None:
-            raise NotImplementedError(
-                "distributed: fsdp does not checkpoint yet (sharded checkpoints with "
-                "torch.distributed.checkpoint are not written): set `checkpointer: null`, "
-                "or use `distributed: ddp`."
-            )
         if not is_sharded(self.model):
             shard_speech_llm(self.model, getattr(self.hparams, "fsdp", None) or FSDPSettings())
 

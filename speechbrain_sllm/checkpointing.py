@@ -288,28 +288,49 @@ class AtomicCheckpointer(Checkpointer):
         recoverables) run there without a collective of their own. Then every
         rank joins exactly one broadcast (the new checkpoint) and one barrier.
         """
+        final = None
+        if if_main_process():
+            final = self._checkpoint_path(name)
+        final = ddp_broadcast(final)
+        staging = final.parent / f".staging-{final.name}"
+        self._save_collective(staging)
         checkpoint = None
         with MainProcessContext():
             if if_main_process():
-                checkpoint = self._save_staged(meta or {}, end_of_epoch, name, verbosity)
+                checkpoint = self._save_staged(final, meta or {}, end_of_epoch, verbosity)
         checkpoint = ddp_broadcast(checkpoint)
         ddp_barrier()
         return checkpoint
 
-    def _save_staged(self, meta, end_of_epoch, name, verbosity):
+    def _checkpoint_path(self, name):
+        """The new checkpoint's folder, with a fresh staging folder beside it (main process)."""
         final = (
             self._new_checkpoint_dirpath()
             if name is None
             else self._custom_checkpoint_dirpath(name)
         )
         self.remove_stale_staging()
+        try:
+            os.makedirs(final.parent / f".staging-{final.name}")
+        except OSError as error:
+            raise CheckpointWriteError(self.checkpoints_dir, error) from error
+        return final
+
+    def _save_collective(self, staging):
+        """Every rank writes its part of the collective recoverables (FSDP shards)."""
+        for key, obj in self.recoverables.items():
+            if getattr(obj, "collective", False):
+                obj.collective_save(staging / f"{key}{PARAMFILE_EXT}")
+        ddp_barrier()
+
+    def _save_staged(self, final, meta, end_of_epoch, verbosity):
         staging = final.parent / f".staging-{final.name}"
         try:
-            os.makedirs(staging)
             paramfiles = {}
             for key, obj in self.recoverables.items():
                 paramfiles[key] = final / f"{key}{PARAMFILE_EXT}"
-                self._save_one(key, obj, staging / f"{key}{PARAMFILE_EXT}")
+                if not getattr(obj, "collective", False):
+                    self._save_one(key, obj, staging / f"{key}{PARAMFILE_EXT}")
             saved_meta = self._save_checkpoint_metafile(staging / METAFNAME, meta, end_of_epoch)
             os.replace(staging, final)
         except (OSError, RuntimeError) as error:
@@ -340,10 +361,12 @@ class AtomicCheckpointer(Checkpointer):
 
 @register_checkpoint_hooks
 class RNGState:
-    """Checkpoints the random generators (python, numpy, torch CPU and CUDA).
+    """Checkpoints the random generators (python, numpy, torch CPU and CUDA) of every rank.
 
     With it, a run resumed from an intra-epoch checkpoint draws the same dropout
-    masks as the uninterrupted run, so resumption is exact. Loading only stores
+    masks as the uninterrupted run, so resumption is exact. Under torchrun each
+    rank has its own streams: saving gathers them (a collective, see
+    ``AtomicCheckpointer``) and each rank restores its own. Loading only stores
     the state; ``apply_pending()`` restores it, and the Brain calls it right
     before the first batch after recovery (creating the data iterator draws
     from the torch generator, which must not shift the restored stream).
@@ -352,7 +375,7 @@ class RNGState:
     -------
     >>> import tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "rng.ckpt")
-    >>> RNGState().save(path)
+    >>> RNGState().collective_save(path)
     >>> first = torch.rand(1)
     >>> rng = RNGState()
     >>> rng.load(path)
@@ -361,12 +384,14 @@ class RNGState:
     True
     """
 
+    collective = True
+
     def __init__(self):
         self.pending = None
 
-    @mark_as_saver
-    def save(self, path):
-        """Saves every generator state."""
+    @staticmethod
+    def current():
+        """This process's generator states."""
         state = {
             "python": random.getstate(),
             "numpy": numpy_state_as_tensors(),
@@ -374,13 +399,40 @@ class RNGState:
         }
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(state, path)
+        return state
+
+    @mark_as_saver
+    def save(self, path):
+        """Writes this process's states only (a plain SpeechBrain ``Checkpointer``)."""
+        torch.save([self.current()], path)
+
+    def collective_save(self, path):
+        """Gathers every rank's generator states; the main process writes them."""
+        state = self.current()
+        states = [state]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            # tensors travel as numpy arrays (pickled tensors do not load back here)
+            torch.distributed.all_gather_object(states, tensors_as(state, "numpy"))
+            states = [tensors_as(rank_state, "torch") for rank_state in states]
+        if if_main_process():
+            torch.save(states, path)
 
     @mark_as_loader
     def load(self, path, end_of_epoch=False):
-        """Restores every generator state."""
+        """Reads this rank's generator states (applied by ``apply_pending``)."""
         del end_of_epoch
-        self.pending = torch.load(path, weights_only=True)
+        states = torch.load(path, weights_only=True)
+        rank, world = 0, 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if len(states) != world:
+            logger.warning(
+                f"{path}: random states of {len(states)} ranks, running on {world}; "
+                "resuming with rank 0's (the run continues, not bit-exactly)."
+            )
+            rank = 0
+        self.pending = states[rank]
 
     def apply_pending(self):
         """Restores the generators loaded last (no-op when nothing is pending)."""
@@ -393,6 +445,25 @@ class RNGState:
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def tensors_as(value, kind):
+    """``value`` with every tensor turned into a numpy array (``kind="numpy"``) or back.
+
+    Example
+    -------
+    >>> tensors_as(tensors_as({"a": (torch.ones(2), 3)}, "numpy"), "torch")
+    {'a': (tensor([1., 1.]), 3)}
+    """
+    if isinstance(value, dict):
+        return {key: tensors_as(item, kind) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(tensors_as(item, kind) for item in value)
+    if kind == "numpy" and isinstance(value, torch.Tensor):
+        return value.numpy()
+    if kind == "torch" and isinstance(value, numpy.ndarray):
+        return torch.from_numpy(value)
+    return value
 
 
 def numpy_state_as_tensors():

@@ -14,6 +14,7 @@ import contextlib
 import re
 
 import torch
+from speechbrain.utils.checkpoints import mark_as_loader, register_checkpoint_hooks
 
 LAYER_MODULE = re.compile(r"(^|\.)layers\.\d+$")
 DISTRIBUTED_MODES = ("ddp", "fsdp")
@@ -189,3 +190,78 @@ def root_gathered(model):
         yield model
     finally:
         model.reshard()
+
+
+@register_checkpoint_hooks
+class ShardedState:
+    """Checkpoints an FSDP model's trainable shards and its optimizer with DCP.
+
+    Saving is a collective (every rank writes its own shards into one folder
+    with ``torch.distributed.checkpoint``; no rank gathers the model), so the
+    ``AtomicCheckpointer`` calls ``collective_save`` on every rank before its
+    main-process part. Frozen parameters (the base weights under LoRA, a
+    frozen LLM) are not written. Loading reshards, so a checkpoint written by
+    N ranks loads on M.
+
+    Arguments
+    ---------
+    model : torch.nn.Module
+        The FSDP-sharded model.
+    optimizer : torch.optim.Optimizer
+        Its optimizer (state over DTensor shards).
+    """
+
+    collective = True
+
+    def __init__(self, model, optimizer):
+        self.model = model
+        self.optimizer = optimizer
+
+    def _options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(ignore_frozen_params=True)
+
+    def state_dict(self):
+        """``{"model": ..., "optimizer": ...}`` of DTensor shards (DCP's state-dict API)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optimizer = get_state_dict(self.model, self.optimizer, options=self._options())
+        return {"model": model, "optimizer": optimizer}
+
+    def collective_save(self, path):
+        """Writes this rank's shards into the folder ``path`` (every rank calls it).
+
+        Arguments
+        ---------
+        path : str or pathlib.Path
+            The checkpoint entry (a folder).
+        """
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self.state_dict(), checkpoint_id=str(path))
+
+    @mark_as_loader
+    def load(self, path, end_of_epoch=False):
+        """Reads the shards of this rank from ``path`` (every rank calls it).
+
+        Arguments
+        ---------
+        path : str or pathlib.Path
+            Folder written by ``collective_save``.
+        end_of_epoch : bool
+            Unused (SpeechBrain hook signature).
+        """
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        del end_of_epoch
+        state = self.state_dict()
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=self._options(),
+        )

@@ -1,7 +1,9 @@
 """A small training job for the resume tests: run, optionally SIGKILL itself, resume.
 
-Usage: python resume_job.py STRATEGY FOLDER SPM_MODEL MANIFEST [KILL_AT_STEP]
-Writes FOLDER/final.pt (trainable tensors + optimizer state) when it completes.
+Usage: python resume_job.py STRATEGY FOLDER SPM_MODEL MANIFEST [KILL_AT_STEP [DISTRIBUTED]]
+(or under ``torchrun``: then DISTRIBUTED is ``ddp`` or ``fsdp``, gloo backend, and only
+rank 0 kills itself, as when one machine dies). Writes FOLDER/final.pt (whole trainable
+tensors + optimizer state) when it completes.
 """
 
 import os
@@ -25,10 +27,15 @@ from speechbrain_sllm.checkpointing import (  # noqa: E402
 from speechbrain_sllm.data.dataio import make_qa_dataset  # noqa: E402
 from speechbrain_sllm.data.prompts import ChatPrompt  # noqa: E402
 from speechbrain_sllm.data.tokenizers import SentencePieceTokenizer  # noqa: E402
+from speechbrain_sllm.fsdp import full_tensor  # noqa: E402
 from speechbrain_sllm.strategies import apply_strategy  # noqa: E402
 
 
-def main(strategy_name, folder, spm_model, manifest, kill_at=None):
+def main(strategy_name, folder, spm_model, manifest, kill_at=None, distributed="ddp"):
+    run_opts = {"device": "cpu", "ckpt_interval_steps": 2, "max_grad_norm": 5.0}
+    if os.environ.get("RANK") is not None:
+        run_opts["distributed_backend"] = "gloo"
+        sb.utils.distributed.ddp_init_group(run_opts)
     sb.utils.seed_everything(0)
     tokenizer = SentencePieceTokenizer(spm_model)
     prompt = ChatPrompt(tokenizer)
@@ -53,8 +60,9 @@ def main(strategy_name, folder, spm_model, manifest, kill_at=None):
             "train_logger": sb.utils.train_logger.FileTrainLogger(
                 os.path.join(folder, "train_log.txt")
             ),
+            "distributed": distributed,
         },
-        run_opts={"device": "cpu", "ckpt_interval_steps": 2, "max_grad_norm": 5.0},
+        run_opts=run_opts,
         checkpointer=AtomicCheckpointer(
             os.path.join(folder, "save"), recoverables={"counter": counter, "rng": RNGState()}
         ),
@@ -64,20 +72,35 @@ def main(strategy_name, folder, spm_model, manifest, kill_at=None):
     def maybe_die(*args):
         original(*args)
         if kill_at is not None and brain.optimizer_step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            if sb.utils.distributed.if_main_process():
+                os.kill(os.getpid(), signal.SIGKILL)
 
     brain.on_fit_batch_end = maybe_die
+    start = brain.on_fit_start
+
+    def report_start():
+        start()  # recovers the latest checkpoint, if any
+        print(f"starting after optimizer step {brain.optimizer_step}", file=sys.stderr)
+
+    brain.on_fit_start = report_start
     brain.fit(
         brain.hparams.epoch_counter,
         dataset,
         train_loader_kwargs={"batch_size": batch, "shuffle": True},
     )
-    torch.save(
-        {"model": TrainableState(model).state_dict(), "optimizer": brain.optimizer.state_dict()},
-        os.path.join(folder, "final.pt"),
-    )
+    names = {param: name for name, param in model.named_parameters()}
+    final = {
+        "model": {k: full_tensor(v) for k, v in TrainableState(model).state_dict().items()},
+        "optimizer": {  # whole tensors, by parameter name (gathered from FSDP shards)
+            names[param]: {field: full_tensor(value) for field, value in state.items()}
+            for param, state in brain.optimizer.state.items()
+        },
+    }
+    if sb.utils.distributed.if_main_process():
+        torch.save(final, os.path.join(folder, "final.pt"))
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    main(*args[:4], int(args[4]) if len(args) > 4 else None)
+    kill_at = int(args[4]) if len(args) > 4 and args[4] != "none" else None
+    main(*args[:4], kill_at, *args[5:6])

@@ -33,12 +33,52 @@ def test_killed_run_resumes_to_the_same_weights_and_optimizer_bitwise(
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = torch.load(straight / "final.pt", weights_only=True)
     b = torch.load(killed / "final.pt", weights_only=True)
-    assert a["model"].keys() == b["model"].keys()
+    assert_same_final_state(a, b)
+
+
+def assert_same_final_state(a, b):
+    assert a["model"].keys() == b["model"].keys() and a["model"]
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
-    for key, state in a["optimizer"]["state"].items():
+    assert a["optimizer"].keys() == b["optimizer"].keys() and a["optimizer"]
+    for key, state in a["optimizer"].items():
         for field, value in state.items():
-            assert torch.equal(value, b["optimizer"]["state"][key][field]), (key, field)
+            assert torch.equal(value, b["optimizer"][key][field]), (key, field)
+
+
+def run_torchrun_job(*args, processes=2):
+    import socket
+
+    with socket.socket() as probe:  # a free port for this run's rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
+    command += [f"--master_port={port}", JOB, *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_two_process_run_killed_mid_epoch_resumes_like_an_uninterrupted_one(
+    distributed, tokenizer, manifests, tmp_path
+):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight.mkdir(), killed.mkdir()
+    common = (tokenizer.model_path, manifests["speech"])
+    done = run_torchrun_job("full_ft", straight, *common, "none", distributed)
+    assert done.returncode == 0, done.stderr[-3000:]
+    died = run_torchrun_job("full_ft", killed, *common, 5, distributed)  # epoch 2 of 3 steps each
+    assert died.returncode != 0 and not (killed / "final.pt").exists(), died.stderr[-3000:]
+    checkpoints = [p for p in os.listdir(killed / "save") if p.startswith("CKPT")]
+    assert checkpoints, "no checkpoint before the kill"
+    if distributed == "fsdp":  # sharded: one DCP folder written by both ranks
+        entry = killed / "save" / checkpoints[0] / "model.ckpt"
+        assert entry.is_dir() and len(list(entry.glob("*.distcp"))) == 2
+    resumed = run_torchrun_job("full_ft", killed, *common, "none", distributed)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_final_state(
+        torch.load(straight / "final.pt", weights_only=True),
+        torch.load(killed / "final.pt", weights_only=True),
+    )
 
 
 def test_checkpoint_interrupted_while_saving_leaves_the_previous_one_loadable(tmp_path):
@@ -110,3 +150,15 @@ def test_a_failed_checkpoint_write_names_the_folder_and_fix_and_keeps_the_previo
     assert sorted(os.listdir(folder)) == ["CKPT+first"]  # no staging folder left, old one kept
     net = torch.nn.Linear(4, 4)
     assert AtomicCheckpointer(str(folder), {"net": net}).recover_if_possible() is not None
+
+
+def test_fsdp_checkpoint_of_two_ranks_resumes_on_one(tokenizer, manifests, tmp_path):
+    common = (tokenizer.model_path, manifests["speech"])
+    died = run_torchrun_job("full_ft", tmp_path, *common, 5, "fsdp")
+    assert died.returncode != 0 and not (tmp_path / "final.pt").exists()
+    resumed = run_torchrun_job("full_ft", tmp_path, *common, "none", "fsdp", processes=1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "random states of 2 ranks, running on 1" in resumed.stderr
+    started = [line for line in resumed.stderr.splitlines() if line.startswith("starting after")]
+    assert len(started) == 1 and started[0] != "starting after optimizer step 0", started
+    assert (tmp_path / "final.pt").is_file()
