@@ -4,6 +4,7 @@ Authors
  * speechbrain-sllm developers 2026
 """
 
+import math
 import re
 import string
 
@@ -307,3 +308,50 @@ def wer_stats():
     50.0
     """
     return ErrorRateStats()
+
+
+def paired_test(before, after):
+    """Exact McNemar test of two systems scored on the same items.
+
+    Arguments
+    ---------
+    before : list of bool
+        Per-item correctness of the first system.
+    after : list of bool
+        Per-item correctness of the second, same items in the same order.
+
+    Returns
+    -------
+    dict
+        ``lost`` (right before, wrong after), ``gained`` (the reverse) and the
+        two-sided ``p`` value of the exact binomial test on the discordant items.
+
+    Example
+    -------
+    >>> paired_test([1, 1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0, 0])
+    {'lost': 6, 'gained': 0, 'p': 0.03125}
+    """
+    if len(before) != len(after):
+        raise ValueError(f"paired_test: {len(before)} items before, {len(after)} after.")
+    lost = sum(1 for a, b in zip(before, after) if a and not b)
+    gained = sum(1 for a, b in zip(before, after) if b and not a)
+    n, k = lost + gained, min(lost, gained)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n if n else 1.0
+    return {"lost": lost, "gained": gained, "p": min(1.0, 2 * tail)}
+
+
+def read_item_scores(path):
+    """``{id: correct}`` from a file written by ``QAAccuracyStats.write_stats``.
+
+    Arguments
+    ---------
+    path : str
+        The per-item TSV.
+
+    Returns
+    -------
+    dict
+    """
+    with open(path, encoding="utf-8") as handle:
+        rows = [line.rstrip("\n").split("\t") for line in handle if line.strip()]
+    return {row[0]: row[1] == "1" for row in rows}

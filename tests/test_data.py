@@ -153,3 +153,20 @@ def test_synthesis_is_deterministic_across_processes():
         for _ in range(3)
     ]
     assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0].split()) == 2
+
+
+def test_paired_test_matches_scipys_exact_binomial_test():
+    import random
+
+    from scipy.stats import binomtest
+
+    from speechbrain_sllm.metrics import paired_test
+
+    rng = random.Random(0)
+    for _ in range(20):
+        before = [rng.random() < 0.5 for _ in range(60)]
+        after = [b if rng.random() < 0.7 else rng.random() < 0.3 for b in before]
+        result = paired_test(before, after)
+        n = result["lost"] + result["gained"]
+        expected = binomtest(result["gained"], n, 0.5).pvalue if n else 1.0
+        assert result["p"] == pytest.approx(expected, rel=1e-9)

@@ -111,6 +111,8 @@ def test_debug_run_of_every_strategy_on_real_models(real_models, study_data, tmp
     # the frozen LLM answers written questions exactly as the base LLM did
     for column in ("llamaq_t2t", "webq_t2t", "text_ppl"):
         assert strategies["frozen_llm"][column] == pytest.approx(results["base"][column])
+    unchanged = {"lost": 0, "gained": 0, "p": 1.0}  # item by item, not just on average
+    assert results["paired_t2t_vs_base"]["frozen_llm"]["llamaq_t2t"] == unchanged
     zeroing = results["base"]["zeroing"]
     assert zeroing["top"] > zeroing["bottom"]
     with open(output / "importance" / "base" / "profile.json") as handle:

@@ -40,6 +40,7 @@ from speechbrain_sllm.importance.report import (
     write_json,
 )
 from speechbrain_sllm.importance.stage import run_importance, zeroing_check
+from speechbrain_sllm.metrics import paired_test, read_item_scores
 from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
 from speechbrain_sllm.strategies import LayerwiseLR, apply_strategy, build_strategy
 from speechbrain_sllm.strategies.lora import merge_lora
@@ -318,6 +319,20 @@ def paper_table():
     return "\n".join(lines)
 
 
+def paired_t2t_tests(folder, runs):
+    """Exact McNemar tests of each strategy's T2T answers against the base LLM's, per test set."""
+    tests = {}
+    for name in runs:
+        for column in ("llamaq_t2t", "webq_t2t"):
+            base = read_item_scores(os.path.join(folder, "base_llm", f"{column}.tsv"))
+            run = read_item_scores(os.path.join(folder, "finetune", name, f"{column}.tsv"))
+            ids = sorted(base)
+            tests.setdefault(name, {})[column] = paired_test(
+                [base[i] for i in ids], [run[i] for i in ids]
+            )
+    return tests
+
+
 def hardware():
     """A short description of the machine and threads."""
     model = platform.processor() or platform.machine()
@@ -393,6 +408,7 @@ def report(hparams, base, stage1, runs, profiles, base_profile, clock):
         "seed": hparams["seed"],
         "torch_threads": torch.get_num_threads(),
     }
+    results["paired_t2t_vs_base"] = paired_t2t_tests(folder, runs)
     seconds = clock.total()
     if sb.utils.distributed.if_main_process():
         write_json(results, os.path.join(folder, "results.json"))
@@ -418,6 +434,14 @@ def report(hparams, base, stage1, runs, profiles, base_profile, clock):
     )
     for name, run in runs.items():
         print(f"{name:>14}: {summarize_shift(run['shift'])}")
+    for name, tests in results["paired_t2t_vs_base"].items():
+        print(
+            f"{name:>14}: T2T vs base, "
+            + "; ".join(
+                f"{column}: lost {t['lost']}, gained {t['gained']}, p {t['p']:.3g}"
+                for column, t in tests.items()
+            )
+        )
     print("\nStage wall times (s): " + ", ".join(f"{k} {v}" for k, v in clock.seconds.items()))
     print(f"\nDone in {seconds / 60:.1f} min on {hardware()}. Results: {folder}/results.md")
     return results
