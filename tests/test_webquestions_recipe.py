@@ -54,7 +54,7 @@ def write_llama_questions(folder):
         writer = csv.writer(handle, delimiter="\t")
         writer.writerow(["Questions", "Answer", "Wav Filename"])
         for index, (question, answers) in enumerate(FALLBACK_QA[:8], 1):
-            wav = tts.synthesize(question, voice="en-gb", rate=160)
+            wav = tts.synthesize(question, voice="en-us+f4", rate=160)  # not a training voice
             soundfile.write(os.path.join(folder, f"{index}.wav"), wav.numpy(), 16000)
             writer.writerow([question, answers[0], f"{index}.wav"])
     return folder
