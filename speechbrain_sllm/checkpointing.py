@@ -287,6 +287,8 @@ class AtomicCheckpointer(Checkpointer):
         wraps in ``main_process_only`` (optimizer, epoch counter, the package's
         recoverables) run there without a collective of their own. Then every
         rank joins exactly one broadcast (the new checkpoint) and one barrier.
+        Recoverables marked ``collective`` (FSDP shards, every rank's random
+        states) are written first, by every rank, into the same staging folder.
         """
         final = None
         if if_main_process():
@@ -423,6 +425,8 @@ class RNGState:
         """Reads this rank's generator states (applied by ``apply_pending``)."""
         del end_of_epoch
         states = torch.load(path, weights_only=True)
+        if isinstance(states, dict):  # written before states were kept per rank
+            states = [states]
         rank, world = 0, 1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

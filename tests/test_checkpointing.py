@@ -70,3 +70,16 @@ def test_schedule_warms_up_then_decays_and_resumes(tmp_path):
     again = WarmupDecaySchedule(1.0, warmup_steps=2, total_steps=6)
     again.load(tmp_path / "s.ckpt")
     assert again.step == 6
+
+
+def test_rng_state_of_an_older_checkpoint_still_loads(tmp_path):
+    """Before per-rank states, ``rng.ckpt`` held one dict: resuming such a run still works."""
+    from speechbrain_sllm.checkpointing import RNGState
+
+    path = str(tmp_path / "rng.ckpt")
+    torch.save(RNGState.current(), path)
+    expected = torch.rand(3)
+    state = RNGState()
+    state.load(path)
+    state.apply_pending()
+    assert torch.equal(torch.rand(3), expected)
