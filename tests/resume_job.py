@@ -98,6 +98,11 @@ def main(strategy_name, folder, spm_model, manifest, kill_at=None, distributed="
     }
     if sb.utils.distributed.if_main_process():
         torch.save(final, os.path.join(folder, "final.pt"))
+    if torch.distributed.is_initialized():
+        # leaving with the group alive can abort a rank at exit ("terminate called
+        # without an active exception", seen once in CI): close it on every rank
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
