@@ -20,6 +20,7 @@ import torch
 from speechbrain_sllm.brains import SpeechLLMBrain
 from speechbrain_sllm.checkpointing import AtomicCheckpointer, RNGState, WarmupDecaySchedule
 from speechbrain_sllm.importance.aggregate import ScoreSet
+from speechbrain_sllm.importance.report import plot_layer_distributions, plot_module_heatmap
 from speechbrain_sllm.importance.shift import layer_shift, topk_overlap
 
 
@@ -146,6 +147,28 @@ def importance_shift(base_profile, base_scores, profile, scores, fraction=0.03):
     shift = layer_shift(layer_sums(base_profile), layer_sums(profile))
     iou = topk_overlap(ScoreSet.from_dict(base_scores), ScoreSet.from_dict(scores), fraction)
     return shift, iou
+
+
+def write_importance_plots(profiles, base_profile, folder):
+    """A study's plots: layer-wise importance and top-3% shares per run, base module heatmap.
+
+    Arguments
+    ---------
+    profiles : dict
+        ``{run name: importance profile}``, the base LLM first.
+    base_profile : dict
+        The base LLM's profile.
+    folder : str
+        Where the PNG files go.
+    """
+    plot_layer_distributions(profiles, os.path.join(folder, "layer_importance.png"))
+    plot_layer_distributions(
+        profiles,
+        os.path.join(folder, "layer_top3_share.png"),
+        key="top3",
+        title="Share of the global top-3% text-important parameters",
+    )
+    plot_module_heatmap(base_profile, os.path.join(folder, "base_module_heatmap.png"))
 
 
 class StageClock:

@@ -31,8 +31,6 @@ from speechbrain_sllm.data.dataio import make_qa_dataset
 from speechbrain_sllm.data.prompts import ChatPrompt
 from speechbrain_sllm.data.tokenizers import train_sentencepiece
 from speechbrain_sllm.importance.report import (
-    plot_layer_distributions,
-    plot_module_heatmap,
     summarize_shift,
     write_json,
 )
@@ -46,6 +44,7 @@ from speechbrain_sllm.study import (
     importance_shift,
     make_stage_brain,
     peak_layer,
+    write_importance_plots,
 )
 
 logger = logging.getLogger(__name__)
@@ -323,14 +322,7 @@ def report(hparams, base, runs, profiles, base_profile, clock):
             },
             os.path.join(folder, "timings.json"),
         )
-        plot_layer_distributions(profiles, os.path.join(folder, "plots", "layer_importance.png"))
-        plot_layer_distributions(
-            profiles,
-            os.path.join(folder, "plots", "layer_top3_share.png"),
-            key="top3",
-            title="Share of the global top-3% text-important parameters",
-        )
-        plot_module_heatmap(base_profile, os.path.join(folder, "plots", "base_module_heatmap.png"))
+        write_importance_plots(profiles, base_profile, os.path.join(folder, "plots"))
         with open(os.path.join(folder, "results.md"), "w") as handle:
             handle.write(table + "\n")
     zeroing = base["zeroing"]

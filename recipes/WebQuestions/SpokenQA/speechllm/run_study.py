@@ -34,8 +34,6 @@ from hyperpyyaml import load_hyperpyyaml
 from speechbrain_sllm.data.dataio import make_qa_dataset, write_csv_manifest
 from speechbrain_sllm.data.preparation import completion_record, is_prepared, staged_preparation
 from speechbrain_sllm.importance.report import (
-    plot_layer_distributions,
-    plot_module_heatmap,
     summarize_shift,
     write_json,
 )
@@ -50,6 +48,7 @@ from speechbrain_sllm.study import (
     importance_shift,
     make_stage_brain,
     peak_layer,
+    write_importance_plots,
 )
 
 logger = logging.getLogger(__name__)
@@ -414,14 +413,7 @@ def report(hparams, base, stage1, runs, profiles, base_profile, clock):
         write_json(results, os.path.join(folder, "results.json"))
         timings = {"total": seconds, "stages": clock.seconds, "hardware": hardware()}
         write_json(timings, os.path.join(folder, "timings.json"))
-        plot_layer_distributions(profiles, os.path.join(folder, "plots", "layer_importance.png"))
-        plot_layer_distributions(
-            profiles,
-            os.path.join(folder, "plots", "layer_top3_share.png"),
-            key="top3",
-            title="Share of the global top-3% text-important parameters",
-        )
-        plot_module_heatmap(base_profile, os.path.join(folder, "plots", "base_module_heatmap.png"))
+        write_importance_plots(profiles, base_profile, os.path.join(folder, "plots"))
         with open(os.path.join(folder, "results.md"), "w") as handle:
             handle.write(table + "\n\n" + paper + "\n")
     zeroing = base["zeroing"]
