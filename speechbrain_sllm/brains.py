@@ -163,15 +163,33 @@ class SpeechLLMBrain(sb.Brain):
                 self.checkpointer.add_recoverable("lr_schedule", schedule)
         super().on_fit_start()
 
-    def _wrap_distributed(self):
-        """SpeechBrain's DDP, or FSDP2 sharding with ``distributed: fsdp`` under torchrun."""
-        mode = getattr(self.hparams, "distributed", "ddp")
+    def _parallelism(self):
+        """The yaml's ``parallelism`` (``ddp`` or ``fsdp``), checked."""
+        mode = getattr(self.hparams, "parallelism", "ddp")
         if mode not in DISTRIBUTED_MODES:
-            raise ValueError(f"distributed {mode!r} unknown; use one of {DISTRIBUTED_MODES}.")
-        if mode == "ddp" or not self.distributed_launch:
+            raise ValueError(
+                f"parallelism {mode!r} unknown; use one of {DISTRIBUTED_MODES} "
+                "(yaml key or --parallelism=...)."
+            )
+        return mode
+
+    def shard_model(self):
+        """Shards the model now under ``parallelism: fsdp`` and torchrun; else does nothing.
+
+        ``fit`` shards anyway; a recipe calls this first when it scores
+        importance before training, so that step too runs on shards (a model
+        that does not fit one device). Call it after ``apply_strategy``:
+        LoRA cannot be added to a sharded LLM.
+        """
+        if self._parallelism() == "fsdp" and self.distributed_launch:
+            if not is_sharded(self.model):
+                shard_speech_llm(self.model, getattr(self.hparams, "fsdp", None) or FSDPSettings())
+
+    def _wrap_distributed(self):
+        """SpeechBrain's DDP, or FSDP2 sharding with ``parallelism: fsdp`` under torchrun."""
+        if self._parallelism() == "ddp" or not self.distributed_launch:
             return super()._wrap_distributed()
-        if not is_sharded(self.model):
-            shard_speech_llm(self.model, getattr(self.hparams, "fsdp", None) or FSDPSettings())
+        self.shard_model()
 
     def check_loss_isfinite(self, loss):
         """Counts a non-finite loss; its step will be skipped (see ``optimizers_step``).

@@ -11,6 +11,7 @@ Authors
  * speechbrain-sllm developers 2026
 """
 
+import dataclasses
 import io
 import json
 import os
@@ -19,6 +20,7 @@ import time
 
 import ruamel.yaml
 from hyperpyyaml import load_hyperpyyaml, resolve_references
+from speechbrain.core import RunOptions
 
 from speechbrain_sllm.strategies.core import STRATEGIES
 
@@ -87,14 +89,53 @@ def unknown_override_message(hparams_file, error):
     )
 
 
+def keys_read_as_run_options(keys):
+    """Yaml keys that ``--key=...`` cannot override: argparse reads them as run options.
+
+    SpeechBrain parses the command line with argparse, which accepts any
+    unambiguous prefix of an option: ``--distributed=fsdp`` silently becomes
+    ``--distributed_backend=fsdp`` and the yaml key ``distributed`` keeps its
+    value. A key equal to a run option is fine (SpeechBrain reads those from
+    the yaml too).
+
+    Arguments
+    ---------
+    keys : iterable of str
+        Top-level yaml keys.
+
+    Returns
+    -------
+    dict
+        ``{key: [run options it is a prefix of]}``.
+
+    Example
+    -------
+    >>> keys_read_as_run_options(["distributed", "lora", "device"])
+    {'distributed': ['distributed_backend', 'distributed_launch']}
+    """
+    options = [field.name for field in dataclasses.fields(RunOptions)]
+    shadowed = {
+        key: [option for option in options if option.startswith(key)]
+        for key in keys
+        if key not in options
+    }
+    return {key: found for key, found in shadowed.items() if found}
+
+
 def check_settings(settings):
-    """Raises a clear error for a bad model path or strategy (before anything is built).
+    """Raises a clear error for a bad key, model path or strategy (before anything is built).
 
     Arguments
     ---------
     settings : dict
         From ``plain_settings``.
     """
+    for key, options in keys_read_as_run_options(settings).items():
+        raise ValueError(
+            f"yaml key `{key}` cannot be set from the command line: argparse reads "
+            f"--{key}=... as SpeechBrain's run option --{options[0]}. Rename the key "
+            "(no SpeechBrain run option may start with it)."
+        )
     for key in SOURCE_KEYS:
         source = settings.get(key)
         if isinstance(source, str) and looks_like_a_path(source):

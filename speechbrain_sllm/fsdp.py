@@ -1,4 +1,4 @@
-"""FSDP2 sharding of a SpeechLLM under torchrun (``distributed: fsdp`` in the yaml).
+"""FSDP2 sharding of a SpeechLLM under torchrun (``parallelism: fsdp`` in the yaml).
 
 Each decoder layer of the LLM becomes one FSDP unit and the whole SpeechLLM the
 root unit (embeddings, final norm, output layer, adaptor and encoder), so a
@@ -54,21 +54,36 @@ class FSDPSettings:
         self.cpu_offload = cpu_offload
         self.reshard_after_forward = reshard_after_forward
 
-    def mixed_precision(self):
-        """The ``MixedPrecisionPolicy`` of these settings."""
+    def mixed_precision(self, unit="llm"):
+        """The ``MixedPrecisionPolicy`` of a unit.
+
+        Arguments
+        ---------
+        unit : str
+            ``llm`` (a decoder layer: computes in ``param_dtype``), ``speech``
+            (encoder, adaptor: keep their own dtype) or ``root`` (LLM
+            embeddings and head in ``param_dtype``; its inputs, the audio,
+            are not cast).
+
+        Returns
+        -------
+        MixedPrecisionPolicy
+        """
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
+        compute = getattr(torch, self.param_dtype) if self.param_dtype else None
         return MixedPrecisionPolicy(
-            param_dtype=getattr(torch, self.param_dtype) if self.param_dtype else None,
+            param_dtype=None if unit == "speech" else compute,
             reduce_dtype=getattr(torch, self.reduce_dtype),
+            cast_forward_inputs=unit == "llm",
         )
 
-    def fully_shard_kwargs(self):
-        """Keyword arguments of ``fully_shard``."""
+    def fully_shard_kwargs(self, unit="llm"):
+        """Keyword arguments of ``fully_shard`` for a unit (see ``mixed_precision``)."""
         from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
 
         return {
-            "mp_policy": self.mixed_precision(),
+            "mp_policy": self.mixed_precision(unit),
             "offload_policy": CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy(),
             "reshard_after_forward": self.reshard_after_forward,
         }
@@ -89,8 +104,78 @@ def decoder_layer_modules(llm):
     return [module for name, module in llm.named_modules() if LAYER_MODULE.search(name)]
 
 
+def sharding_units(model):
+    """The modules FSDP2 wraps, inner first: each decoder layer, the encoder, the adaptor, the root.
+
+    The encoder and the adaptor are units of their own, so a float32 speech
+    side never shares a unit with a bfloat16 LLM.
+
+    Arguments
+    ---------
+    model : SpeechLLM
+        The model.
+
+    Returns
+    -------
+    list of torch.nn.Module
+    """
+    layers = decoder_layer_modules(model.llm)
+    if not layers:
+        raise ValueError(
+            f"FSDP: no decoder layer found in {type(model.llm).__name__} (modules named "
+            "'layers.<i>'); use `parallelism: ddp` for this LLM."
+        )
+    speech = [
+        part
+        for part in (getattr(model, "encoder", None), getattr(model, "adaptor", None))
+        if part is not None and any(True for _ in part.parameters())
+    ]
+    return [*layers, *speech, model]
+
+
+def check_unit_dtypes(units):
+    """Refuses a unit whose floating-point parameters mix dtypes.
+
+    FSDP2 reduce-scatters a unit's gradients in one dtype and fixes it at the
+    first forward, so a unit holding bfloat16 LLM weights and float32 LoRA
+    adapters (peft's default) breaks as soon as the trainable set changes
+    (importance scores the frozen weights, training updates the adapters).
+
+    Arguments
+    ---------
+    units : list of torch.nn.Module
+        From ``sharding_units`` (inner first; a parameter belongs to the first
+        unit that holds it).
+
+    Example
+    -------
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    >>> check_unit_dtypes([net[0].bfloat16(), net])
+    >>> check_unit_dtypes([net])
+    Traceback (most recent call last):
+    ...
+    ValueError: FSDP: one sharding unit (Sequential) mixes parameter dtypes (0.weight: torch.bfloat16, 1.weight: torch.float32). ...
+    """
+    claimed = set()
+    for unit in units:
+        first_of_dtype = {}
+        for name, param in unit.named_parameters():
+            if id(param) in claimed or not param.is_floating_point():
+                continue
+            claimed.add(id(param))
+            first_of_dtype.setdefault(param.dtype, name)
+        if len(first_of_dtype) > 1:
+            found = ", ".join(f"{name}: {dtype}" for dtype, name in first_of_dtype.items())
+            raise ValueError(
+                f"FSDP: one sharding unit ({type(unit).__name__}) mixes parameter dtypes "
+                f"({found}). FSDP2 reduces a unit's gradients in one dtype: keep the "
+                'weights in float32 and compute in bfloat16 through FSDP: --llm="{dtype: '
+                'float32}" --fsdp="{param_dtype: bfloat16}" (peft keeps LoRA adapters in float32).'
+            )
+
+
 def shard_speech_llm(model, settings=None):
-    """Applies FSDP2 to ``model`` in place: each decoder layer, then the root.
+    """Applies FSDP2 to ``model`` in place: each decoder layer, encoder, adaptor, then the root.
 
     Call it after ``apply_strategy`` (LoRA adapters are then sharded with their
     layer, frozen base weights included) and before building the optimizer.
@@ -110,16 +195,12 @@ def shard_speech_llm(model, settings=None):
     from torch.distributed.fsdp import fully_shard
 
     settings = settings or FSDPSettings()
-    layers = decoder_layer_modules(model.llm)
-    if not layers:
-        raise ValueError(
-            f"FSDP: no decoder layer found in {type(model.llm).__name__} (modules named "
-            "'layers.<i>'); use `distributed: ddp` for this LLM."
-        )
-    kwargs = settings.fully_shard_kwargs()
-    for layer in layers:
-        fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
+    units = sharding_units(model)
+    check_unit_dtypes(units)
+    speech = (getattr(model, "encoder", None), getattr(model, "adaptor", None))
+    for unit in units:
+        kind = "root" if unit is model else "speech" if unit in speech else "llm"
+        fully_shard(unit, **settings.fully_shard_kwargs(kind))
     return model
 
 
@@ -257,11 +338,14 @@ class ShardedState:
 
         del end_of_epoch
         state = self.state_dict()
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, checkpoint_id=str(path))  # raises if a trainable tensor is missing
+        # not strict: the frozen parameters (never saved) are the only keys absent
+        options = self._options()
+        options.strict = False
         set_state_dict(
             self.model,
             self.optimizer,
             model_state_dict=state["model"],
             optim_state_dict=state["optimizer"],
-            options=self._options(),
+            options=options,
         )

@@ -27,6 +27,7 @@ from speechbrain.utils.distributed import ddp_barrier, if_main_process
 
 from speechbrain_sllm.checkpointing import TrainableState
 from speechbrain_sllm.data.dataio import load_audio
+from speechbrain_sllm.fsdp import is_sharded
 from speechbrain_sllm.model.speech_llm import SpeechLLM
 from speechbrain_sllm.strategies import LoRASettings, apply_strategy
 from speechbrain_sllm.strategies.core import Strategy
@@ -153,7 +154,41 @@ def rebuild_trained_speech_llm(folder, llm, encoder, adaptor):
     return apply_strategy(SpeechLLM(llm, encoder, adaptor), strategy)
 
 
-def export_trained_model(model, strategy, inference_yaml, folder, settings):
+def whole_trainable_state(model):
+    """The trainable tensors of ``model`` as whole tensors, for export.
+
+    Unsharded: ``TrainableState``'s tensors. FSDP-sharded: a collective (every
+    rank calls it) that gathers one tensor at a time into CPU memory of the
+    main process only (``torch.distributed.checkpoint``'s full, CPU-offloaded
+    state dict), so no device ever holds the whole model; other ranks get ``{}``.
+
+    Arguments
+    ---------
+    model : torch.nn.Module
+        The trained model.
+
+    Returns
+    -------
+    dict
+        ``{name: tensor}`` with ``TrainableState``'s names.
+
+    Example
+    -------
+    >>> net = torch.nn.Linear(2, 2)
+    >>> sorted(whole_trainable_state(net))
+    ['bias', 'weight']
+    """
+    trainable = TrainableState(model).state_dict()
+    if not is_sharded(model):
+        return trainable
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    gathered = get_model_state_dict(model, options=options)
+    return {name: gathered[name] for name in trainable if name in gathered}
+
+
+def export_trained_model(model, strategy, inference_yaml, folder, settings, trainable=None):
     """Writes a folder that ``SpeechLLMInference.from_hparams`` loads.
 
     Arguments
@@ -169,9 +204,14 @@ def export_trained_model(model, strategy, inference_yaml, folder, settings):
     settings : dict
         Top-level scalar keys of the template to fill in (``llm_source``,
         ``encoder_source``, ``encoder_dim``, ``llm_dim``, ``instruction``, ...).
+    trainable : dict or None
+        The trainable tensors, whole (``whole_trainable_state``; None: read
+        from ``model``, which must then not be sharded).
     """
     os.makedirs(folder, exist_ok=True)
-    torch.save(TrainableState(model).state_dict(), os.path.join(folder, CHECKPOINT_FILE))
+    if trainable is None:
+        trainable = whole_trainable_state(model)
+    torch.save(trainable, os.path.join(folder, CHECKPOINT_FILE))
     saved = {
         "name": strategy.name,
         "train_llm": strategy.train_llm,
@@ -193,11 +233,14 @@ def export_trained_model(model, strategy, inference_yaml, folder, settings):
     if strategy.lora is not None:
         adapter = os.path.join(folder, ADAPTER_FOLDER)
         shutil.rmtree(adapter, ignore_errors=True)
-        model.llm.save_pretrained(adapter)
+        llm_state = {name[4:]: t for name, t in trainable.items() if name.startswith("llm.")}
+        model.llm.save_pretrained(adapter, state_dict=llm_state)
 
 
 def export_recipe_run(hparams, inference_yaml):
-    """Exports a recipe's trained model (main process only) to ``<output_folder>/inference``.
+    """Exports a recipe's trained model to ``<output_folder>/inference``.
+
+    Every rank calls it (an FSDP model is gathered); the main process writes.
 
     Arguments
     ---------
@@ -234,8 +277,10 @@ def export_recipe_run(hparams, inference_yaml):
         "num_beams": hparams["num_beams"],
     }
     folder = os.path.join(hparams["output_folder"], "inference")
+    trainable = whole_trainable_state(model)  # a collective under FSDP
     if if_main_process():
-        export_trained_model(model, hparams["training_strategy"], inference_yaml, folder, settings)
+        strategy = hparams["training_strategy"]
+        export_trained_model(model, strategy, inference_yaml, folder, settings, trainable)
     ddp_barrier()
     return folder
 

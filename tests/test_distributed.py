@@ -231,7 +231,7 @@ def _fsdp_training_worker(rank, world, init_file, manifest, spm_path, out, name)
     brain = text_brain_for_training(
         name, tokenizer, prompt, folder, {"distributed_backend": "gloo", **CLIPPED}
     )
-    brain.hparams.distributed = "fsdp"
+    brain.hparams.parallelism = "fsdp"
     dataset = make_qa_dataset(manifest, prompt, with_audio=False)
     brain.fit(brain.hparams.epoch_counter, dataset, train_loader_kwargs={"batch_size": 2})
     assert is_sharded(brain.modules.model)
@@ -347,3 +347,70 @@ def test_fsdp_importance_equals_single_process(tokenizer, prompt, manifests, tmp
         for key, value in expected["thresholds"].items():  # float summation order differs
             assert profile["thresholds"][key] == pytest.approx(value, rel=1e-5)
         assert profile["non_layer"]["sum"] == pytest.approx(expected["non_layer"]["sum"], rel=1e-5)
+
+
+def _fsdp_merge_worker(rank, world, init_file, folder, out):
+    from conftest import llama_config
+    from helpers import strategy_for
+
+    from speechbrain_sllm.fsdp import full_tensor, root_gathered, shard_speech_llm
+    from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
+    from speechbrain_sllm.strategies import apply_strategy, merge_lora
+
+    init_group(rank, world, init_file)
+    torch.manual_seed(0)
+    model = SpeechLLM(load_causal_lm(config=llama_config(vocab_size=40)))
+    apply_strategy(model, strategy_for("lora", folder))
+    with torch.no_grad():  # a trained adapter: B != 0
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.1)
+    shard_speech_llm(model)
+    merge_lora(model)
+    weights = {name: full_tensor(p.detach()) for name, p in model.named_parameters()}
+    with torch.no_grad(), root_gathered(model):
+        logits = model.llm(input_ids=torch.tensor([[2, 5, 7, 9, 11]])).logits
+    if rank == 0:
+        torch.save({"weights": weights, "logits": logits}, os.path.join(out, "merged.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_lora_merged_into_fsdp_shards_equals_merge_and_unload(tmp_path):
+    """Under FSDP, merge_lora adds B @ A * scaling to each rank's shard in place."""
+    from conftest import llama_config
+    from helpers import strategy_for
+
+    from speechbrain_sllm.importance.aggregate import canonical_name
+    from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
+    from speechbrain_sllm.strategies import apply_strategy, merge_lora
+
+    torch.multiprocessing.spawn(
+        _fsdp_merge_worker,
+        args=(2, str(tmp_path / "init"), str(tmp_path), str(tmp_path)),
+        nprocs=2,
+    )
+    torch.manual_seed(0)
+    model = SpeechLLM(load_causal_lm(config=llama_config(vocab_size=40)))
+    apply_strategy(model, strategy_for("lora", str(tmp_path)))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.1)
+    base = {name: p.detach().clone() for name, p in model.named_parameters()}
+    merge_lora(model)
+    expected = dict(model.named_parameters())
+    sharded = torch.load(tmp_path / "merged.pt", weights_only=True)
+    merged = {n: w for n, w in sharded["weights"].items() if "lora_" not in n}
+    assert {canonical_name(n.replace("llm.", "", 1)) for n in merged} == {
+        n.replace("llm.", "", 1) for n in expected
+    }
+    changed = 0
+    for name, weight in merged.items():
+        reference = expected["llm." + canonical_name(name.replace("llm.", "", 1))]
+        assert torch.allclose(weight, reference, atol=1e-6), name
+        changed += not torch.equal(weight, base[name])
+    layers = model.llm.config.num_hidden_layers
+    assert changed == 7 * layers  # every adapted projection (q, k, v, o, gate, up, down) moved
+    with torch.no_grad():
+        logits = model.llm(input_ids=torch.tensor([[2, 5, 7, 9, 11]])).logits
+    assert torch.allclose(sharded["logits"], logits, atol=1e-5)

@@ -4,6 +4,7 @@ nothing already written is lost."""
 import json
 import os
 
+import pytest
 from test_recipes import ROOT, ROWS, row_strategy, run_row
 
 SPOKEN_QA_LORA = next(
@@ -26,6 +27,18 @@ def test_a_flat_override_of_a_nested_setting_says_how_to_write_it(recipe_fixture
     result = run_row(SPOKEN_QA_LORA, tmp_path / "out", ["--lora_rank=4"])
     assert result.returncode != 0
     assert '--lora="{rank: ...}"' in last_error(result), last_error(result)
+
+
+def test_a_yaml_key_that_argparse_reads_as_a_run_option_is_refused(tmp_path):
+    """``--distributed=fsdp`` would silently set SpeechBrain's --distributed_backend."""
+    from speechbrain_sllm.config import load_recipe_hparams
+
+    hparams_file = tmp_path / "recipe.yaml"
+    hparams_file.write_text("distributed: ddp\nlr: 0.1\n")
+    with pytest.raises(ValueError, match="`distributed`.*--distributed_backend"):
+        load_recipe_hparams(str(hparams_file), {})
+    hparams_file.write_text("parallelism: ddp\nlr: 0.1\n")
+    assert load_recipe_hparams(str(hparams_file), {"parallelism": "fsdp"})["parallelism"] == "fsdp"
 
 
 def test_resuming_with_another_strategy_stops_before_loading_and_keeps_the_config(

@@ -157,9 +157,22 @@ def test_every_yaml_key_is_used_by_its_script_the_brain_or_another_key(hparam_fi
     assert not re.search(r":\s*(true|false)\s*(#.*)?$", yaml_text, re.M), "booleans: True/False"
 
 
+@pytest.mark.parametrize(
+    "hparam_file", sorted({row["Hparam_file"] for row in ROWS} | set(STUDY_RECIPES))
+)
+def test_every_included_fragment_takes_command_line_overrides(hparam_file):
+    """``key: !include:fragment`` with no arguments is a scalar in the resolved yaml, so
+    ``--key="{field: value}"`` fails ("structure of the overrides doesn't match")."""
+    with open(os.path.join(ROOT, hparam_file)) as handle:
+        text = handle.read()
+    bare = re.findall(r"^(\w+): !include:\S+\n(?!    )", text, re.M)
+    assert not bare, f"{hparam_file}: give these includes an argument line: {bare}"
+
+
 @pytest.mark.parametrize("row", [r for r in ROWS if r["Dataset"] != "MiniSpokenQA"], ids=row_id)
 def test_every_yaml_loads_with_its_rows_flags(row, recipe_fixtures):
-    flags = shlex.split(row["test_debug_flags"]) + ["--output_folder=unused"]
+    nested = ["--lora={rank: 4}", "--fsdp={param_dtype: bfloat16}"]  # reach the objects
+    flags = shlex.split(row["test_debug_flags"]) + ["--output_folder=unused", *nested]
     _, _, overrides = sb.parse_arguments([os.path.join(ROOT, row["Hparam_file"]), *flags])
     cwd = os.getcwd()
     os.chdir(ROOT)
@@ -170,6 +183,8 @@ def test_every_yaml_loads_with_its_rows_flags(row, recipe_fixtures):
         os.chdir(cwd)
     assert {"modules", "opt_class", "checkpointer", "epoch_counter", "train_logger"} <= set(hparams)
     assert hparams["training_strategy"].name == row_strategy(row)
+    assert hparams["lora"].rank == 4 and hparams["lora"].alpha == 16
+    assert hparams["fsdp"].param_dtype == "bfloat16" and hparams["parallelism"] == "ddp"
 
 
 @pytest.mark.parametrize("row", [r for r in ROWS if r["Dataset"] != "MiniSpokenQA"], ids=row_id)
@@ -255,6 +270,83 @@ def test_spoken_qa_recipe_trains_and_scores_under_torchrun_with_two_processes(
         saved = os.listdir(out / "save")
         assert 1 <= len([d for d in saved if d.startswith("CKPT")]) <= 2  # best + most recent
         assert not [d for d in saved if d.startswith(".staging")]
+
+
+def best_checkpoint_tensors(save_folder, key):
+    """The model tensors of the best FSDP checkpoint (a DCP folder), whole."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from speechbrain_sllm.checkpointing import AtomicCheckpointer
+
+    best = AtomicCheckpointer(str(save_folder)).find_checkpoint(max_key=key)
+    sharded = [path for path in best.paramfiles.values() if os.path.isdir(path)]
+    assert len(sharded) == 1, best.paramfiles  # the DCP folder of the trainable shards
+    whole = os.path.join(str(save_folder), "whole.pt")
+    dcp_to_torch_save(sharded[0], whole)
+    return torch.load(whole, weights_only=True)["model"]
+
+
+FSDP_RUNS = {
+    # peft keeps adapters in float32: float32 weights, bfloat16 compute through FSDP
+    "lora": ["--llm={dtype: float32}", "--fsdp={param_dtype: bfloat16}"],
+    "full_ft": [],  # the yaml's bfloat16 LLM; encoder and adaptor (float32) own units
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(FSDP_RUNS))
+def test_spoken_qa_recipe_trains_sharded_with_fsdp_under_torchrun_and_exports_whole_tensors(
+    strategy, recipe_fixtures, tmp_path
+):
+    """``--parallelism=fsdp``: base and fine-tuned importance on shards, DCP checkpoints,
+    the exported model equal to the best checkpoint, LoRA merged into the shards."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from speechbrain_sllm.inference import SpeechLLMInference
+
+    row = next(r for r in ROWS if r["Dataset"] == "VoiceAssistant" and row_strategy(r) == "lora")
+    out = tmp_path / "out"
+    script = os.path.join(ROOT, row["Script_file"])
+    flags = [f for f in shlex.split(row["test_debug_flags"]) if flag_key(f) != "--strategy"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        script,
+        os.path.join(ROOT, row["Hparam_file"]),
+        *flags,
+        *RUN_OPTS,
+        f"--output_folder={out}",
+        "--distributed_backend=gloo",
+        "--parallelism=fsdp",
+        f"--strategy={strategy}",
+        "--debug_persistently",
+        *FSDP_RUNS[strategy],
+    ]
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(script))
+    returncode, _, stderr = run_torchrun(command, ROOT, env)
+    assert returncode == 0, stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert {"T2T", "S2T"} <= set(results["accuracy"]["llama_questions"])
+    assert results["shift"]["js"] > 0.0  # importance moved: the merged / trained weights
+    exported = torch.load(out / "inference" / "model.ckpt", weights_only=True)
+    best = best_checkpoint_tensors(out / "save", "S2T")
+    assert exported.keys() == best.keys() and exported
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, best[name]), name
+    model = SpeechLLMInference.from_hparams(source=str(out / "inference"))
+    wav = sorted(glob.glob(os.path.join(ROOT, "tests", "fixtures", "spokenqa", "wav", "*.wav")))[0]
+    assert isinstance(model.answer_file(wav), str)
+    if strategy == "lora":
+        base = AutoModelForCausalLM.from_pretrained(os.path.join(ROOT, "tests/fixtures/tiny_llm"))
+        adapter = PeftModel.from_pretrained(base, str(out / "inference" / "lora_adapter"))
+        loaded = {n: p for n, p in adapter.named_parameters() if "lora_" in n}
+        assert len(loaded) == len([n for n in exported if "lora_" in n])
+        for name, tensor in loaded.items():
+            ours = exported[f"llm.{name}"]
+            assert torch.equal(tensor.to(ours.dtype), ours), name
 
 
 def test_a_trained_spoken_qa_run_loads_for_inference_and_as_a_peft_adapter(

@@ -15,6 +15,7 @@ Authors
 import logging
 from dataclasses import dataclass
 
+from speechbrain_sllm.fsdp import is_sharded
 from speechbrain_sllm.strategies.layerwise import LayerwiseLR, decoder_layer_index
 from speechbrain_sllm.strategies.lora import LoRASettings, apply_lora
 
@@ -114,6 +115,11 @@ def apply_strategy(model, strategy):
     SpeechLLM
         The same model, modified in place.
     """
+    if strategy.train_llm == "lora" and is_sharded(model.llm):
+        raise ValueError(
+            "apply_strategy: the LLM is already FSDP-sharded and LoRA cannot be added to "
+            "sharded modules; apply the strategy first, then shard (SpeechLLMBrain.shard_model)."
+        )
     if model.encoder is not None:
         model.encoder.freeze = not strategy.train_encoder
         model.encoder.freeze_parameters()

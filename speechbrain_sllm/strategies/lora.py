@@ -6,6 +6,8 @@ Authors
 
 from dataclasses import dataclass, field
 
+from speechbrain_sllm.fsdp import is_sharded
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -128,7 +130,12 @@ def merge_lora(model):
     """Merges LoRA adapters into the base weights of ``model.llm`` (no-op without LoRA).
 
     After merging, importance is measured on the weights the fine-tuned model
-    actually uses, with the same parameter names as the base LLM.
+    actually uses, with the same parameter names as the base LLM. An
+    FSDP-sharded LLM keeps its modules (replacing them would take them out of
+    their FSDP units): each rank adds ``B @ A * scaling`` to its shard of the
+    base weight in place and the adapters are switched off, so the forward is
+    the merged model's; importance skips the adapter tensors and drops peft's
+    name wrapping, so the names are the base LLM's in both cases.
 
     Arguments
     ---------
@@ -139,6 +146,10 @@ def merge_lora(model):
     -------
     SpeechLLM
     """
-    if hasattr(model.llm, "merge_and_unload"):
+    if not hasattr(model.llm, "merge_and_unload"):
+        return model
+    if is_sharded(model.llm):
+        model.llm.merge_adapter()  # DTensor arithmetic on the shards; every rank calls it
+    else:
         model.llm = model.llm.merge_and_unload()
     return model

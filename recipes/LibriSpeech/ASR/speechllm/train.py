@@ -97,16 +97,19 @@ def dataio_prepare(hparams):
     return train, valid, tests, text
 
 
-def base_importance(hparams, run_opts, text_set):
-    """Scores the untouched LLM on text when the importance LR rule needs its profile."""
+def base_importance(brain, hparams, text_set):
+    """Scores the untouched LLM on text when the importance LR rule needs its profile.
+
+    Runs before ``fit`` on the model the strategy set up (LoRA starts as an
+    exact no-op), sharded under ``parallelism: fsdp``.
+    """
     strategy = hparams["training_strategy"]
     if strategy.layerwise is None or strategy.layerwise.rule != "importance":
         return
     if os.path.isfile(strategy.layerwise.profile):
         return
-    scorer = SpeechLLMBrain(modules=hparams["modules"], hparams=hparams, run_opts=run_opts)
     run_importance(
-        scorer,
+        brain,
         text_set,
         os.path.dirname(strategy.layerwise.profile),
         mode="text",
@@ -138,7 +141,6 @@ if __name__ == "__main__":
     train_set, valid_set, test_sets, text_set = dataio_prepare(hparams)
     hparams["text_valid_set"] = text_set
 
-    base_importance(hparams, run_opts, text_set)
     apply_strategy(hparams["model"], hparams["training_strategy"])
     asr_brain = SpeechLLMBrain(
         modules=hparams["modules"],
@@ -147,6 +149,8 @@ if __name__ == "__main__":
         run_opts=run_opts,
         checkpointer=hparams["checkpointer"],
     )
+    asr_brain.shard_model()  # parallelism: fsdp under torchrun
+    base_importance(asr_brain, hparams, text_set)
     asr_brain.fit(
         asr_brain.hparams.epoch_counter,
         train_set,

@@ -9,7 +9,7 @@
 To run it (1 GPU):
 > python train.py hparams/whisper_llm.yaml --data_folder=/data/va \
 >     --llm_source=meta-llama/Llama-3.2-1B-Instruct --encoder_source=openai/whisper-large-v3
-Several GPUs:
+Several GPUs (add --parallelism=fsdp to shard an LLM that does not fit one GPU):
 > torchrun --nproc_per_node=8 train.py hparams/whisper_llm.yaml ...
 
 Authors
@@ -96,11 +96,8 @@ if __name__ == "__main__":
     train_set, valid_set, text_set, eval_sets = dataio_prepare(hparams)
     importance_folder = os.path.join(hparams["output_folder"], "importance")
 
-    scorer = SpeechLLMBrain(modules=hparams["modules"], hparams=hparams, run_opts=run_opts)
-    base_profile = textual_importance(
-        scorer, text_set, os.path.join(importance_folder, "base"), hparams
-    )
-
+    # LoRA starts as an exact no-op (B = 0), so the base profile can be scored on
+    # the model the strategy set up: under FSDP it is then scored on shards
     apply_strategy(hparams["model"], hparams["training_strategy"])
     qa_brain = SpeechLLMBrain(
         modules=hparams["modules"],
@@ -108,6 +105,10 @@ if __name__ == "__main__":
         hparams=hparams,
         run_opts=run_opts,
         checkpointer=hparams["checkpointer"],
+    )
+    qa_brain.shard_model()  # parallelism: fsdp under torchrun
+    base_profile = textual_importance(
+        qa_brain, text_set, os.path.join(importance_folder, "base"), hparams
     )
     qa_brain.fit(
         qa_brain.hparams.epoch_counter,
@@ -127,7 +128,7 @@ if __name__ == "__main__":
     }
     inference_yaml = os.path.join(os.path.dirname(hparams_file), "inference.yaml")
     export_recipe_run(hparams, inference_yaml)  # the best checkpoint, before LoRA merging
-    merge_lora(hparams["model"])
+    merge_lora(hparams["model"])  # under FSDP: merged into the shards in place
     after = textual_importance(
         qa_brain, text_set, os.path.join(importance_folder, "finetuned"), hparams
     )
