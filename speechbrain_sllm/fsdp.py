@@ -243,6 +243,24 @@ def full_tensor(tensor):
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def shard_like(tensor, reference):
+    """This rank's part of a whole ``tensor``, sharded as the DTensor ``reference``.
+
+    Every rank passes the same whole tensor; an ordinary ``reference`` gives
+    ``tensor`` back.
+
+    Example
+    -------
+    >>> shard_like(torch.arange(3), torch.zeros(3)).tolist()
+    [0, 1, 2]
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(reference, DTensor):
+        return tensor
+    return distribute_tensor(tensor, reference.device_mesh, reference.placements).to_local()
+
+
 @contextlib.contextmanager
 def root_gathered(model):
     """Gathers an FSDP root's own parameters for calls that bypass its ``forward``.

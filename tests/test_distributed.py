@@ -299,7 +299,7 @@ def _fsdp_importance_worker(rank, world, init_file, manifest, spm_path, out):
     from speechbrain_sllm.fsdp import shard_speech_llm
     from speechbrain_sllm.importance.aggregate import ScoreSet
     from speechbrain_sllm.importance.shift import topk_overlap
-    from speechbrain_sllm.importance.stage import run_importance
+    from speechbrain_sllm.importance.stage import run_importance, zeroing_check
 
     init_group(rank, world, init_file)
     tokenizer = SentencePieceTokenizer(spm_path)
@@ -312,6 +312,7 @@ def _fsdp_importance_worker(rank, world, init_file, manifest, spm_path, out):
     )
     scores = ScoreSet.from_accumulator(accumulator)
     profile["self_iou"] = topk_overlap(scores, scores, 0.03)  # a collective on each rank
+    profile["zeroing"] = zeroing_check(brain, dataset, accumulator, 0.1, "text", seed=3)
     profile["local_numel"] = sum(score.numel() for _, score in scores.items())
     with open(os.path.join(out, f"profile{rank}.json"), "w") as handle:
         json.dump(profile, handle)
@@ -319,7 +320,7 @@ def _fsdp_importance_worker(rank, world, init_file, manifest, spm_path, out):
 
 
 def test_fsdp_importance_equals_single_process(tokenizer, prompt, manifests, tmp_path):
-    from speechbrain_sllm.importance.stage import run_importance
+    from speechbrain_sllm.importance.stage import run_importance, zeroing_check
 
     torch.multiprocessing.spawn(
         _fsdp_importance_worker,
@@ -330,9 +331,12 @@ def test_fsdp_importance_equals_single_process(tokenizer, prompt, manifests, tmp
     dataset = make_qa_dataset(manifests["text"], prompt, with_audio=False).filtered_sorted(
         select_n=5
     )
-    expected, _ = run_importance(
+    expected, accumulator = run_importance(
         brain, dataset, str(tmp_path / "single"), mode="text", batch_size=2
     )
+    zeroing = zeroing_check(brain, dataset, accumulator, 0.1, "text", seed=3)
+    # every condition moved the perplexity (an untrained model: no order expected)
+    assert len({round(value, 6) for value in zeroing.values()}) == 4, zeroing
     for rank in range(2):
         with open(tmp_path / f"profile{rank}.json") as handle:
             profile = json.load(handle)
@@ -347,6 +351,8 @@ def test_fsdp_importance_equals_single_process(tokenizer, prompt, manifests, tmp
         for key, value in expected["thresholds"].items():  # float summation order differs
             assert profile["thresholds"][key] == pytest.approx(value, rel=1e-5)
         assert profile["non_layer"]["sum"] == pytest.approx(expected["non_layer"]["sum"], rel=1e-5)
+        # each rank zeroed its own shards: the same weights as one process zeroed
+        assert profile["zeroing"] == pytest.approx(zeroing, rel=1e-5)
 
 
 def _fsdp_merge_worker(rank, world, init_file, folder, out):

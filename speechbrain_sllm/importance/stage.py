@@ -20,6 +20,7 @@ import torch
 from speechbrain.utils.distributed import if_main_process
 from tqdm import tqdm
 
+from speechbrain_sllm.fsdp import local_tensor, shard_like
 from speechbrain_sllm.importance.aggregate import ScoreSet, aggregate, topk_threshold
 from speechbrain_sllm.importance.estimators import ImportanceAccumulator
 from speechbrain_sllm.importance.report import save_profile, summarize_profile
@@ -225,7 +226,9 @@ def zeroing_check(brain, dataset, accumulator, fraction=0.03, mode="text", seed=
     """The paper's sanity check: perplexity after zeroing top / random / bottom ``fraction``.
 
     Weights are restored after each condition (only the zeroed entries are
-    kept aside, so the extra memory is ``fraction`` of the model).
+    kept aside, so the extra memory is ``fraction`` of the model). On an
+    FSDP-sharded model every rank zeroes its own shards: thresholds are global
+    and the random draw is one process's, so the result is the same.
 
     Arguments
     ---------
@@ -247,19 +250,19 @@ def zeroing_check(brain, dataset, accumulator, fraction=0.03, mode="text", seed=
     dict
         Perplexity for ``none``, ``top``, ``random`` and ``bottom``.
     """
-    if accumulator.sharded:
-        raise NotImplementedError(
-            "zeroing_check on an FSDP-sharded model is not supported: run it on one process."
-        )
     scores = ScoreSet.from_accumulator(accumulator)
-    top, _ = topk_threshold(scores, fraction, largest=True)
+    top, _ = topk_threshold(scores, fraction, largest=True)  # global, also under FSDP
     bottom, _ = topk_threshold(scores, fraction, largest=False)
     generator = torch.Generator().manual_seed(seed)
+
+    def random_mask(name, param):
+        """The same draw as one process, then this rank's shard of it."""
+        drawn = torch.rand(param.shape, generator=generator) < fraction
+        return shard_like(drawn.to(param.device), param)
+
     selectors = {
         "top": lambda name, param: accumulator.score(name) >= top,
-        "random": lambda name, param: (torch.rand(param.shape, generator=generator) < fraction).to(
-            param.device
-        ),
+        "random": random_mask,
         "bottom": lambda name, param: accumulator.score(name) <= bottom,
     }
     results = {"none": brain.perplexity(dataset, mode=mode)}
@@ -267,9 +270,10 @@ def zeroing_check(brain, dataset, accumulator, fraction=0.03, mode="text", seed=
         saved = {}
         for name, param in accumulator.params.items():
             mask = select(name, param)
-            saved[name] = (mask, param[mask].clone())
-            param[mask] = 0
+            weights = local_tensor(param)  # in place: FSDP gathers from these shards
+            saved[name] = (mask, weights[mask].clone())
+            weights[mask] = 0
         results[condition] = brain.perplexity(dataset, mode=mode)
         for name, (mask, values) in saved.items():
-            accumulator.params[name][mask] = values
+            local_tensor(accumulator.params[name])[mask] = values
     return results
