@@ -276,9 +276,11 @@ def best_checkpoint_tensors(save_folder, key):
     """The model tensors of the best FSDP checkpoint (a DCP folder), whole."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+    from speechbrain_sllm.brains import MAX_METRICS
     from speechbrain_sllm.checkpointing import AtomicCheckpointer
 
-    best = AtomicCheckpointer(str(save_folder)).find_checkpoint(max_key=key)
+    best_key = {"max_key": key} if key in MAX_METRICS else {"min_key": key}
+    best = AtomicCheckpointer(str(save_folder)).find_checkpoint(**best_key)
     sharded = [path for path in best.paramfiles.values() if os.path.isdir(path)]
     assert len(sharded) == 1, best.paramfiles  # the DCP folder of the trainable shards
     whole = os.path.join(str(save_folder), "whole.pt")
@@ -286,26 +288,20 @@ def best_checkpoint_tensors(save_folder, key):
     return torch.load(whole, weights_only=True)["model"]
 
 
-FSDP_RUNS = {
-    # peft keeps adapters in float32: float32 weights, bfloat16 compute through FSDP
-    "lora": ["--llm={dtype: float32}", "--fsdp={param_dtype: bfloat16}"],
-    "full_ft": [],  # the yaml's bfloat16 LLM; encoder and adaptor (float32) own units
+# peft keeps adapters in float32: with LoRA, float32 weights and bfloat16 compute
+FLOAT32_WEIGHTS = ["--llm={dtype: float32}", "--fsdp={param_dtype: bfloat16}"]
+FSDP_RUNS = {  # id: (dataset, strategy, extra flags, checkpoint key)
+    "VoiceAssistant-lora": ("VoiceAssistant", "lora", FLOAT32_WEIGHTS, "S2T"),
+    # the yaml's bfloat16 LLM; encoder and adaptor (float32) are units of their own
+    "VoiceAssistant-full_ft": ("VoiceAssistant", "full_ft", [], "S2T"),
+    # base importance on shards feeds the layer-wise rates
+    "LibriSpeech-lora_layerwise_lr": ("LibriSpeech", "lora_layerwise_lr", FLOAT32_WEIGHTS, "WER"),
 }
 
 
-@pytest.mark.parametrize("strategy", sorted(FSDP_RUNS))
-def test_spoken_qa_recipe_trains_sharded_with_fsdp_under_torchrun_and_exports_whole_tensors(
-    strategy, recipe_fixtures, tmp_path
-):
-    """``--parallelism=fsdp``: base and fine-tuned importance on shards, DCP checkpoints,
-    the exported model equal to the best checkpoint, LoRA merged into the shards."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from speechbrain_sllm.inference import SpeechLLMInference
-
-    row = next(r for r in ROWS if r["Dataset"] == "VoiceAssistant" and row_strategy(r) == "lora")
-    out = tmp_path / "out"
+def run_fsdp_row(dataset, strategy, extra_flags, out):
+    """A recipe row under ``torchrun`` (2 gloo processes) with ``--parallelism=fsdp``."""
+    row = next(r for r in ROWS if r["Dataset"] == dataset)
     script = os.path.join(ROOT, row["Script_file"])
     flags = [f for f in shlex.split(row["test_debug_flags"]) if flag_key(f) != "--strategy"]
     command = [
@@ -323,23 +319,43 @@ def test_spoken_qa_recipe_trains_sharded_with_fsdp_under_torchrun_and_exports_wh
         "--parallelism=fsdp",
         f"--strategy={strategy}",
         "--debug_persistently",
-        *FSDP_RUNS[strategy],
+        *extra_flags,
     ]
     env = dict(os.environ, PYTHONPATH=os.path.dirname(script))
     returncode, _, stderr = run_torchrun(command, ROOT, env)
     assert returncode == 0, stderr[-4000:]
-    results = json.loads((out / "results.json").read_text())
-    assert {"T2T", "S2T"} <= set(results["accuracy"]["llama_questions"])
-    assert results["shift"]["js"] > 0.0  # importance moved: the merged / trained weights
+
+
+@pytest.mark.parametrize("run", sorted(FSDP_RUNS))
+def test_recipe_trains_sharded_with_fsdp_under_torchrun_and_exports_whole_tensors(
+    run, recipe_fixtures, tmp_path
+):
+    """``--parallelism=fsdp``: importance on shards, DCP checkpoints, the exported model
+    equal to the best checkpoint, LoRA merged into the shards (spoken QA)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from speechbrain_sllm.inference import SpeechLLMInference
+
+    dataset, strategy, extra_flags, key = FSDP_RUNS[run]
+    out = tmp_path / "out"
+    run_fsdp_row(dataset, strategy, extra_flags, out)
+    if dataset == "VoiceAssistant":
+        results = json.loads((out / "results.json").read_text())
+        assert {"T2T", "S2T"} <= set(results["accuracy"]["llama_questions"])
+        assert results["shift"]["js"] > 0.0  # importance moved: the merged / trained weights
+    else:
+        assert (out / "test-clean_WER.txt").is_file()
+        assert (out / "importance" / "base" / "profile.json").is_file()
     exported = torch.load(out / "inference" / "model.ckpt", weights_only=True)
-    best = best_checkpoint_tensors(out / "save", "S2T")
+    best = best_checkpoint_tensors(out / "save", key)
     assert exported.keys() == best.keys() and exported
     for name, tensor in exported.items():
         assert torch.equal(tensor, best[name]), name
     model = SpeechLLMInference.from_hparams(source=str(out / "inference"))
     wav = sorted(glob.glob(os.path.join(ROOT, "tests", "fixtures", "spokenqa", "wav", "*.wav")))[0]
     assert isinstance(model.answer_file(wav), str)
-    if strategy == "lora":
+    if "lora" in strategy:
         base = AutoModelForCausalLM.from_pretrained(os.path.join(ROOT, "tests/fixtures/tiny_llm"))
         adapter = PeftModel.from_pretrained(base, str(out / "inference" / "lora_adapter"))
         loaded = {n: p for n, p in adapter.named_parameters() if "lora_" in n}

@@ -17,7 +17,7 @@ import math
 import time
 
 import torch
-from speechbrain.utils.distributed import if_main_process
+from speechbrain.utils.distributed import ddp_barrier, if_main_process
 from tqdm import tqdm
 
 from speechbrain_sllm.fsdp import local_tensor, shard_like
@@ -217,6 +217,7 @@ def run_importance(brain, dataset, output_folder, topk_percents=(1.0, 3.0, 5.0),
     )
     if if_main_process():
         save_profile(profile, output_folder)
+    ddp_barrier()  # other ranks may read the profile next (the layer-wise LR rule)
     logger.info(summarize_profile(profile))
     return profile, accumulator
 
