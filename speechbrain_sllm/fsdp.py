@@ -1,8 +1,8 @@
 """FSDP2 sharding of a SpeechLLM under torchrun (``parallelism: fsdp`` in the yaml).
 
-Each decoder layer of the LLM becomes one FSDP unit and the whole SpeechLLM the
-root unit (embeddings, final norm, output layer, adaptor and encoder), so a
-rank holds 1 / world of every parameter and gathers one layer at a time.
+Each decoder layer of the LLM, the encoder and the adaptor become FSDP units
+and the whole SpeechLLM the root unit (embeddings, final norm, output layer),
+so a rank holds 1 / world of every parameter and gathers one unit at a time.
 Parameters become ``DTensor`` shards; the strategy's parameter groups
 (layer-wise rates, LoRA) are built after sharding, over those shards.
 
