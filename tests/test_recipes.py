@@ -43,24 +43,31 @@ def flag_key(flag):
     return flag.split("=", 1)[0]
 
 
-def run_row(row, output_folder, extra_flags=()):
-    """Runs one CSV row as upstream does: script, yaml, its flags, run options, output folder.
-
-    ``extra_flags`` replace the row's flags of the same name.
-    """
+def row_command(row, output_folder, extra_flags=()):
+    """The script and arguments of one CSV row, as upstream runs it: yaml, its flags, run
+    options, output folder; ``extra_flags`` replace the row's flags of the same name."""
     script = os.path.join(ROOT, row["Script_file"])
     replaced = {flag_key(flag) for flag in extra_flags}
     row_flags = [f for f in shlex.split(row["test_debug_flags"]) if flag_key(f) not in replaced]
-    command = [
-        sys.executable,
-        script,
+    arguments = [
         os.path.join(ROOT, row["Hparam_file"]),
         *row_flags,
         *RUN_OPTS,
         f"--output_folder={output_folder}",
         *extra_flags,
     ]
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(script))
+    return script, arguments
+
+
+def row_env(script):
+    return dict(os.environ, PYTHONPATH=os.path.dirname(script))
+
+
+def run_row(row, output_folder, extra_flags=()):
+    """Runs one CSV row in one process (see ``row_command``)."""
+    script, arguments = row_command(row, output_folder, extra_flags)
+    command = [sys.executable, script, *arguments]
+    env = row_env(script)
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
 
 
@@ -236,14 +243,11 @@ def run_torchrun(command, cwd, env, timeout=600):
     return process.returncode, stdout, stderr
 
 
-@pytest.mark.parametrize("persistent", [False, True], ids=["debug", "debug_persistently"])
-def test_spoken_qa_recipe_trains_and_scores_under_torchrun_with_two_processes(
-    persistent, recipe_fixtures, tmp_path
-):
-    """DDP on CPU (gloo), 2 epochs so keep-only deletion runs; ranks share checkpoints."""
-    row = next(r for r in ROWS if r["Dataset"] == "VoiceAssistant" and row_strategy(r) == "lora")
-    out = tmp_path / "out"
-    script = os.path.join(ROOT, row["Script_file"])
+def run_row_under_torchrun(row, output_folder, extra_flags=()):
+    """Runs one CSV row with ``torchrun``, 2 gloo processes (see ``row_command``)."""
+    script, arguments = row_command(
+        row, output_folder, ["--distributed_backend=gloo", *extra_flags]
+    )
     command = [
         sys.executable,
         "-m",
@@ -251,18 +255,21 @@ def test_spoken_qa_recipe_trains_and_scores_under_torchrun_with_two_processes(
         "--standalone",
         "--nproc_per_node=2",
         script,
-        os.path.join(ROOT, row["Hparam_file"]),
-        *shlex.split(row["test_debug_flags"]),
-        *RUN_OPTS,
-        f"--output_folder={out}",
-        "--distributed_backend=gloo",
-        "--number_of_epochs=2",
-        "--debug_epochs=2",
-        *(["--debug_persistently"] if persistent else []),
+        *arguments,
     ]
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(script))
-    returncode, _, stderr = run_torchrun(command, ROOT, env)
+    returncode, _, stderr = run_torchrun(command, ROOT, row_env(script))
     assert returncode == 0, stderr[-4000:]
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["debug", "debug_persistently"])
+def test_spoken_qa_recipe_trains_and_scores_under_torchrun_with_two_processes(
+    persistent, recipe_fixtures, tmp_path
+):
+    """DDP on CPU (gloo), 2 epochs so keep-only deletion runs; ranks share checkpoints."""
+    row = next(r for r in ROWS if r["Dataset"] == "VoiceAssistant" and row_strategy(r) == "lora")
+    out = tmp_path / "out"
+    flags = ["--number_of_epochs=2", "--debug_epochs=2"]
+    run_row_under_torchrun(row, out, flags + (["--debug_persistently"] if persistent else []))
     results = json.loads((out / "results.json").read_text())
     assert {"T2T", "S2T"} <= set(results["accuracy"]["llama_questions"])
     assert "epoch: 2" in (out / "train_log.txt").read_text()
@@ -299,33 +306,6 @@ FSDP_RUNS = {  # id: (dataset, strategy, extra flags, checkpoint key)
 }
 
 
-def run_fsdp_row(dataset, strategy, extra_flags, out):
-    """A recipe row under ``torchrun`` (2 gloo processes) with ``--parallelism=fsdp``."""
-    row = next(r for r in ROWS if r["Dataset"] == dataset)
-    script = os.path.join(ROOT, row["Script_file"])
-    flags = [f for f in shlex.split(row["test_debug_flags"]) if flag_key(f) != "--strategy"]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        script,
-        os.path.join(ROOT, row["Hparam_file"]),
-        *flags,
-        *RUN_OPTS,
-        f"--output_folder={out}",
-        "--distributed_backend=gloo",
-        "--parallelism=fsdp",
-        f"--strategy={strategy}",
-        "--debug_persistently",
-        *extra_flags,
-    ]
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(script))
-    returncode, _, stderr = run_torchrun(command, ROOT, env)
-    assert returncode == 0, stderr[-4000:]
-
-
 @pytest.mark.parametrize("run", sorted(FSDP_RUNS))
 def test_recipe_trains_sharded_with_fsdp_under_torchrun_and_exports_whole_tensors(
     run, recipe_fixtures, tmp_path
@@ -339,7 +319,9 @@ def test_recipe_trains_sharded_with_fsdp_under_torchrun_and_exports_whole_tensor
 
     dataset, strategy, extra_flags, key = FSDP_RUNS[run]
     out = tmp_path / "out"
-    run_fsdp_row(dataset, strategy, extra_flags, out)
+    row = next(r for r in ROWS if r["Dataset"] == dataset)
+    flags = ["--parallelism=fsdp", f"--strategy={strategy}", "--debug_persistently"]
+    run_row_under_torchrun(row, out, flags + extra_flags)
     if dataset == "VoiceAssistant":
         results = json.loads((out / "results.json").read_text())
         assert {"T2T", "S2T"} <= set(results["accuracy"]["llama_questions"])
