@@ -34,6 +34,7 @@ from speechbrain_sllm.fsdp import (
 )
 from speechbrain_sllm.inference import generated_texts, speech_inputs
 from speechbrain_sllm.metrics import QAAccuracyStats, wer_stats
+from speechbrain_sllm.model.embedding_ctc import ctc_loss, greedy_ctc_tokens
 from speechbrain_sllm.model.speech_llm import ContextLengthError, shifted_lm_loss
 from speechbrain_sllm.strategies import param_groups
 
@@ -637,3 +638,60 @@ class CTCEncoderBrain(sb.Brain):
                 valid_stats={"loss": stage_loss},
             )
             self.checkpointer.save_and_keep_only(meta={"loss": stage_loss}, min_keys=["loss"])
+
+
+class EmbeddingCTCBrain(sb.Brain):
+    """Aligns an adaptor onto a frozen LLM's input embeddings with CTC; the LLM never runs.
+
+    Stage 1 of a speech LLM made cheap (see ``model.embedding_ctc``): the adaptor
+    learns to put frames near the input embeddings of the spoken words, which is
+    what the frozen LLM reads when it is given the written question.
+
+    Modules: ``encoder`` (a frozen ``SpeechEncoder``), ``adaptor`` and
+    ``ctc_head`` (an ``EmbeddingCTCHead`` of the LLM's input embeddings).
+    Hparams: ``tokenizer`` (the LLM's), ``norm_weight`` (weight of the frame-norm
+    penalty), ``epoch_counter``, ``train_logger``. Batches need ``id``, ``sig``
+    and ``question`` (the transcript). Validation reports the best-path WER of
+    the decoded tokens; the checkpoint with the lowest validation loss is kept.
+    """
+
+    def compute_forward(self, batch, stage):
+        """Encoder -> adaptor frames, their relative lengths and CTC log-probabilities."""
+        batch = batch.to(self.device)
+        feats, lengths = self.modules.encoder(*batch.sig)
+        frames, lengths = self.modules.adaptor(feats, lengths)
+        return frames, lengths, self.modules.ctc_head(frames)
+
+    def compute_objectives(self, predictions, batch, stage):
+        """CTC on the transcript's LLM tokens plus the weighted frame-norm penalty."""
+        frames, lengths, log_probs = predictions
+        token_ids = [self.hparams.tokenizer.encode(text) for text in batch.question]
+        loss = ctc_loss(log_probs, lengths, token_ids)
+        penalty = self.modules.ctc_head.norm_penalty(frames, lengths)
+        if stage != sb.Stage.TRAIN:
+            decode = self.hparams.tokenizer.decode
+            hyps = [decode(ids).lower().split() for ids in greedy_ctc_tokens(log_probs, lengths)]
+            refs = [text.lower().split() for text in batch.question]
+            self.wer_metric.append(batch.id, hyps, refs)
+        return loss + self.hparams.norm_weight * penalty
+
+    def on_stage_start(self, stage, epoch=None):
+        """A fresh WER tracker for validation and test."""
+        if stage != sb.Stage.TRAIN:
+            self.wer_metric = wer_stats()
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        """Logs loss and WER; keeps the checkpoint with the lowest validation loss."""
+        if stage == sb.Stage.TRAIN:
+            self.train_loss = stage_loss
+            return
+        stats = {"loss": stage_loss, "WER": self.wer_metric.summarize("error_rate")}
+        self.last_stats = stats
+        if stage == sb.Stage.VALID:
+            self.hparams.train_logger.log_stats(
+                stats_meta={"epoch": epoch},
+                train_stats={"loss": getattr(self, "train_loss", None)},
+                valid_stats=stats,
+            )
+            if self.checkpointer is not None:
+                self.checkpointer.save_and_keep_only(meta={"loss": stage_loss}, min_keys=["loss"])

@@ -22,6 +22,7 @@ import speechbrain_sllm  # noqa: F401  (first: chooses OpenMP waiting before tor
 
 import copy
 import csv
+import functools
 import logging
 import os
 import platform
@@ -31,6 +32,8 @@ import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 
+from speechbrain_sllm.brains import EmbeddingCTCBrain
+from speechbrain_sllm.checkpointing import AtomicCheckpointer
 from speechbrain_sllm.data.dataio import make_qa_dataset, write_csv_manifest
 from speechbrain_sllm.data.preparation import completion_record, is_prepared, staged_preparation
 from speechbrain_sllm.importance.report import (
@@ -39,6 +42,7 @@ from speechbrain_sllm.importance.report import (
 )
 from speechbrain_sllm.importance.stage import run_importance, zeroing_check
 from speechbrain_sllm.metrics import paired_test, read_item_scores
+from speechbrain_sllm.model.embedding_ctc import EmbeddingCTCHead
 from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
 from speechbrain_sllm.strategies import LayerwiseLR, apply_strategy, build_strategy
 from speechbrain_sllm.strategies.lora import merge_lora
@@ -99,6 +103,22 @@ def rewrite_answers(manifest, answers, path):
         if answers.get(row["ID"], "").strip()
     ]
     write_csv_manifest(rows, FIELDS, path)
+
+
+def finetuning_subset(paths, count, folder):
+    """``paths`` with ``train`` cut to its first ``count`` items; ``align`` keeps them all.
+
+    Stage 1a (CTC) needs only transcripts and is cheap, so it reads every spoken
+    training question; answer targets, stage 1b, stage 2 and the importance
+    stage read the first ``count``.
+    """
+    rows = read_rows(paths["train"])
+    if count >= len(rows):
+        return dict(paths, align=paths["train"])
+    os.makedirs(folder, exist_ok=True)
+    subset = os.path.join(folder, "train_finetune.csv")
+    write_csv_manifest(rows[:count], FIELDS, subset)
+    return dict(paths, align=paths["train"], train=subset)
 
 
 def self_distilled_targets(hparams, run_opts, paths, brain):
@@ -216,12 +236,83 @@ def base_stage(hparams, run_opts, paths):
     return results, profile, scores, data, paths
 
 
+def ctc_alignment(hparams, run_opts, train, valid, encoder, adaptor, embeddings):
+    """Stage 1a: CTC of the adaptor's frames onto the LLM's input embeddings (LLM not run).
+
+    Arguments
+    ---------
+    hparams : dict
+        The study's hyperparameters (``align_ctc_*``, ``tokenizer``, ``ft_batch_size``).
+    run_opts : dict
+        Run options.
+    train : DynamicItemDataset
+        Spoken training questions (their ``question`` is the transcript).
+    valid : DynamicItemDataset
+        Spoken validation questions (the lowest loss picks the epoch).
+    encoder : SpeechEncoder
+        The frozen encoder.
+    adaptor : torch.nn.Module
+        Trained in place; the lowest-validation-loss epoch is restored.
+    embeddings : torch.Tensor
+        The LLM's input embedding table.
+
+    Returns
+    -------
+    dict
+        ``ctc_valid_loss`` and ``ctc_valid_wer`` (best-path decoding, %) of the restored epoch.
+    """
+    folder = os.path.join(hparams["output_folder"], "align", "ctc")
+    counter = sb.utils.epoch_loop.EpochCounter(limit=hparams["align_ctc_epochs"])
+    head = EmbeddingCTCHead(embeddings, scale=hparams["align_ctc_scale"])
+    checkpointer = AtomicCheckpointer(
+        os.path.join(folder, "save"),
+        recoverables={"adaptor": adaptor, "ctc_head": head, "counter": counter},
+    )
+    brain = EmbeddingCTCBrain(
+        modules={"encoder": encoder, "adaptor": adaptor, "ctc_head": head},
+        opt_class=functools.partial(torch.optim.AdamW, lr=hparams["align_ctc_lr"]),
+        hparams={
+            "tokenizer": hparams["tokenizer"],
+            "norm_weight": hparams["align_ctc_norm_weight"],
+            "epoch_counter": counter,
+            "train_logger": sb.utils.train_logger.FileTrainLogger(
+                os.path.join(folder, "train_log.txt")
+            ),
+        },
+        run_opts=run_opts,
+        checkpointer=checkpointer,
+    )
+    loader = {"batch_size": hparams["ft_batch_size"]}
+    brain.fit(
+        counter,
+        train,
+        valid,
+        train_loader_kwargs=dict(loader, shuffle=True),
+        valid_loader_kwargs=dict(loader),
+    )
+    brain.evaluate(valid, min_key="loss", test_loader_kwargs=dict(loader), progressbar=False)
+    return {"ctc_valid_loss": brain.last_stats["loss"], "ctc_valid_wer": brain.last_stats["WER"]}
+
+
 def align_stage(hparams, run_opts, paths, data, encoder):
-    """Stage 1: trains the adaptor with the LLM frozen; returns it and its scores."""
+    """Stage 1: trains the adaptor with the LLM frozen; returns it and its scores.
+
+    First CTC onto the LLM's input embeddings (``align_ctc_epochs``), then the
+    LLM's own loss on ``align_targets`` (``align_epochs``); either may be 0.
+    """
     folder = os.path.join(hparams["output_folder"], "align")
     sb.utils.seed_everything(hparams["seed"])
     adaptor = hparams["adaptor"]
-    model = SpeechLLM(load_llm(hparams), encoder, adaptor)
+    llm = load_llm(hparams)
+    results = {}
+    if hparams["align_ctc_epochs"] > 0:
+        embeddings = llm.get_input_embeddings().weight
+        results.update(
+            ctc_alignment(
+                hparams, run_opts, data["align"], data["valid"], encoder, adaptor, embeddings
+            )
+        )
+    model = SpeechLLM(llm, encoder, adaptor)
     strategy = build_strategy("frozen_llm")
     apply_strategy(model, strategy)
     stage_hparams = dict(hparams)
@@ -244,8 +335,8 @@ def align_stage(hparams, run_opts, paths, data, encoder):
         folder,
         hparams["align_epochs"],
     )
-    fit_and_restore_best(brain, train, valid, hparams["ft_batch_size"])
-    results = {}
+    if hparams["align_epochs"] > 0:
+        fit_and_restore_best(brain, train, valid, hparams["ft_batch_size"])
     if hparams["align_targets"] == "transcript":
         results["valid_wer"] = brain.evaluate_wer(
             valid, os.path.join(folder, "valid_wer.txt"), batch_size=hparams["eval_batch_size"]
@@ -374,6 +465,7 @@ def main(argv):
             hparams["llama_questions_folder"],
             skip_prep=True,
         )
+    paths = finetuning_subset(paths, hparams["num_finetune"], hparams["save_folder"])
     with clock.stage("targets_and_base_llm"):
         base, base_profile, base_scores, data, paths = base_stage(hparams, run_opts, paths)
     encoder = hparams["encoder"]
@@ -404,6 +496,7 @@ def report(hparams, base, stage1, runs, profiles, base_profile, clock):
         "encoder": hparams["encoder_source"],
         "targets": hparams["targets"],
         "num_train": len(read_rows(os.path.join(hparams["save_folder"], "train.csv"))),
+        "num_finetune": min(hparams["num_finetune"], hparams["num_train"]),
         "seed": hparams["seed"],
         "torch_threads": torch.get_num_threads(),
     }
