@@ -33,7 +33,7 @@ import torch
 from hyperpyyaml import load_hyperpyyaml
 
 from speechbrain_sllm.brains import EmbeddingCTCBrain
-from speechbrain_sllm.checkpointing import AtomicCheckpointer
+from speechbrain_sllm.checkpointing import AtomicCheckpointer, RNGState
 from speechbrain_sllm.data.dataio import make_qa_dataset, write_csv_manifest
 from speechbrain_sllm.data.preparation import completion_record, is_prepared, staged_preparation
 from speechbrain_sllm.importance.report import (
@@ -176,10 +176,9 @@ def transcript_targets(hparams, paths):
     return aligned
 
 
-def evaluate(brain, data, hparams, folder, speech=True):
-    """T2T (and S2T) accuracy on both test sets, and text perplexity on LLaMA Questions."""
+def evaluate(brain, data, hparams, folder, modes=("text", "speech")):
+    """T2T and / or S2T accuracy on both test sets; with text, perplexity on LLaMA Questions."""
     kwargs = {"batch_size": hparams["eval_batch_size"], "match": hparams["answer_match"]}
-    modes = ("text", "speech") if speech else ("text",)
     results = {}
     for name in TEST_SETS:
         for mode in modes:
@@ -188,7 +187,10 @@ def evaluate(brain, data, hparams, folder, speech=True):
             results[column] = brain.evaluate_qa(
                 data[name], mode, output_file=output, progress=True, **kwargs
             )
-    results["text_ppl"] = brain.perplexity(data["llamaq_test"], "text", hparams["eval_batch_size"])
+    if "text" in modes:
+        results["text_ppl"] = brain.perplexity(
+            data["llamaq_test"], "text", hparams["eval_batch_size"]
+        )
     return results
 
 
@@ -220,7 +222,7 @@ def base_stage(hparams, run_opts, paths):
     elif hparams["targets"] != "gold":
         raise ValueError(f"targets {hparams['targets']!r} unknown; use gold or self_distilled.")
     data = {split: qa_dataset(path, hparams["prompt"], hparams) for split, path in paths.items()}
-    results = evaluate(brain, data, hparams, folder, speech=False)
+    results = evaluate(brain, data, hparams, folder, modes=("text",))
     profile, accumulator = importance(brain, data, hparams, "base")
     results["zeroing"] = zeroing_check(
         brain,
@@ -266,7 +268,7 @@ def ctc_alignment(hparams, run_opts, train, valid, encoder, adaptor, embeddings)
     head = EmbeddingCTCHead(embeddings, scale=hparams["align_ctc_scale"])
     checkpointer = AtomicCheckpointer(
         os.path.join(folder, "save"),
-        recoverables={"adaptor": adaptor, "ctc_head": head, "counter": counter},
+        recoverables={"adaptor": adaptor, "ctc_head": head, "counter": counter, "rng": RNGState()},
     )
     brain = EmbeddingCTCBrain(
         modules={"encoder": encoder, "adaptor": adaptor, "ctc_head": head},
@@ -342,7 +344,8 @@ def align_stage(hparams, run_opts, paths, data, encoder):
             valid, os.path.join(folder, "valid_wer.txt"), batch_size=hparams["eval_batch_size"]
         )
     brain.hparams.prompt = hparams["prompt"]
-    results.update(evaluate(brain, data, hparams, folder))
+    # the LLM is frozen here: its text scores are the base LLM's (main copies them)
+    results.update(evaluate(brain, data, hparams, folder, modes=("speech",)))
     logger.info(f"stage 1 (aligned adaptor): {results}")
     return adaptor, results
 
@@ -471,6 +474,7 @@ def main(argv):
     encoder = hparams["encoder"]
     with clock.stage("stage1_alignment"):
         adaptor, stage1 = align_stage(hparams, run_opts, paths, data, encoder)
+    stage1.update({key: base[key] for key in ("llamaq_t2t", "webq_t2t", "text_ppl")})
     runs, profiles = {}, {"base LLM": base_profile}
     for name in hparams["strategies"]:
         with clock.stage(f"finetune_{name}"):
