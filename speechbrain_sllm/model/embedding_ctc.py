@@ -10,7 +10,7 @@ embeddings' typical length (cosine logits leave the norm free, and a frame far
 longer than any token embedding would swamp the LLM's residual stream).
 
 The LLM itself never runs, so a step costs the adaptor and one matrix product
-with the embedding table: measured here about 0.45 s per batch of 8 on 2 CPU
+with the embedding table: measured here about 0.5 s per batch of 8 on 2 CPU
 cores for Whisper tiny.en -> SmolLM2-135M, against 3.3 s for a frozen-LLM step.
 
 Authors
