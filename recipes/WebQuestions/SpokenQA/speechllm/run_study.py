@@ -115,9 +115,8 @@ def finetuning_subset(paths, count, folder):
     rows = read_rows(paths["train"])
     if count >= len(rows):
         return dict(paths, align=paths["train"])
-    os.makedirs(folder, exist_ok=True)
     subset = os.path.join(folder, "train_finetune.csv")
-    write_csv_manifest(rows[:count], FIELDS, subset)
+    sb.utils.distributed.run_on_main(write_csv_manifest, args=[rows[:count], FIELDS, subset])
     return dict(paths, align=paths["train"], train=subset)
 
 
