@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+import tempfile
 
 import speechbrain as sb
 import torch
@@ -17,6 +19,31 @@ from speechbrain_sllm.strategies import (
     apply_strategy,
     build_strategy,
 )
+
+
+def failure_report(result, lines=40):
+    """What a failed recipe subprocess left: its last log lines, free memory and disk.
+
+    SpeechBrain logs uncaught exceptions (traceback included) through its logger,
+    which writes to stdout, so stderr alone shows progress bars and no error.
+    Progress-bar lines are dropped from both streams.
+    """
+
+    def tail(text):
+        kept = [
+            line
+            for line in text.replace("\r", "\n").splitlines()
+            if line.strip() and "it/s]" not in line and "s/it]" not in line
+        ]
+        return "\n".join(kept[-lines:])
+
+    with open("/proc/meminfo") as handle:
+        memory = " ".join(line.strip() for line in handle if line.startswith("MemAvailable"))
+    disk = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+    return (
+        f"rc {result.returncode}; {memory}; {disk:.1f} GiB free in {tempfile.gettempdir()}\n"
+        f"--- stdout ---\n{tail(result.stdout)}\n--- stderr ---\n{tail(result.stderr)}"
+    )
 
 
 def write_profile(path, values):

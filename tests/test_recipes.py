@@ -16,6 +16,7 @@ import pytest
 import speechbrain as sb
 import torch
 from conftest import ROOT
+from helpers import failure_report
 from hyperpyyaml import load_hyperpyyaml
 
 HEADER = (
@@ -198,7 +199,7 @@ def test_every_yaml_loads_with_its_rows_flags(row, recipe_fixtures):
 def test_recipe_row_runs_and_passes_its_checks(row, recipe_fixtures, tmp_path):
     out = tmp_path / row["recipe_id"]
     result = run_row(row, out)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, failure_report(result)
     assert not check_files(row["test_debug_checks"], out)
     assert check_performance(row["test_debug_checks"], out) is None
     log = (out / "log.txt").read_text()
@@ -363,7 +364,7 @@ def test_a_trained_spoken_qa_run_loads_for_inference_and_as_a_peft_adapter(
     row = next(r for r in ROWS if r["Dataset"] == "VoiceAssistant" and row_strategy(r) == "lora")
     out = tmp_path / "out"
     result = run_row(row, out, ["--llm={dtype: float32}", "--precision=fp32"])
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, failure_report(result)
     model = SpeechLLMInference.from_hparams(source=str(out / "inference"))
     with open(out / "llama_questions_S2T.txt") as handle:
         recipe = {line.split("\t")[0]: line.split("\t")[2] for line in handle}

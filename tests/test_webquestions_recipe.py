@@ -15,6 +15,7 @@ import sys
 import pytest
 import soundfile
 from conftest import LLAMA_QUESTIONS, ROOT
+from helpers import failure_report
 
 from speechbrain_sllm.data.tts import EspeakTTS
 
@@ -95,7 +96,7 @@ def test_debug_run_of_every_strategy_on_real_models(real_models, study_data, tmp
         "--importance_batch_size=2",
     ]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, failure_report(done)
     with open(output / "results.json") as handle:
         results = json.load(handle)
     strategies = results["strategies"]
