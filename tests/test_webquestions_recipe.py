@@ -9,6 +9,7 @@ synthesised with eSpeak), so the same code path runs everywhere.
 import csv
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -69,6 +70,43 @@ def study_data(tmp_path_factory):
     if not os.path.isdir(llamaq):
         llamaq = write_llama_questions(folder / "llamaq")
     return str(webq), str(llamaq)
+
+
+def test_prepare_adds_varied_renderings_in_unseen_voices(tmp_path):
+    sys.path.insert(0, RECIPE)
+    from webquestions_prepare import prepare_webquestions, varied_voices
+
+    webq = write_webquestions(tmp_path / "webq")
+    llamaq = write_llama_questions(tmp_path / "llamaq")
+    save = tmp_path / "prepared"
+    options = {"num_train": 4, "num_valid": 2, "num_test": 2, "num_llamaq": 2}
+    paths = prepare_webquestions(webq, save, llamaq, varied_renderings=2, **options)
+    with open(paths["train"]) as handle:
+        train = list(csv.DictReader(handle))
+    with open(paths["align"]) as handle:
+        align = list(csv.DictReader(handle))
+    assert align[:4] == train and len(align) == 12
+    for k in (1, 2):
+        varied = align[4 * k : 4 * (k + 1)]
+        assert [row["ID"] for row in varied] == [f"{row['ID']}_v{k}" for row in train]
+        assert [row["question"] for row in varied] == [row["question"] for row in train]
+        assert all(os.path.isfile(row["wav"]) for row in varied)
+    # each rendering is a different recording of the same question
+    durations = {row["question"]: set() for row in train}
+    for row in align:
+        durations[row["question"]].add(row["duration"])
+    assert all(len(found) > 1 for found in durations.values())
+    # the same options: nothing redone; varied_renderings is part of the record
+    mtime = os.path.getmtime(paths["align"])
+    prepare_webquestions(webq, save, llamaq, varied_renderings=2, **options)
+    assert os.path.getmtime(paths["align"]) == mtime
+    prepare_webquestions(webq, save, llamaq, varied_renderings=0, **options)
+    with open(paths["align"]) as handle:
+        assert list(csv.DictReader(handle)) == train
+    # a test voice's variant is never drawn for training
+    voices = varied_voices(300, [("en-us+m1", 160)], random.Random(0))
+    assert not any(voice.endswith("+m1") for voice, _, _ in voices)
+    assert len({voice for voice, _, _ in voices}) > 100
 
 
 def test_debug_run_of_every_strategy_on_real_models(real_models, study_data, tmp_path):

@@ -14,6 +14,10 @@ Outputs (``save_folder``), SpeechBrain CSVs with ``ID, wav, duration, question, 
 
 * ``train.csv``: ``num_train`` WebQ training questions, each synthesised with
   eSpeak NG in one of the training voices (in turn);
+* ``align.csv``: the rows of ``train.csv`` plus ``varied_renderings`` more renderings
+  of each question, each in a voice drawn at random from many eSpeak NG accents and
+  voice variants, at a random rate and pitch (acoustic variety for the adaptor's
+  alignment; the WebQ test voice's variant is never drawn);
 * ``valid.csv``: ``num_valid`` WebQ validation questions, in the same voices;
 * ``webq_test.csv``: ``num_test`` WebQ test questions in a voice unseen in training;
 * ``llamaq_test.csv``: the first ``num_llamaq`` LLaMA Questions with their real recordings.
@@ -43,6 +47,16 @@ logger = logging.getLogger(__name__)
 FIELDS = ["ID", "wav", "duration", "question", "answer"]
 WEBQ_FILES = {"train": "trainmodel.json", "valid": "val.json", "webq_test": "test.json"}
 LLAMAQ_TSV = "llama_questions_300.tsv"
+# Varied renderings: eSpeak NG English accents x voice variants, rates (wpm), pitches
+VARIED_ACCENTS = ["en-us", "en", "en-gb-x-rp", "en-gb-scotland", "en-us-nyc", "en-029"]
+VARIED_VARIANTS = [
+    "m1", "m2", "m4", "m5", "m6", "m8", "f1", "f5", "klatt", "klatt2", "klatt3", "Alex",
+    "Andy", "Annie", "david", "linda", "steph", "john", "ian", "paul", "robert", "benjamin",
+    "edward", "grandpa", "aunty", "max", "rob", "travis", "zac", "shelby", "belinda",
+    "anika", "quincy", "victor", "norbert",
+]  # fmt: skip
+VARIED_RATES = (130, 200)
+VARIED_PITCHES = (30, 70)
 
 
 def prepare_webquestions(
@@ -55,6 +69,7 @@ def prepare_webquestions(
     num_llamaq=300,
     train_voices=TRAIN_VOICES,
     test_voices=TEST_VOICES,
+    varied_renderings=0,
     seed=1234,
     skip_prep=False,
     on_change="redo",
@@ -81,8 +96,13 @@ def prepare_webquestions(
         eSpeak voices and speaking rates of train and valid.
     test_voices : list of (str, int)
         Voices of the WebQ test set (none of them in ``train_voices``).
+    varied_renderings : int
+        Extra renderings of each training question in ``align.csv``, in voices drawn
+        from ``VARIED_ACCENTS`` x ``VARIED_VARIANTS`` (never a test voice's variant),
+        rates ``VARIED_RATES`` and pitches ``VARIED_PITCHES``; 0: ``align.csv`` holds
+        the rows of ``train.csv`` only.
     seed : int
-        Seed of the question draws.
+        Seed of the question and voice draws.
     skip_prep : bool
         Do nothing.
     on_change : str
@@ -91,11 +111,11 @@ def prepare_webquestions(
     Returns
     -------
     dict
-        ``{split: manifest path}`` for ``train``, ``valid``, ``webq_test``, ``llamaq_test``.
+        ``{split: manifest path}`` for ``train``, ``valid``, ``webq_test``, ``llamaq_test``
+        and ``align``.
     """
-    paths = {
-        split: os.path.join(save_folder, f"{split}.csv") for split in (*WEBQ_FILES, "llamaq_test")
-    }
+    splits = (*WEBQ_FILES, "llamaq_test", "align")
+    paths = {split: os.path.join(save_folder, f"{split}.csv") for split in splits}
     if skip_prep:
         return paths
     train_voices, test_voices = [tuple(v) for v in train_voices], [tuple(v) for v in test_voices]
@@ -115,6 +135,7 @@ def prepare_webquestions(
     counts = {"train": num_train, "valid": num_valid, "webq_test": num_test}
     options = {"counts": counts, "num_llamaq": num_llamaq, "seed": seed}
     options.update({"train_voices": train_voices, "test_voices": test_voices})
+    options["varied_renderings"] = varied_renderings
     record = completion_record(sources, json.loads(json.dumps(options)))
     outputs = [os.path.basename(path) for path in paths.values()]
     if is_prepared(save_folder, record, outputs, on_change):
@@ -129,6 +150,9 @@ def prepare_webquestions(
             folder = os.path.join(save_folder, "wav", split)
             rows = speak_items(items, voices, tts, folder, split)
             write_csv_manifest(rows, FIELDS, os.path.join(staging, f"{split}.csv"))
+            if split == "train":
+                varied = speak_varied(rows, varied_renderings, test_voices, tts, folder, seed)
+                write_csv_manifest(rows + varied, FIELDS, os.path.join(staging, "align.csv"))
         rows = read_llama_questions(llama_questions_folder, num_llamaq)
         write_csv_manifest(rows, FIELDS, os.path.join(staging, "llamaq_test.csv"))
     return paths
@@ -178,32 +202,107 @@ def draw(items, count, seed):
     return [items[index] for index in chosen]
 
 
-def speak_items(items, voices, tts, folder, split):
+def varied_voices(count, unseen_voices, rng):
+    """``count`` random eSpeak NG voices as ``(voice, rate, pitch)``.
+
+    Accents and variants come from ``VARIED_ACCENTS`` x ``VARIED_VARIANTS``; the
+    variants of ``unseen_voices`` (the test voices) are left out of the draw.
+
+    Arguments
+    ---------
+    count : int
+        Voices drawn.
+    unseen_voices : list of (str, int)
+        Voices that must stay unheard in training.
+    rng : random.Random
+        The draw's generator.
+
+    Returns
+    -------
+    list of (str, int, int)
+
+    Example
+    -------
+    >>> voices = varied_voices(200, [("en-us+m7", 160), ("en-us+f4", 160)], random.Random(0))
+    >>> any(voice.endswith(("+m7", "+f4")) for voice, _, _ in voices)
+    False
+    >>> len({voice for voice, _, _ in voices}) > 100
+    True
+    """
+    unseen = {voice.partition("+")[2] for voice, _ in unseen_voices}
+    variants = [variant for variant in VARIED_VARIANTS if variant not in unseen]
+    return [
+        (
+            f"{rng.choice(VARIED_ACCENTS)}+{rng.choice(variants)}",
+            rng.randint(*VARIED_RATES),
+            rng.randint(*VARIED_PITCHES),
+        )
+        for _ in range(count)
+    ]
+
+
+def speak_varied(rows, renderings, unseen_voices, tts, folder, seed):
+    """``renderings`` more recordings of each row's question, each in a random voice.
+
+    Arguments
+    ---------
+    rows : list of dict
+        Manifest rows (``ID``, ``question``, ``answer``...).
+    renderings : int
+        Recordings added per row.
+    unseen_voices : list of (str, int)
+        Voices never drawn (the test voices).
+    tts : EspeakTTS
+        The synthesiser.
+    folder : str
+        Where the wav files go.
+    seed : int
+        Seed of the voice draw.
+
+    Returns
+    -------
+    list of dict
+        The new rows, with ids ``<ID>_v<k>``.
+    """
+    rng = random.Random(seed)
+    varied = []
+    for k in range(1, renderings + 1):
+        voices = varied_voices(len(rows), unseen_voices, rng)
+        items = [{**row, "ID": f"{row['ID']}_v{k}"} for row in rows]
+        varied += speak_items(items, voices, tts, folder, f"varied {k}", prefix="")
+    return varied
+
+
+def speak_items(items, voices, tts, folder, split, prefix=None):
     """Synthesises each question in one voice (voices taken in turn); returns manifest rows.
 
     Arguments
     ---------
     items : list of dict
         ``{"ID", "question", "answer"}``.
-    voices : list of (str, int)
-        eSpeak voice names and speaking rates.
+    voices : list of tuple
+        eSpeak voice names and speaking rates ``(voice, rate)``, optionally with a
+        pitch ``(voice, rate, pitch)``.
     tts : EspeakTTS
         The synthesiser.
     folder : str
         Where the wav files go.
     split : str
-        Prefix of the utterance ids.
+        Name of the split (the progress bar's label).
+    prefix : str or None
+        Prefix of the utterance ids (default: ``<split>_``).
 
     Returns
     -------
     list of dict
     """
     os.makedirs(folder, exist_ok=True)
+    prefix = f"{split}_" if prefix is None else prefix
     rows = []
     for index, item in enumerate(tqdm(items, desc=f"eSpeak {split}")):
-        voice, rate = voices[index % len(voices)]
-        wav = tts.synthesize(item["question"], voice=voice, rate=rate)
-        utt_id = f"{split}_{item['ID']}"
+        voice, rate, *pitch = voices[index % len(voices)]
+        wav = tts.synthesize(item["question"], voice=voice, rate=rate, pitch=(pitch or [50])[0])
+        utt_id = f"{prefix}{item['ID']}"
         path = os.path.join(folder, f"{utt_id}.wav")
         soundfile.write(path, wav.numpy(), tts.sample_rate, subtype="PCM_16")
         duration = round(wav.shape[0] / tts.sample_rate, 3)

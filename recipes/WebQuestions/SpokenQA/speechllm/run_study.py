@@ -106,18 +106,18 @@ def rewrite_answers(manifest, answers, path):
 
 
 def finetuning_subset(paths, count, folder):
-    """``paths`` with ``train`` cut to its first ``count`` items; ``align`` keeps them all.
+    """``paths`` with ``train`` cut to its first ``count`` items.
 
-    Stage 1a (CTC) needs only transcripts and is cheap, so it reads every spoken
-    training question; answer targets, stage 1b, stage 2 and the importance
-    stage read the first ``count``.
+    Stage 1a (CTC) needs only transcripts and is cheap, so it reads ``align``
+    (every spoken training question, with its varied renderings); answer targets,
+    stage 1b, stage 2 and the importance stage read the first ``count``.
     """
     rows = read_rows(paths["train"])
     if count >= len(rows):
-        return dict(paths, align=paths["train"])
+        return paths
     subset = os.path.join(folder, "train_finetune.csv")
     sb.utils.distributed.run_on_main(write_csv_manifest, args=[rows[:count], FIELDS, subset])
-    return dict(paths, align=paths["train"], train=subset)
+    return dict(paths, train=subset)
 
 
 def self_distilled_targets(hparams, run_opts, paths, brain):
@@ -456,6 +456,7 @@ def main(argv):
                 "num_valid": hparams["num_valid"],
                 "num_test": hparams["num_test"],
                 "num_llamaq": hparams["num_llamaq"],
+                "varied_renderings": hparams["varied_renderings"],
                 "seed": hparams["seed"],
                 "skip_prep": hparams["skip_prep"],
                 "on_change": hparams["prepare_on_change"],
