@@ -63,6 +63,7 @@ def random_weight_copy(config_folder, target, model_class):
 
 
 def main():
+    """Builds the random-weight models and the data, runs the recipe, prints its results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llm-config", required=True, help="LLM folder (config + tokenizer)")
     parser.add_argument("--encoder-config", required=True, help="Whisper folder (config files)")
