@@ -596,17 +596,15 @@ class CTCEncoderBrain(sb.Brain):
     """Pretrains a speech encoder as a character CTC recogniser (a Whisper stand-in).
 
     Modules: ``encoder`` (a ``SpeechEncoder``) and ``ctc_head`` (``Linear(D, vocab)``).
-    Hparams: ``alphabet`` (characters; index 0 is the CTC blank, so character
-    ``c`` gets ``alphabet.index(c) + 1``). Batches need ``sig`` and ``question``.
+    Hparams: ``alphabet`` (characters; the head's index 0 is the CTC blank, so
+    character ``c`` is index ``alphabet.index(c) + 1``, as in ``ctc_loss``).
+    Batches need ``sig`` and ``question``.
     """
 
     def tokens(self, texts):
-        """Character ids of lower-cased texts (unknown characters dropped)."""
+        """Character ids (``alphabet`` positions) of lower-cased texts, unknown ones dropped."""
         alphabet = self.hparams.alphabet
-        return [
-            torch.tensor([alphabet.index(ch) + 1 for ch in text.lower() if ch in alphabet])
-            for text in texts
-        ]
+        return [[alphabet.index(ch) for ch in text.lower() if ch in alphabet] for text in texts]
 
     def compute_forward(self, batch, stage):
         """Encoder frames -> CTC log-probabilities ``(B, T, vocab)``."""
@@ -617,15 +615,7 @@ class CTCEncoderBrain(sb.Brain):
     def compute_objectives(self, predictions, batch, stage):
         """Character CTC loss, mean over the batch."""
         log_probs, lengths = predictions
-        targets = self.tokens(batch.question)
-        frames = torch.round(lengths * log_probs.shape[1]).long()
-        return torch.nn.functional.ctc_loss(
-            log_probs.transpose(0, 1),
-            torch.cat(targets).to(self.device),
-            frames,
-            torch.tensor([len(t) for t in targets]),
-            zero_infinity=True,
-        )
+        return ctc_loss(log_probs, lengths, self.tokens(batch.question))
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         """Logs the loss and keeps the best checkpoint by validation loss."""

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speechbrain_sllm.data.dataio import absolute_lengths
+
 BLANK = 0
 
 
@@ -83,26 +85,24 @@ class EmbeddingCTCHead(nn.Module):
 
 def frame_mask(lengths, time):
     """``(B, T)`` boolean mask of the frames within each relative length."""
-    counts = frame_counts(lengths, time)
+    counts = absolute_lengths(lengths, time)
     return torch.arange(time)[None] < counts[:, None]
 
 
-def frame_counts(lengths, time):
-    """Absolute frame counts ``(B,)`` (CPU, long) of relative ``lengths``."""
-    return torch.round(lengths.detach().cpu().float() * time).long().clamp(min=1)
-
-
 def ctc_loss(log_probs, lengths, token_ids):
-    """CTC loss (mean over the batch) of ``EmbeddingCTCHead`` outputs against token ids.
+    """CTC loss (mean over the batch) of log-probabilities against token ids.
+
+    Index 0 of the log-probabilities is the blank and index ``t + 1`` is token ``t``
+    (``EmbeddingCTCHead``'s layout; ``CTCEncoderBrain``'s characters use it too).
 
     Arguments
     ---------
     log_probs : torch.Tensor
-        ``(B, T, V + 1)`` from ``EmbeddingCTCHead``.
+        ``(B, T, V + 1)`` log-probabilities, e.g. from ``EmbeddingCTCHead``.
     lengths : torch.Tensor
         Relative lengths ``(B,)``.
     token_ids : list of list of int
-        The LLM's token ids of each transcript.
+        The token ids of each transcript (the LLM's tokens, or characters).
 
     Returns
     -------
@@ -119,7 +119,7 @@ def ctc_loss(log_probs, lengths, token_ids):
     return F.ctc_loss(
         log_probs.transpose(0, 1),
         targets.to(log_probs.device),
-        frame_counts(lengths, log_probs.shape[1]),
+        absolute_lengths(lengths, log_probs.shape[1]),
         torch.tensor([len(ids) for ids in token_ids]),
         blank=BLANK,
         zero_infinity=True,
@@ -139,7 +139,7 @@ def greedy_ctc_tokens(log_probs, lengths):
     """
     best = log_probs.argmax(dim=-1).cpu()
     decoded = []
-    for path, count in zip(best, frame_counts(lengths, best.shape[1])):
+    for path, count in zip(best, absolute_lengths(lengths, best.shape[1])):
         path = torch.unique_consecutive(path[:count]).tolist()
         decoded.append([index - 1 for index in path if index != BLANK])
     return decoded

@@ -17,6 +17,8 @@ import torch
 from speechbrain.lobes.features import Fbank
 from torch import nn
 
+from speechbrain_sllm.data.dataio import absolute_lengths
+
 logger = logging.getLogger(__name__)
 
 WAV2VEC2_FAMILY = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "wav2vec2-bert")
@@ -161,7 +163,7 @@ class EncoderOutputCache:
 
     def encode(self, encoder, wavs, wav_lens):
         """``encoder(wavs, wav_lens)`` through the cache (see ``SpeechEncoder.forward``)."""
-        samples = torch.round(wav_lens * wavs.shape[1]).long().clamp(min=1).tolist()
+        samples = absolute_lengths(wav_lens, wavs.shape[1]).tolist()
         outputs = []
         for wav, count in zip(wavs, samples):
             wav = wav[:count]
@@ -225,7 +227,7 @@ class FeatureCache:
             ``(B, S // hop + 1, n_mels)``.
         """
         frames = wavs.shape[1] // self.hop + 1
-        samples = torch.round(wav_lens * wavs.shape[1]).long().clamp(min=1).tolist()
+        samples = absolute_lengths(wav_lens, wavs.shape[1]).tolist()
         outputs = []
         for wav, count in zip(wavs, samples):
             wav = wav[:count]

@@ -7,6 +7,7 @@ Authors
 import torch
 from torch import nn
 
+from speechbrain_sllm.data.dataio import absolute_lengths
 from speechbrain_sllm.fsdp import is_sharded
 
 IGNORE_INDEX = -100
@@ -178,7 +179,7 @@ class SpeechLLM(nn.Module):
         feats, feat_lens = self.encoder(wavs, wav_lens)  # (B, T, D_enc)
         embeds, embed_lens = self.adaptor(feats, feat_lens)  # (B, T', D_llm)
         dtype = self.llm.get_input_embeddings().weight.dtype
-        valid = torch.round(embed_lens * embeds.shape[1]).long().clamp(min=1).tolist()
+        valid = absolute_lengths(embed_lens, embeds.shape[1]).tolist()
         return [embeds[b, :n].to(dtype) for b, n in enumerate(valid)]
 
     def build_batch(self, prefixes, speech=None, suffixes=None, answers=None, padding_side="right"):
