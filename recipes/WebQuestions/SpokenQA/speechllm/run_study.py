@@ -23,6 +23,7 @@ import speechbrain_sllm  # noqa: F401  (first: chooses OpenMP waiting before tor
 import copy
 import csv
 import functools
+import gc
 import logging
 import os
 import platform
@@ -472,8 +473,10 @@ def main(argv):
     with clock.stage("targets_and_base_llm"):
         base, base_profile, base_scores, data, paths = base_stage(hparams, run_opts, paths)
     encoder = hparams["encoder"]
+    free_finished_stage()
     with clock.stage("stage1_alignment"):
         adaptor, stage1 = align_stage(hparams, run_opts, paths, data, encoder)
+    free_finished_stage()
     stage1.update({key: base[key] for key in ("llamaq_t2t", "webq_t2t", "text_ppl")})
     runs, profiles = {}, {"base LLM": base_profile}
     for name in hparams["strategies"]:
@@ -484,7 +487,21 @@ def main(argv):
         logger.info(f"{name}: {summarize_shift(run['shift'])}")
         runs[name], profiles[name] = run, profile
         del scores
+        free_finished_stage()
     return report(hparams, base, stage1, runs, profiles, base_profile, clock)
+
+
+def free_finished_stage():
+    """Frees the last stage's model, optimizer state and ``--debug`` checkpoint folder now.
+
+    A SpeechBrain ``Brain`` sits in a reference cycle (its checkpointer holds it as a
+    recoverable), so it outlives its stage until Python's cycle collector runs: without
+    this, one strategy's LLM, gradients and AdamW state (2.2 GB for SmolLM2-135M in
+    fp32) were still resident while the next strategy loaded its own (measured: 6.1 GB
+    peak resident set in the ``--debug`` test run), and its temporary checkpoint folder
+    stayed on disk.
+    """
+    gc.collect()
 
 
 def report(hparams, base, stage1, runs, profiles, base_profile, clock):
