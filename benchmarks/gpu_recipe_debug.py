@@ -27,7 +27,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, WhisperForConditionalGeneration
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPE = os.path.join(ROOT, "recipes", "WebQuestions", "SpokenQA", "speechllm")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -71,7 +70,11 @@ def main():
     parser.add_argument("--device", default="cuda:0")
     args = parser.parse_args()
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from test_webquestions_recipe import write_llama_questions, write_webquestions
+    from test_webquestions_recipe import (
+        debug_command,
+        write_llama_questions,
+        write_webquestions,
+    )
 
     models = os.path.join(args.output, "models")
     llm = random_weight_copy(args.llm_config, os.path.join(models, "llm"), AutoModelForCausalLM)
@@ -81,30 +84,11 @@ def main():
     webq = write_webquestions(os.path.join(args.output, "webq"))
     llamaq = write_llama_questions(os.path.join(args.output, "llamaq"))
     study = os.path.join(args.output, "study")
-    command = [
-        sys.executable,
-        os.path.join(RECIPE, "run_study.py"),
-        os.path.join(RECIPE, "hparams", "study.yaml"),
-        "--debug",
+    command = debug_command(study, webq, llamaq, llm, whisper) + [
         f"--device={args.device}",
         "--precision=bf16",
         "--llm_dtype=bfloat16",
         "--gradient_checkpointing=True",
-        f"--output_folder={study}",
-        f"--data_folder={webq}",
-        f"--llama_questions_folder={llamaq}",
-        f"--llm_source={llm}",
-        f"--encoder_source={whisper}",
-        "--num_train=8",
-        "--num_finetune=6",
-        "--num_valid=4",
-        "--num_test=8",
-        "--num_llamaq=8",
-        "--ft_batch_size=4",
-        "--eval_batch_size=8",
-        "--max_new_tokens=12",
-        "--target_max_new_tokens=12",
-        "--importance_batch_size=2",
     ]
     start = time.time()
     done = subprocess.run(command, capture_output=True, text=True)

@@ -72,6 +72,34 @@ def study_data(tmp_path_factory):
     return str(webq), str(llamaq)
 
 
+def debug_command(output, webq, llamaq, llm, whisper):
+    """The recipe's ``--debug`` command on 8 training questions and 8 per test set.
+
+    Stage 1a reads all 8 training questions, the rest of the run the first 6.
+    """
+    return [
+        sys.executable,
+        os.path.join(RECIPE, "run_study.py"),
+        os.path.join(RECIPE, "hparams", "study.yaml"),
+        "--debug",
+        f"--output_folder={output}",
+        f"--data_folder={webq}",
+        f"--llama_questions_folder={llamaq}",
+        f"--llm_source={llm}",
+        f"--encoder_source={whisper}",
+        "--num_train=8",
+        "--num_finetune=6",
+        "--num_valid=4",
+        "--num_test=8",
+        "--num_llamaq=8",
+        "--ft_batch_size=4",
+        "--eval_batch_size=8",
+        "--max_new_tokens=12",
+        "--target_max_new_tokens=12",
+        "--importance_batch_size=2",
+    ]
+
+
 def test_prepare_adds_varied_renderings_in_unseen_voices(tmp_path):
     sys.path.insert(0, RECIPE)
     from webquestions_prepare import prepare_webquestions, varied_voices
@@ -114,27 +142,7 @@ def test_prepare_adds_varied_renderings_in_unseen_voices(tmp_path):
 def test_debug_run_of_every_strategy_on_real_models(real_models, study_data, tmp_path):
     webq, llamaq = study_data
     output = tmp_path / "study"
-    command = [
-        sys.executable,
-        os.path.join(RECIPE, "run_study.py"),
-        os.path.join(RECIPE, "hparams", "study.yaml"),
-        "--debug",
-        f"--output_folder={output}",
-        f"--data_folder={webq}",
-        f"--llama_questions_folder={llamaq}",
-        f"--llm_source={real_models['llm']}",
-        f"--encoder_source={real_models['whisper']}",
-        "--num_train=8",
-        "--num_finetune=6",  # stage 1a reads all 8, the rest the first 6
-        "--num_valid=4",
-        "--num_test=8",
-        "--num_llamaq=8",
-        "--ft_batch_size=4",
-        "--eval_batch_size=8",
-        "--max_new_tokens=12",
-        "--target_max_new_tokens=12",
-        "--importance_batch_size=2",
-    ]
+    command = debug_command(output, webq, llamaq, real_models["llm"], real_models["whisper"])
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, failure_report(done)
     with open(output / "results.json") as handle:
