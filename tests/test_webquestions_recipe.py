@@ -139,6 +139,17 @@ def test_prepare_adds_varied_renderings_in_unseen_voices(tmp_path):
     assert len({voice for voice, _, _ in voices}) > 100
 
 
+def test_hardware_names_the_device_the_run_used(monkeypatch):
+    sys.path.insert(0, RECIPE)
+    import torch
+    from run_study import hardware
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert hardware("cpu").startswith("cpu; ")  # a GPU in the machine, the run on the CPU
+    assert hardware("cuda:0").startswith("cuda:0 (NVIDIA H200); ")
+
+
 def test_debug_run_of_every_strategy_on_real_models(real_models, study_data, tmp_path):
     webq, llamaq = study_data
     output = tmp_path / "study"

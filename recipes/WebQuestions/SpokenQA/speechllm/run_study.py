@@ -426,14 +426,27 @@ def paired_t2t_tests(folder, runs):
     return tests
 
 
-def hardware():
-    """A short description of the machine and threads."""
+def hardware(device):
+    """A short description of the device the run used, the machine and threads.
+
+    Arguments
+    ---------
+    device : str or None
+        The run's ``--device`` ("cpu", "cuda:0", ...); None: SpeechBrain's guess.
+
+    Returns
+    -------
+    str
+        e.g. "cpu; AMD EPYC ...; 2 CPUs; torch threads 2".
+    """
     model = platform.processor() or platform.machine()
     if os.path.isfile("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as handle:
             names = [line.split(":", 1)[1].strip() for line in handle if "model name" in line]
         model = names[0] if names else model
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    device = str(torch.device(device or sb.utils.distributed.infer_device()))
+    if device.startswith("cuda"):
+        device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
     return f"{device}; {model}; {os.cpu_count()} CPUs; torch threads {torch.get_num_threads()}"
 
 
@@ -488,7 +501,8 @@ def main(argv):
         runs[name], profiles[name] = run, profile
         del scores
         free_finished_stage()
-    return report(hparams, base, stage1, runs, profiles, base_profile, clock)
+    machine = hardware(run_opts.get("device"))
+    return report(hparams, base, stage1, runs, profiles, base_profile, clock, machine)
 
 
 def free_finished_stage():
@@ -504,8 +518,11 @@ def free_finished_stage():
     gc.collect()
 
 
-def report(hparams, base, stage1, runs, profiles, base_profile, clock):
-    """Tables, shift metrics, plots, results.json and timings.json; returns the results."""
+def report(hparams, base, stage1, runs, profiles, base_profile, clock, machine):
+    """Tables, shift metrics, plots, results.json and timings.json; returns the results.
+
+    ``machine`` describes the device the run used and the host (``hardware``).
+    """
     folder = hparams["output_folder"]
     table, paper = results_table(base, stage1, runs), paper_table()
     results = {
@@ -525,7 +542,7 @@ def report(hparams, base, stage1, runs, profiles, base_profile, clock):
     seconds = clock.total()
     if sb.utils.distributed.if_main_process():
         write_json(results, os.path.join(folder, "results.json"))
-        timings = {"total": seconds, "stages": clock.seconds, "hardware": hardware()}
+        timings = {"total": seconds, "stages": clock.seconds, "hardware": machine}
         write_json(timings, os.path.join(folder, "timings.json"))
         write_importance_plots(profiles, base_profile, os.path.join(folder, "plots"))
         with open(os.path.join(folder, "results.md"), "w") as handle:
@@ -549,7 +566,7 @@ def report(hparams, base, stage1, runs, profiles, base_profile, clock):
             )
         )
     print("\nStage wall times (s): " + ", ".join(f"{k} {v}" for k, v in clock.seconds.items()))
-    print(f"\nDone in {seconds / 60:.1f} min on {hardware()}. Results: {folder}/results.md")
+    print(f"\nDone in {seconds / 60:.1f} min on {machine}. Results: {folder}/results.md")
     return results
 
 
