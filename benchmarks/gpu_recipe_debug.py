@@ -12,6 +12,12 @@ write with eSpeak NG. Accuracies are meaningless here; the run must finish.
 > python benchmarks/gpu_recipe_debug.py --llm-config tests/.cache/models/smollm2-135m-instruct \\
 >     --encoder-config tests/.cache/models/whisper-tiny.en --output /tmp/gpu_debug
 
+Arguments after the script's own are recipe overrides, e.g. the paper's shapes:
+
+> python benchmarks/gpu_recipe_debug.py --llm-config llama-3.2-1b-config \\
+>     --encoder-config whisper-large-v3-config --output /tmp/gpu_debug \\
+>     --llm_dim=2048 --encoder_dim=1280
+
 Prints the recipe's table and stage wall times.
 """
 
@@ -68,7 +74,7 @@ def main():
     parser.add_argument("--encoder-config", required=True, help="Whisper folder (config files)")
     parser.add_argument("--output", required=True, help="work folder")
     parser.add_argument("--device", default="cuda:0")
-    args = parser.parse_args()
+    args, recipe_overrides = parser.parse_known_args()
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from test_webquestions_recipe import (
         debug_command,
@@ -89,6 +95,7 @@ def main():
         "--precision=bf16",
         "--llm_dtype=bfloat16",
         "--gradient_checkpointing=True",
+        *recipe_overrides,
     ]
     start = time.time()
     done = subprocess.run(command, capture_output=True, text=True)
