@@ -446,7 +446,7 @@ def hardware(device):
         model = names[0] if names else model
     device = str(torch.device(device or sb.utils.distributed.infer_device()))
     if device.startswith("cuda"):
-        device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+        device = f"{device} ({torch.cuda.get_device_name(device)})"
     return f"{device}; {model}; {os.cpu_count()} CPUs; torch threads {torch.get_num_threads()}"
 
 
