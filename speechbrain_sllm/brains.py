@@ -35,6 +35,7 @@ from speechbrain_sllm.fsdp import (
 from speechbrain_sllm.inference import generated_texts, speech_inputs
 from speechbrain_sllm.metrics import QAAccuracyStats, wer_stats
 from speechbrain_sllm.model.embedding_ctc import ctc_loss, greedy_ctc_tokens
+from speechbrain_sllm.model.encoders import AudioTooLongError
 from speechbrain_sllm.model.speech_llm import ContextLengthError, shifted_lm_loss
 from speechbrain_sllm.strategies import param_groups
 
@@ -81,6 +82,10 @@ class SpeechLLMBrain(sb.Brain):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         share_debug_checkpoint_folder(self.checkpointer)
+        self.skipped_steps = 0  # non-finite loss or gradient norm, this process
+        self.dropped_items = 0  # items with non-finite audio, this process
+        self.counts_before_epoch = (0, 0)
+        self.batch_ids = []
 
     @property
     def input_mode(self):
@@ -118,18 +123,52 @@ class SpeechLLMBrain(sb.Brain):
         """
         batch = batch.to(self.device)
         answers = [ids.tolist() for ids in unpad(batch.answer_ids)]
+        ids = list(batch.id)
         try:
             if mode == "speech":
+                wavs, wav_lens = batch.sig
+                keep = self.items_with_finite_audio(wavs, ids)
+                if len(keep) < len(ids):
+                    wavs, wav_lens = wavs[keep], wav_lens[keep]
+                    answers, ids = [answers[i] for i in keep], [ids[i] for i in keep]
                 prefix, suffix = self.hparams.prompt.speech_prompt()
                 count = len(answers)
-                wavs, wav_lens = batch.sig
                 return self.modules.model(
                     [prefix] * count, answers, wavs, wav_lens, [suffix] * count
                 )
             prompts = [ids.tolist() for ids in unpad(batch.prompt_ids)]
             return self.modules.model(prompts, answers)
         except ContextLengthError as error:
-            raise context_error(error, batch.id[error.item], mode) from error
+            raise context_error(error, ids[error.item], mode) from error
+        except AudioTooLongError as error:
+            raise AudioTooLongError(f"Item {ids[error.item]!r}: {error}", error.item) from error
+
+    def items_with_finite_audio(self, wavs, ids):
+        """Indices of the items whose audio is finite; the others are dropped and logged.
+
+        A NaN or infinite sample makes the whole batch's loss and gradients
+        non-finite; dropping the item keeps the step for the good items. A batch
+        with no good item is kept whole (its step is then skipped).
+
+        Arguments
+        ---------
+        wavs : torch.Tensor
+            ``(B, T)`` padded audio.
+        ids : list of str
+            The items' ids.
+
+        Returns
+        -------
+        list of int
+        """
+        finite = torch.isfinite(wavs).all(dim=1).tolist()
+        keep = [index for index, good in enumerate(finite) if good]
+        if len(keep) in (0, len(ids)):
+            return list(range(len(ids)))
+        dropped = [ids[index] for index, good in enumerate(finite) if not good]
+        self.dropped_items += len(dropped)
+        logger.warning(f"Step {self.step}: dropped items with non-finite audio: {dropped}")
+        return keep
 
     def compute_objectives(self, predictions, batch, stage):
         """Mean next-token cross-entropy over answer tokens."""
@@ -202,10 +241,11 @@ class SpeechLLMBrain(sb.Brain):
             return
         self.nonfinite_count += 1
         self.skip_this_step = True
-        self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
+        self.skipped_steps += 1
         logger.warning(
-            f"Non-finite loss at step {self.step}: the optimizer step is skipped "
-            f"({self.nonfinite_count} this epoch, patience {self.nonfinite_patience})."
+            f"Non-finite loss at step {self.step} (items {self.batch_ids}): the optimizer "
+            f"step is skipped ({self.nonfinite_count} this epoch, patience "
+            f"{self.nonfinite_patience})."
         )
         if self.nonfinite_count > self.nonfinite_patience:
             raise FloatingPointError(
@@ -228,8 +268,11 @@ class SpeechLLMBrain(sb.Brain):
         norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
         if getattr(self, "skip_this_step", False) or not torch.isfinite(norm):
             if not getattr(self, "skip_this_step", False):
-                self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
-                logger.warning(f"Non-finite gradient norm at step {self.step}: step skipped.")
+                self.skipped_steps += 1
+                logger.warning(
+                    f"Non-finite gradient norm at step {self.step} (items {self.batch_ids}): "
+                    "step skipped."
+                )
             self.skip_this_step = False
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler.is_enabled():
@@ -321,6 +364,7 @@ class SpeechLLMBrain(sb.Brain):
         The schedule advances BEFORE the optimizer step, so optimizer step ``k``
         runs at ``factor(k)``: step 1 at ``lr / warmup_steps``.
         """
+        self.batch_ids = list(getattr(batch, "id", []))  # named when the step is skipped
         rng = self.checkpointer.recoverables.get("rng") if self.checkpointer else None
         if rng is not None:
             rng.apply_pending()
@@ -337,6 +381,10 @@ class SpeechLLMBrain(sb.Brain):
         """
         stats = {"loss": stage_loss, "ppl": math.exp(min(stage_loss, 50.0))}
         if stage == sb.Stage.TRAIN:
+            skipped, dropped = self.counts_before_epoch
+            stats["skipped_steps"] = self.skipped_steps - skipped  # this epoch
+            stats["dropped_items"] = self.dropped_items - dropped
+            self.counts_before_epoch = (self.skipped_steps, self.dropped_items)
             self.train_stats = stats
             return
         names = getattr(

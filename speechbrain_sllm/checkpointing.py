@@ -4,6 +4,7 @@ Authors
  * speechbrain-sllm developers 2026
 """
 
+import json
 import logging
 import math
 import os
@@ -30,7 +31,10 @@ from speechbrain.utils.distributed import (
     if_main_process,
 )
 
+from speechbrain_sllm.run_lock import RunLock, holder_is_alive
+
 logger = logging.getLogger(__name__)
+STAGING_OWNER = ".owner.json"  # in a staging folder: the process writing it
 
 
 @register_checkpoint_hooks
@@ -250,6 +254,15 @@ class CheckpointWriteError(OSError):
         )
 
 
+def staging_owner(staging):
+    """The record of the process writing a staging folder (``{}`` if none or unreadable)."""
+    try:
+        with open(os.path.join(staging, STAGING_OWNER)) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return {}
+
+
 class AtomicCheckpointer(Checkpointer):
     """A ``Checkpointer`` whose checkpoints appear whole or not at all.
 
@@ -312,8 +325,11 @@ class AtomicCheckpointer(Checkpointer):
             else self._custom_checkpoint_dirpath(name)
         )
         self.remove_stale_staging()
+        staging = final.parent / f".staging-{final.name}"
         try:
-            os.makedirs(final.parent / f".staging-{final.name}")
+            os.makedirs(staging)
+            with open(staging / STAGING_OWNER, "w") as handle:
+                json.dump(RunLock(self.checkpoints_dir).record(), handle)
         except OSError as error:
             raise CheckpointWriteError(self.checkpoints_dir, error) from error
         return final
@@ -334,6 +350,7 @@ class AtomicCheckpointer(Checkpointer):
                 if not getattr(obj, "collective", False):
                     self._save_one(key, obj, staging / f"{key}{PARAMFILE_EXT}")
             saved_meta = self._save_checkpoint_metafile(staging / METAFNAME, meta, end_of_epoch)
+            os.remove(staging / STAGING_OWNER)
             os.replace(staging, final)
         except (OSError, RuntimeError) as error:
             shutil.rmtree(staging, ignore_errors=True)
@@ -343,13 +360,25 @@ class AtomicCheckpointer(Checkpointer):
         return Checkpoint(final, saved_meta, paramfiles)
 
     def remove_stale_staging(self):
-        """Deletes ``.staging-*`` folders left by saves that were killed (main process)."""
+        """Deletes ``.staging-*`` folders left by saves that were killed (main process).
+
+        A staging folder records the process writing it; one whose writer is
+        another live process (on another host: assumed live) is left alone.
+        """
         if not os.path.isdir(self.checkpoints_dir):
             return
         for entry in os.scandir(self.checkpoints_dir):
-            if entry.name.startswith(".staging-") and entry.is_dir():
-                logger.info(f"Removing {entry.path}, left by an interrupted save")
-                shutil.rmtree(entry.path, ignore_errors=True)
+            if not (entry.name.startswith(".staging-") and entry.is_dir()):
+                continue
+            owner = staging_owner(entry.path)
+            if owner and owner.get("pid") != os.getpid() and holder_is_alive(owner):
+                logger.warning(
+                    f"Leaving {entry.path}: PID {owner.get('pid')} on {owner.get('host')} "
+                    "is writing it (two runs share this save folder)"
+                )
+                continue
+            logger.info(f"Removing {entry.path}, left by an interrupted save")
+            shutil.rmtree(entry.path, ignore_errors=True)
 
     def _save_one(self, key, obj, path):
         if key in self.custom_save_hooks:

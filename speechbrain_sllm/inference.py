@@ -200,7 +200,8 @@ def export_trained_model(model, strategy, inference_yaml, folder, settings, trai
     inference_yaml : str
         The recipe's ``inference.yaml`` template.
     folder : str
-        Output folder (created).
+        Output folder: written in a staging folder, then renamed into place
+        (an earlier export is replaced whole; see ``replace_folder``).
     settings : dict
         Top-level scalar keys of the template to fill in (``llm_source``,
         ``encoder_source``, ``encoder_dim``, ``llm_dim``, ``instruction``, ...).
@@ -208,18 +209,70 @@ def export_trained_model(model, strategy, inference_yaml, folder, settings, trai
         The trainable tensors, whole (``whole_trainable_state``; None: read
         from ``model``, which must then not be sharded).
     """
-    os.makedirs(folder, exist_ok=True)
+    staging = sibling(folder, ".staging-")
+    shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed
+    os.makedirs(staging)
     if trainable is None:
         trainable = whole_trainable_state(model)
-    torch.save(trainable, os.path.join(folder, CHECKPOINT_FILE))
+    torch.save(trainable, os.path.join(staging, CHECKPOINT_FILE))
     saved = {
         "name": strategy.name,
         "train_llm": strategy.train_llm,
         "train_encoder": strategy.train_encoder,
         "lora": dataclasses.asdict(strategy.lora) if strategy.lora else None,
     }
-    with open(os.path.join(folder, STRATEGY_FILE), "w") as handle:
+    with open(os.path.join(staging, STRATEGY_FILE), "w") as handle:
         json.dump(saved, handle, indent=1)
+    with open(os.path.join(staging, "hyperparams.yaml"), "w") as handle:
+        handle.write(filled_template(inference_yaml, settings))
+    if strategy.lora is not None:
+        llm_state = {name[4:]: t for name, t in trainable.items() if name.startswith("llm.")}
+        model.llm.save_pretrained(os.path.join(staging, ADAPTER_FOLDER), state_dict=llm_state)
+    replace_folder(staging, folder)
+
+
+def sibling(folder, prefix):
+    """A hidden folder next to ``folder``: ``<parent>/<prefix><name>``."""
+    folder = os.path.abspath(folder)
+    return os.path.join(os.path.dirname(folder), prefix + os.path.basename(folder))
+
+
+def replace_folder(staging, folder):
+    """Moves a complete ``staging`` folder to ``folder``, replacing an earlier one.
+
+    Two renames: the earlier folder aside, the new one into place. A process
+    killed at any point leaves the earlier folder whole, the new one whole, or
+    no folder (the earlier one then waits beside it as ``.old-<name>``), never
+    a mix of files of both.
+
+    Arguments
+    ---------
+    staging : str
+        The complete new folder.
+    folder : str
+        Where it goes.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> root = tempfile.mkdtemp()
+    >>> for name in ("new", "out"):
+    ...     os.makedirs(os.path.join(root, name))
+    ...     _ = open(os.path.join(root, name, name), "w").write(name)
+    >>> replace_folder(os.path.join(root, "new"), os.path.join(root, "out"))
+    >>> sorted(os.listdir(root)), os.listdir(os.path.join(root, "out"))
+    (['out'], ['new'])
+    """
+    old = sibling(folder, ".old-")
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(folder):
+        os.replace(folder, old)
+    os.replace(staging, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def filled_template(inference_yaml, settings):
+    """The text of ``inference_yaml`` with the top-level keys of ``settings`` filled in."""
     with open(inference_yaml) as handle:
         text = handle.read()
     for key, value in settings.items():
@@ -228,13 +281,7 @@ def export_trained_model(model, strategy, inference_yaml, folder, settings, trai
         )
         if count != 1:
             raise KeyError(f"{inference_yaml}: no top-level key {key!r} to fill in.")
-    with open(os.path.join(folder, "hyperparams.yaml"), "w") as handle:
-        handle.write(text)
-    if strategy.lora is not None:
-        adapter = os.path.join(folder, ADAPTER_FOLDER)
-        shutil.rmtree(adapter, ignore_errors=True)
-        llm_state = {name[4:]: t for name, t in trainable.items() if name.startswith("llm.")}
-        model.llm.save_pretrained(adapter, state_dict=llm_state)
+    return text
 
 
 def export_recipe_run(hparams, inference_yaml):

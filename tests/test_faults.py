@@ -41,21 +41,46 @@ def test_a_yaml_key_that_argparse_reads_as_a_run_option_is_refused(tmp_path):
     assert load_recipe_hparams(str(hparams_file), {"parallelism": "fsdp"})["parallelism"] == "fsdp"
 
 
-def test_resuming_with_another_strategy_stops_before_loading_and_keeps_the_config(
-    recipe_fixtures, tmp_path
+def folder_files(folder):
+    """``{relative path: bytes}`` of every file under ``folder`` (the lock file aside)."""
+    from test_run_lock import folder_snapshot
+
+    return folder_snapshot(folder)
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (
+            "--strategy=full_ft",
+            "strategy: 'lora' in the folder, 'full_ft' now (resume with --strategy=lora)",
+        ),
+        (
+            "--lora={rank: 4, alpha: 16}",
+            "lora: {'rank': 8, 'alpha': 16, 'dropout': 0.05} in the folder, "
+            "{'rank': 4, 'alpha': 16, 'dropout': 0.05} now "
+            '(resume with --lora="{rank: 8, alpha: 16, dropout: 0.05}")',
+        ),
+        (
+            "--encoder_dim=32",
+            "encoder_dim: 16 in the folder, 32 now (resume with --encoder_dim=16)",
+        ),
+    ],
+)
+def test_resuming_with_other_tensor_shaping_settings_stops_before_anything_runs(
+    change, expected, recipe_fixtures, tmp_path
 ):
     out = tmp_path / "out"
     assert run_row(SPOKEN_QA_LORA, out, ["--debug_persistently"]).returncode == 0
-    config = (out / "hyperparams.yaml").read_text()
-    results = (out / "results.json").read_text()
-    result = run_row(SPOKEN_QA_LORA, out, ["--debug_persistently", "--strategy=full_ft"])
+    before = folder_files(out)
+    result = run_row(SPOKEN_QA_LORA, out, ["--debug_persistently", change])
     assert result.returncode != 0
-    message = last_error(result)
-    assert "holds checkpoints of strategy 'lora'" in message and "--strategy=lora" in message
+    assert expected in result.stderr, result.stderr[-2000:]
+    assert "Nothing in the folder was changed" in result.stderr
     assert "Loading weights" not in result.stderr  # refused before the LLM was loaded
-    assert (out / "hyperparams.yaml").read_text() == config
-    assert (out / "results.json").read_text() == results
-    assert json.loads((out / "run.json").read_text()) == {"strategy": "lora"}
+    assert folder_files(out) == before  # hyperparams.yaml, importance/base, results, run.json
+    record = json.loads((out / "run.json").read_text())
+    assert record["strategy"] == "lora" and record["lora"]["rank"] == 8
 
 
 def test_rerunning_a_folder_keeps_the_previous_hyperparams_yaml(recipe_fixtures, tmp_path):
@@ -94,7 +119,7 @@ def test_corrupt_and_missing_audio_are_skipped_and_counted_at_preparation(tmp_pa
         rows = read_items(path)
     assert [row["ID"] for row in rows] == ["a"]
     assert f"{path}:2: skipped (unreadable audio" in caplog.text
-    assert f"{path}:3: skipped (missing audio)" in caplog.text
+    assert f"{path}:3: skipped (missing audio): {tmp_path / 'missing.wav'}" in caplog.text
     assert "skipped 2 items" in caplog.text
 
 
@@ -208,3 +233,264 @@ def test_text_only_datasets_never_read_audio(prompt, manifests, tmp_path):
 
     text_set = make_qa_dataset(str(path), prompt, with_audio=False)
     assert len(text_set) == len(rows) and "sig" not in text_set[0]
+
+
+def write_lines(path, lines):
+    path.write_text(
+        "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
+    )
+    return path
+
+
+def test_a_line_that_is_json_but_not_an_object_is_named_with_its_file_and_line(tmp_path):
+    path = write_lines(
+        tmp_path / "train.jsonl", [{"id": "a", "question": "q", "answer": "x"}, '"just text"']
+    )
+    with pytest.raises(ValueError, match=rf"{path}:2 is a JSON str, not an object"):
+        read_items(path)
+
+
+def test_a_duplicate_id_is_named_with_its_file_and_both_lines(tmp_path):
+    import soundfile
+    import torch
+
+    soundfile.write(tmp_path / "a.wav", torch.randn(8000).numpy() * 0.1, 16000)
+    item = {"id": "same", "audio": "a.wav", "question": "q", "answer": "x"}
+    path = write_lines(tmp_path / "train.jsonl", [item, dict(item, id="other"), item])
+    with pytest.raises(ValueError, match=rf"{path}:3: duplicate id 'same' \(first at line 1\)"):
+        read_items(path)
+
+
+def test_empty_answers_and_a_missing_audio_key_are_skipped_with_file_line_and_reason(
+    tmp_path, caplog
+):
+    import soundfile
+    import torch
+
+    soundfile.write(tmp_path / "a.wav", torch.randn(8000).numpy() * 0.1, 16000)
+    lines = [
+        {"id": "good", "audio": "a.wav", "question": "q", "answers": ["x", "y"]},
+        {"id": "blank", "audio": "a.wav", "question": "q", "answers": ["x", ""]},
+        {"id": "noaudio", "question": "q", "answers": ["x"]},
+    ]
+    path = write_lines(tmp_path / "eval.jsonl", lines)
+    with caplog.at_level("WARNING"):
+        rows = read_items(path, answers_key="answers")
+    assert [row["ID"] for row in rows] == ["good"]
+    assert f"{path}:2: skipped (empty answer in `answers`): ['x', '']" in caplog.text
+    assert f"{path}:3: skipped (no `audio` key): keys ['answers', 'id', 'question']" in caplog.text
+
+
+def test_an_evaluation_set_with_no_usable_item_stops_preparation_naming_file_and_set(
+    recipe_fixtures, tmp_path
+):
+    data = os.path.join(recipe_fixtures, "spokenqa")
+    items = [json.loads(line) for line in open(os.path.join(data, "llama_questions.jsonl"))]
+    evaluation = write_lines(tmp_path / "eval.jsonl", [dict(i, audio="gone.wav") for i in items])
+    folder = tmp_path / "manifests"
+    with pytest.raises(
+        ValueError, match=rf"{evaluation}: the llama_questions set has no usable item"
+    ):
+        prepare(os.path.join(data, "train.jsonl"), evaluation, folder)
+    assert not (folder / "preparation.json").exists()
+    assert not [name for name in os.listdir(folder) if name.endswith(".csv")]
+
+
+def test_an_empty_data_file_is_named_before_any_model_loads(recipe_fixtures, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text(
+        open(os.path.join(recipe_fixtures, "spokenqa", "train.jsonl")).read()
+    )
+    (data / "llama_questions.jsonl").write_text("\n")
+    result = run_row(SPOKEN_QA_LORA, tmp_path / "out", [f"--data_folder={data}"])
+    assert result.returncode != 0
+    message = last_error(result)
+    assert (
+        f"`eval_files.llama_questions`: data file '{data}/llama_questions.jsonl' holds no item"
+        in message
+    )
+    assert not (tmp_path / "out").exists()  # nothing built, nothing written
+
+
+def test_a_header_only_manifest_is_named_as_an_empty_set(prompt, tmp_path):
+    from speechbrain_sllm.data.dataio import make_qa_dataset
+
+    path = tmp_path / "test-clean.csv"
+    path.write_text("ID,duration,wav,spk_id,wrd\n")
+    with pytest.raises(
+        ValueError, match=rf"Manifest '{path}' holds no item \(header only or empty\)"
+    ):
+        make_qa_dataset(str(path), prompt)
+
+
+def copy_model(source, folder, drop=()):
+    import shutil
+
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns(*drop))
+    return str(folder)
+
+
+def test_a_model_folder_without_tokenizer_files_is_named_with_the_files_it_needs(
+    recipe_fixtures, tmp_path
+):
+    from speechbrain_sllm.config import TOKENIZER_FILES, check_settings
+
+    source = os.path.join(recipe_fixtures, "tiny_llm")
+    folder = copy_model(source, tmp_path / "llm", drop=TOKENIZER_FILES + ("tokenizer_config.json",))
+    with pytest.raises(
+        FileNotFoundError, match=rf"`llm_source`: '{folder}' has no tokenizer files"
+    ):
+        check_settings({"llm_source": folder})
+    check_settings({"llm_source": source})  # the complete folder passes
+
+
+def test_a_truncated_weight_file_is_named_before_loading(recipe_fixtures, tmp_path):
+    from speechbrain_sllm.config import check_settings
+
+    folder = copy_model(os.path.join(recipe_fixtures, "tiny_whisper"), tmp_path / "whisper")
+    weights = os.path.join(folder, "model.safetensors")
+    with open(weights, "r+b") as handle:
+        handle.truncate(os.path.getsize(weights) // 2)
+    with pytest.raises(
+        ValueError, match=rf"`encoder_source`: weight file {weights} is unreadable \(truncated"
+    ):
+        check_settings({"encoder_source": folder})
+
+
+def test_max_duration_over_the_encoder_window_stops_at_start_up(recipe_fixtures, tmp_path):
+    result = run_row(SPOKEN_QA_LORA, tmp_path / "out", ["--max_duration=30.0"])
+    assert result.returncode != 0
+    message = last_error(result)
+    assert "`max_duration` 30.0 s is longer than the window of the encoder" in message, message
+    assert "(4 s)" in message and "--max_duration=4" in message
+    assert not (tmp_path / "out" / "manifests").exists()  # stopped before the preparation
+
+
+def test_audio_over_the_encoder_window_names_its_item(
+    recipe_fixtures, tokenizer, prompt, manifests, tmp_path
+):
+    from helpers import fixed_batch, make_brain
+    from speechbrain.dataio.batch import PaddedData
+
+    from speechbrain_sllm.model.encoders import AudioTooLongError, HFWhisperEncoder
+
+    brain = make_brain("frozen_llm", tokenizer, prompt, tmp_path)
+    encoder = HFWhisperEncoder(source=os.path.join(recipe_fixtures, "tiny_whisper"))
+    brain.model.encoder = encoder
+    batch = fixed_batch(manifests["speech"], prompt)
+    longest = batch.id[int((batch.sig[1] == 1).nonzero()[0])]
+    batch.sig = PaddedData(batch.sig.data.repeat(1, 40), batch.sig.lengths)  # past 4 s
+    with pytest.raises(AudioTooLongError, match=rf"Item '{longest}': HFWhisperEncoder: audio of"):
+        brain.compute_forward(batch, None)
+
+
+def test_a_cuda_device_on_a_machine_without_it_names_the_device_option(recipe_fixtures, tmp_path):
+    import torch
+
+    missing = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    result = run_row(SPOKEN_QA_LORA, tmp_path / "out", [f"--device=cuda:{missing}"])
+    assert result.returncode != 0
+    message = last_error(result)
+    assert f"--device=cuda:{missing}: torch sees {missing} CUDA device(s)" in message, message
+    assert "--device=cpu" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_item_with_non_finite_audio_is_dropped_and_the_rest_of_its_batch_trains(
+    tokenizer, prompt, manifests, tmp_path, caplog
+):
+    from helpers import fixed_batch, llm_state, make_brain
+
+    brain = make_brain("full_ft", tokenizer, prompt, tmp_path)
+    brain.init_optimizers()
+    batch = fixed_batch(manifests["speech"], prompt)
+    batch.sig.data[1, 100] = float("nan")
+    before = llm_state(brain.model)
+    with caplog.at_level("WARNING"):
+        loss = brain.fit_batch(batch)
+    assert torch_isfinite(loss) and brain.skipped_steps == 0 and brain.dropped_items == 1
+    assert f"dropped items with non-finite audio: ['{batch.id[1]}']" in caplog.text
+    after = llm_state(brain.model)
+    assert any(not before[name].equal(after[name]) for name in before)  # the step was taken
+
+
+def torch_isfinite(value):
+    import torch
+
+    return bool(torch.isfinite(value))
+
+
+def test_skipped_steps_reach_the_train_log_and_name_the_batchs_items(
+    tokenizer, prompt, manifests, tmp_path, caplog
+):
+    import speechbrain as sb
+    import torch
+    from helpers import fixed_batch, make_brain
+
+    brain = make_brain("full_ft", tokenizer, prompt, tmp_path, nonfinite_patience=5)
+    brain.init_optimizers()
+    batch = fixed_batch(manifests["speech"], prompt)
+    brain.compute_objectives = lambda *args: torch.tensor(float("nan"), requires_grad=True)
+    brain.nonfinite_count = 0
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            brain.on_fit_batch_start(batch, True)
+            brain.fit_batch(batch)
+    assert f"(items {list(batch.id)})" in caplog.text
+    log = tmp_path / "train_log.txt"
+    brain.hparams.train_logger = sb.utils.train_logger.FileTrainLogger(str(log))
+    brain.checkpointer = None
+    brain.on_stage_end(sb.Stage.TRAIN, 1.0, epoch=1)
+    brain.on_stage_end(sb.Stage.VALID, 1.0, epoch=1)
+    assert "skipped_steps: 2" in log.read_text() and "dropped_items: 0" in log.read_text()
+
+
+def test_an_export_killed_while_writing_leaves_the_previous_export_whole(
+    tokenizer, tmp_path, monkeypatch
+):
+    import torch
+    from conftest import llama_config, tiny_speech_llm
+    from helpers import strategy_for
+    from test_run_lock import folder_snapshot
+
+    from speechbrain_sllm import inference
+    from speechbrain_sllm.strategies import apply_strategy
+
+    template = os.path.join(ROOT, "recipes", "VoiceAssistant", "SpokenQA", "speechllm")
+    template = os.path.join(template, "hparams", "inference.yaml")
+    model = tiny_speech_llm(llama_config(vocab_size=len(tokenizer)))
+    strategy = strategy_for("lora", str(tmp_path))
+    apply_strategy(model, strategy)
+    folder = str(tmp_path / "inference")
+    inference.export_trained_model(model, strategy, template, folder, {})
+    before = folder_snapshot(folder)
+    real_save = torch.save
+
+    def killed_while_saving(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        with open(path, "r+b") as handle:
+            handle.truncate(os.path.getsize(path) // 3)  # half-written, then the kill
+        raise KeyboardInterrupt("killed while exporting")
+
+    monkeypatch.setattr(inference.torch, "save", killed_while_saving)
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        inference.export_trained_model(model, strategy, template, folder, {})
+    assert folder_snapshot(folder) == before
+    monkeypatch.setattr(inference.torch, "save", real_save)
+    inference.export_trained_model(model, strategy, template, folder, {})  # the rerun
+    assert folder_snapshot(folder) != before
+    assert sorted(os.listdir(tmp_path)) == ["inference", "profile.json"]  # no staging left
+    torch.load(os.path.join(folder, "model.ckpt"), weights_only=True)
+
+
+def test_a_librispeech_split_left_empty_is_named_with_its_csv(recipe_fixtures, tmp_path):
+    row = next(r for r in ROWS if r["Dataset"] == "LibriSpeech")
+    result = run_row(row, tmp_path / "out", ["--max_duration=0.05"])  # every clip is longer
+    assert result.returncode != 0
+    message = last_error(result)
+    train_csv = tmp_path / "out" / "manifests" / "train.csv"
+    assert f"LibriSpeech train ({train_csv}): no usable item left" in message, message
+    assert "raise max_duration" in message

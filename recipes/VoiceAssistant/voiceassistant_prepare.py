@@ -77,51 +77,97 @@ def prepare_spoken_qa(
     if is_prepared(save_folder, record, outputs, on_change):
         logger.info(f"Spoken-QA manifests in {save_folder} are up to date.")
         return
-    with staged_preparation(save_folder, record) as staging:
-        rows = read_items(train_file, answers_key="answer")
-        random.Random(seed).shuffle(rows)
-        count = max(1, int(valid_fraction * len(rows)))
-        write_csv_manifest(rows[count:], FIELDS, os.path.join(staging, "train.csv"))
-        write_csv_manifest(rows[:count], FIELDS, os.path.join(staging, "valid.csv"))
-        for name, path in eval_files.items():
-            items = read_items(path, answers_key="answers")
-            write_csv_manifest(items, FIELDS, os.path.join(staging, f"eval_{name}.csv"))
+    rows = read_items(train_file, answers_key="answer", split="train")
+    random.Random(seed).shuffle(rows)
+    count = max(1, int(valid_fraction * len(rows)))
+    if len(rows) - count < 1:
+        raise ValueError(
+            f"{train_file}: {len(rows)} usable training item(s) cannot make both a train "
+            f"and a valid split (valid_fraction={valid_fraction}); add items."
+        )
+    sets = {"train.csv": rows[count:], "valid.csv": rows[:count]}
+    for name, path in eval_files.items():
+        sets[f"eval_{name}.csv"] = read_items(path, answers_key="answers", split=name)
+    with staged_preparation(save_folder, record) as staging:  # every set read and checked
+        for file_name, items in sets.items():
+            write_csv_manifest(items, FIELDS, os.path.join(staging, file_name))
 
 
-def read_items(path, answers_key):
-    """Manifest rows from a JSON-lines file; items with missing fields are skipped."""
+def read_items(path, answers_key, split="train"):
+    """Manifest rows from a JSON-lines file; items with unusable fields are skipped.
+
+    Lines that are not JSON objects and duplicate ids stop with ``file:line``;
+    items without a question, an answer (or with an empty answer among the
+    alternatives), or readable audio are skipped and logged with ``file:line``.
+    A set left with no item stops with its file and split named.
+
+    Arguments
+    ---------
+    path : str
+        JSON-lines file.
+    answers_key : str
+        ``answer`` (training: one string) or ``answers`` (evaluation: a list).
+    split : str
+        The set's name in messages.
+
+    Returns
+    -------
+    list of dict
+        Manifest rows (``FIELDS``).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Spoken-QA file {path!r} not found; check the yaml's data paths.")
     base = os.path.dirname(os.path.abspath(path))
-    rows, skipped = [], Counter()
+    rows, skipped, first_line = [], Counter(), {}
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, 1):
             item = parse_line(raw, path, number)
             if item is None:
                 continue
-            answers = item.get(answers_key)
-            answer = "|".join(answers) if isinstance(answers, list) else answers
-            audio = os.path.join(base, item.get("audio", ""))
-            problem = None if item.get("question") and answer else "missing question or answer"
-            duration = None
-            if problem is None:
-                duration, problem = audio_duration(audio)
+            item_id = str(item.get("id", number))
+            if item_id in first_line:
+                raise ValueError(
+                    f"{path}:{number}: duplicate id {item_id!r} (first at line "
+                    f"{first_line[item_id]}); give every item its own id."
+                )
+            first_line[item_id] = number
+            row, problem, detail = item_row(item, answers_key, base)
             if problem:
                 skipped[problem] += 1
-                logger.warning(f"{path}:{number}: skipped ({problem}): {audio}")
+                logger.warning(f"{path}:{number}: skipped ({problem}): {detail}")
                 continue
-            rows.append(
-                {
-                    "ID": str(item.get("id", number)),
-                    "wav": audio,
-                    "duration": duration,
-                    "question": item["question"],
-                    "answer": answer,
-                }
-            )
+            rows.append(dict(row, ID=item_id))
     if skipped:
         logger.warning(f"{path}: skipped {sum(skipped.values())} items: {dict(skipped)}")
+    if not rows:
+        raise ValueError(
+            f"{path}: the {split} set has no usable item ({sum(skipped.values())} skipped: "
+            f"{dict(skipped)}; each is logged with its line). Fix the items or the audio paths."
+        )
     return rows
+
+
+def item_row(item, answers_key, base):
+    """``(row without its ID, None, None)`` of one JSON item, or ``(None, reason, detail)``."""
+    answers = item.get(answers_key)
+    if isinstance(answers, list):
+        if not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+            return None, f"empty answer in `{answers_key}`", repr(answers)
+        answer = "|".join(answers)
+    else:
+        answer = answers
+    if not (isinstance(item.get("question"), str) and item["question"].strip()):
+        return None, "missing question", repr(item.get("question"))
+    if not (isinstance(answer, str) and answer.strip()):
+        return None, f"missing `{answers_key}`", repr(answer)
+    if not item.get("audio"):
+        return None, "no `audio` key", f"keys {sorted(item)}"
+    audio = os.path.join(base, item["audio"])
+    duration, problem = audio_duration(audio)
+    if problem:
+        return None, problem, audio
+    row = {"wav": audio, "duration": duration, "question": item["question"], "answer": answer}
+    return row, None, None
 
 
 def parse_line(raw, path, number):
@@ -135,9 +181,15 @@ def parse_line(raw, path, number):
     if not line.strip():
         return None
     try:
-        return json.loads(line)
+        item = json.loads(line)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}:{number} is not valid JSON ({error}).") from error
+    if not isinstance(item, dict):
+        raise ValueError(
+            f"{path}:{number} is a JSON {type(item).__name__}, not an object; write one "
+            '{"id": ..., "audio": ..., "question": ..., ...} object per line.'
+        )
+    return item
 
 
 def audio_duration(path):

@@ -124,6 +124,13 @@ def load_manifest(path, replacements=None):
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Manifest {path!r} not found; run the recipe's data preparation.")
+    if path.endswith(".csv"):
+        with open(path, newline="") as handle:
+            if sum(1 for _ in csv.reader(handle)) < 2:
+                raise ValueError(
+                    f"Manifest {path!r} holds no item (header only or empty): this set is "
+                    "empty. Check the preparation's log for skipped items and the data paths."
+                )
     replacements = replacements or {}
     if path.endswith(".csv"):
         return sb.dataio.dataset.DynamicItemDataset.from_csv(path, replacements=replacements)
@@ -207,6 +214,7 @@ def make_qa_dataset(
     replacements=None,
     check_items=True,
     sort_key=None,
+    name=None,
 ):
     """Builds a spoken (or written) QA dataset with token ids ready for the SpeechLLM.
 
@@ -234,22 +242,27 @@ def make_qa_dataset(
         Drop unusable items at creation (see the module's policy).
     sort_key : str or None
         Sort by this field (e.g. ``duration``) for efficient batching.
+    name : str or None
+        The set's name in messages (default: the manifest's path).
 
     Returns
     -------
     DynamicItemDataset
     """
     if isinstance(manifest, sb.dataio.dataset.DynamicItemDataset):
-        dataset, name = manifest, "dataset"
+        dataset, name = manifest, name or "dataset"
     else:
-        dataset, name = load_manifest(manifest, replacements), os.path.basename(manifest)
+        dataset, name = load_manifest(manifest, replacements), name or manifest
     if check_items:
         fields = ["question", "answer"] + (["wav"] if with_audio else [])
         dataset, _ = drop_bad_items(dataset, fields, max_duration, name)
     if sort_key:
         dataset = dataset.filtered_sorted(sort_key=sort_key)
     if len(dataset) == 0:
-        raise ValueError(f"{name}: no usable item left; see the log.")
+        raise ValueError(
+            f"{name}: no usable item left (the log names each skipped item and why); "
+            "fix or replace the items, or raise max_duration if they were too long."
+        )
 
     @sb.utils.data_pipeline.takes("question", "answer")
     @sb.utils.data_pipeline.provides("prompt_ids", "answer_ids")

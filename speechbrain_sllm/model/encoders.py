@@ -326,6 +326,22 @@ class FbankTransformerEncoder(SpeechEncoder):
         return self.norm(hidden), valid / time
 
 
+class AudioTooLongError(ValueError):
+    """A clip longer than the encoder's window; ``item`` is its index in the batch.
+
+    Arguments
+    ---------
+    message : str
+        What happened and the fix.
+    item : int
+        Index of the longest clip in the batch.
+    """
+
+    def __init__(self, message, item):
+        super().__init__(message)
+        self.item = item
+
+
 class HFWhisperEncoder(SpeechEncoder):
     """Encoder of an HF Whisper model (local path, hub id, or a ``WhisperConfig``).
 
@@ -399,14 +415,21 @@ class HFWhisperEncoder(SpeechEncoder):
         self.output_size = config.d_model
         self.freeze_parameters()
 
+    @property
+    def window_seconds(self):
+        """The longest clip the encoder takes, in seconds (30 for Whisper)."""
+        return self.n_frames * self.hop_length / self.feature_extractor.sampling_rate
+
     def encode(self, wavs, wav_lens):
         """See ``SpeechEncoder.forward``."""
         n_samples = self.n_frames * self.hop_length
         if wavs.shape[1] > n_samples:
-            raise ValueError(
+            lengths = absolute_lengths(wav_lens, wavs.shape[1])
+            raise AudioTooLongError(
                 f"HFWhisperEncoder: audio of {wavs.shape[1]} samples exceeds the "
                 f"encoder window of {n_samples} samples; filter long utterances "
-                "(the data pipeline's `max_duration`) or use a longer window."
+                "(the data pipeline's `max_duration`) or use a longer window.",
+                item=int(lengths.argmax()),
             )
         frames = self.n_frames
         if self.window == "batch":

@@ -26,11 +26,12 @@ import sys
 
 import speechbrain as sb
 from speechbrain.dataio.dataset import DynamicItemDataset
-from speechbrain.utils.distributed import run_on_main
+from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from speechbrain_sllm.brains import SpeechLLMBrain
 from speechbrain_sllm.config import load_recipe_hparams
 from speechbrain_sllm.data.dataio import load_manifest, make_qa_dataset
+from speechbrain_sllm.importance.report import write_json
 from speechbrain_sllm.importance.stage import run_importance
 from speechbrain_sllm.inference import export_recipe_run
 from speechbrain_sllm.strategies import apply_strategy
@@ -81,6 +82,7 @@ def dataio_prepare(hparams):
         return make_qa_dataset(
             transcription_view(csvs(names)),
             hparams["prompt"],
+            name=f"LibriSpeech {'+'.join(names)} ({', '.join(csvs(names))})",
             sample_rate=hparams["sample_rate"],
             max_duration=hparams["max_duration"],
             sort_key="duration",
@@ -92,6 +94,7 @@ def dataio_prepare(hparams):
     text = make_qa_dataset(
         continuation_view(csvs(hparams["dev_splits"])),
         hparams["text_prompt"],
+        name=f"written continuations of {'+'.join(hparams['dev_splits'])}",
         with_audio=False,
     )
     return train, valid, tests, text
@@ -120,7 +123,7 @@ def base_importance(brain, hparams, text_set):
 
 if __name__ == "__main__":
     hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
-    hparams = load_recipe_hparams(hparams_file, overrides)  # checked before building
+    hparams = load_recipe_hparams(hparams_file, overrides, run_opts)  # checked, then built
     sb.utils.distributed.ddp_init_group(run_opts)
     sb.create_experiment_directory(
         hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides
@@ -158,11 +161,22 @@ if __name__ == "__main__":
         train_loader_kwargs={"batch_size": hparams["batch_size"], "shuffle": True},
         valid_loader_kwargs={"batch_size": hparams["batch_size"]},
     )
-    for split, dataset in test_sets.items():
-        asr_brain.evaluate(
+    results = {
+        split: asr_brain.evaluate(
             dataset,
             min_key=hparams["ckpt_key"],
             test_loader_kwargs={"batch_size": hparams["batch_size"]},
             name=split,
         )
+        for split, dataset in test_sets.items()
+    }
     export_recipe_run(hparams, os.path.join(os.path.dirname(hparams_file), "inference.yaml"))
+    if if_main_process():
+        training = {
+            "skipped_steps": asr_brain.skipped_steps,
+            "dropped_items": asr_brain.dropped_items,
+        }
+        write_json(
+            {"test": results, "training": training},
+            os.path.join(hparams["output_folder"], "results.json"),
+        )

@@ -72,7 +72,7 @@ def textual_importance(brain, text_set, folder, hparams):
 
 if __name__ == "__main__":
     hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
-    hparams = load_recipe_hparams(hparams_file, overrides)  # checked before building
+    hparams = load_recipe_hparams(hparams_file, overrides, run_opts)  # checked, then built
     if not hparams["eval_files"]:
         raise ValueError(
             "eval_files is empty: pass the evaluation sets, e.g. "
@@ -136,8 +136,12 @@ if __name__ == "__main__":
         shift = compare_profiles(
             base_profile, after, importance_folder, ("base", hparams["strategy"])
         )
+        training = {
+            "skipped_steps": qa_brain.skipped_steps,
+            "dropped_items": qa_brain.dropped_items,
+        }
         write_json(
-            {"accuracy": results, "shift": shift},
+            {"accuracy": results, "shift": shift, "training": training},
             os.path.join(hparams["output_folder"], "results.json"),
         )
         print(summarize_shift(shift))
