@@ -102,7 +102,7 @@ def unknown_override_message(hparams_file, error):
 
 
 def keys_read_as_run_options(keys):
-    """Yaml keys that ``--key=...`` cannot override: argparse reads them as run options.
+    """Yaml keys that a ``--key`` override cannot set: argparse reads them as run options.
 
     SpeechBrain parses the command line with argparse, which accepts any
     unambiguous prefix of an option: ``--distributed=fsdp`` silently becomes
@@ -384,7 +384,7 @@ def check_data_files(settings):
 
 
 def check_device(run_opts):
-    """Refuses ``--device=cuda...`` when torch sees no such GPU, naming ``--device``.
+    """Refuses a CUDA ``--device`` that torch cannot see, naming the option.
 
     Arguments
     ---------

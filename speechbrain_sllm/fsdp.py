@@ -322,7 +322,7 @@ class ShardedState:
         return StateDictOptions(ignore_frozen_params=True)
 
     def state_dict(self):
-        """``{"model": ..., "optimizer": ...}`` of DTensor shards (DCP's state-dict API)."""
+        """The model's and the optimizer's DTensor shards (DCP's state-dict API)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model, optimizer = get_state_dict(self.model, self.optimizer, options=self._options())

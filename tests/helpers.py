@@ -100,3 +100,35 @@ def fixed_batch(manifest, prompt, with_audio=True, size=6):
 
 def llm_state(model):
     return {n: p.detach().clone() for n, p in model.llm.named_parameters()}
+
+
+def tsv_rows(path):
+    """The rows of a per-item QA file (``QAAccuracyStats.write_stats``), fields unescaped."""
+
+    def unescape(field):
+        out, chars = [], iter(field)
+        for char in chars:
+            if char == "\\":
+                following = next(chars, "")
+                out.append({"t": "\t", "n": "\n", "\\": "\\"}.get(following, following))
+            else:
+                out.append(char)
+        return "".join(out)
+
+    with open(path, encoding="utf-8") as handle:
+        return [
+            [unescape(f) for f in line.rstrip("\n").split("\t")] for line in handle if line.strip()
+        ]
+
+
+def accuracy_from_tsv(path, mode="contains"):
+    """Accuracy (%) recomputed from a per-item file: each prediction matched to its references
+    again, independently of the score column the evaluation wrote; and the number of items."""
+    from speechbrain_sllm.metrics import answer_matches
+
+    rows = tsv_rows(path)
+    correct = sum(
+        answer_matches(prediction, reference.split("|"), mode)
+        for _, _, prediction, reference in rows
+    )
+    return 100.0 * correct / len(rows), len(rows)

@@ -155,18 +155,31 @@ def test_synthesis_is_deterministic_across_processes():
     assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0].split()) == 2
 
 
-def test_paired_test_matches_scipys_exact_binomial_test():
-    import random
+def exact_mcnemar_p(lost, gained):
+    """The two-sided exact McNemar test written out: twice the binomial(n, 1/2) tail."""
+    import math
 
-    from scipy.stats import binomtest
+    n = lost + gained
+    tail = sum(math.comb(n, k) for k in range(min(lost, gained) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def test_paired_test_counts_changed_items_and_gives_the_exact_binomial_p_value():
+    import random
 
     from speechbrain_sllm.metrics import paired_test
 
+    assert paired_test([True] * 5 + [False] * 3, [False] * 5 + [False] * 3) == {
+        "lost": 5,
+        "gained": 0,
+        "p": pytest.approx(2 / 32),
+    }
     rng = random.Random(0)
     for _ in range(20):
         before = [rng.random() < 0.5 for _ in range(60)]
         after = [b if rng.random() < 0.7 else rng.random() < 0.3 for b in before]
+        lost = sum(b and not a for b, a in zip(before, after))
+        gained = sum(a and not b for b, a in zip(before, after))
         result = paired_test(before, after)
-        n = result["lost"] + result["gained"]
-        expected = binomtest(result["gained"], n, 0.5).pvalue if n else 1.0
-        assert result["p"] == pytest.approx(expected, rel=1e-9)
+        assert (result["lost"], result["gained"]) == (lost, gained)
+        assert result["p"] == pytest.approx(exact_mcnemar_p(lost, gained), rel=1e-9)

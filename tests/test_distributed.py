@@ -29,12 +29,12 @@ def evaluate(brain, manifest, prompt):
     """Item-by-item S2T/T2T decoding and both perplexities on 5 items (uneven shards)."""
     dataset = make_qa_dataset(manifest, prompt).filtered_sorted(select_n=5)
     return {
-        "speech": brain.decode(dataset, mode="speech", batch_size=2),
-        "text": brain.decode(dataset, mode="text", batch_size=2),
-        "ppl_text": brain.perplexity(dataset, mode="text", batch_size=2),
+        "speech": brain.evaluator().decode(dataset, mode="speech", batch_size=2),
+        "text": brain.evaluator().decode(dataset, mode="text", batch_size=2),
+        "ppl_text": brain.evaluator().perplexity(dataset, mode="text", batch_size=2),
         # batch size 1: the speech path's valid-frame count comes from relative
         # lengths, so it depends (slightly) on how much padding a batch holds
-        "ppl_speech": brain.perplexity(dataset, mode="speech", batch_size=1),
+        "ppl_speech": brain.evaluator().perplexity(dataset, mode="speech", batch_size=1),
     }
 
 
@@ -211,7 +211,8 @@ def layer_importance(brain, dataset):
     from speechbrain_sllm.importance.aggregate import ScoreSet, aggregate
     from speechbrain_sllm.importance.stage import accumulate_importance
 
-    accumulator = accumulate_importance(brain, dataset, mode="text", batch_size=2)
+    evaluator = brain.evaluator(for_gradients=True)
+    accumulator = accumulate_importance(evaluator, dataset, mode="text", batch_size=2)
     return [layer["sum"] for layer in aggregate(ScoreSet.from_accumulator(accumulator))["layers"]]
 
 
@@ -239,8 +240,8 @@ def _fsdp_training_worker(rank, world, init_file, manifest, spm_path, out, name)
     tensors = {key: full_tensor(value).clone() for key, value in state.items()}  # collective
     five = dataset.filtered_sorted(select_n=5)  # 3 items on rank 0, 2 on rank 1
     results = {
-        "ppl": brain.perplexity(five, mode="text", batch_size=2),
-        "decoded": brain.decode(five, mode="text", batch_size=2),
+        "ppl": brain.evaluator().perplexity(five, mode="text", batch_size=2),
+        "decoded": brain.evaluator().decode(five, mode="text", batch_size=2),
         # importance of the trained, sharded model (LoRA: the frozen base weights too)
         "importance": layer_importance(brain, five),
     }
@@ -284,8 +285,8 @@ def test_two_rank_fsdp_training_ends_with_the_weights_of_one_process(
     with open(tmp_path / "fsdp.json") as handle:
         results = json.load(handle)
     five = make_qa_dataset(manifests["text"], prompt, with_audio=False).filtered_sorted(select_n=5)
-    assert results["ppl"] == pytest.approx(brain.perplexity(five, "text", 2), rel=1e-4)
-    ids, predictions, references = brain.decode(five, mode="text", batch_size=2)
+    assert results["ppl"] == pytest.approx(brain.evaluator().perplexity(five, "text", 2), rel=1e-4)
+    ids, predictions, references = brain.evaluator().decode(five, mode="text", batch_size=2)
     assert results["decoded"] == [ids, predictions, references]
     # weights agree to ~1e-6 after training, so importance agrees to about that
     assert results["importance"] == pytest.approx(layer_importance(brain, five), rel=1e-3)
@@ -308,11 +309,15 @@ def _fsdp_importance_worker(rank, world, init_file, manifest, spm_path, out):
     shard_speech_llm(brain.modules.model)
     dataset = make_qa_dataset(manifest, prompt, with_audio=False).filtered_sorted(select_n=5)
     profile, accumulator = run_importance(
-        brain, dataset, os.path.join(out, "fsdp_importance"), mode="text", batch_size=2
+        brain.evaluator(for_gradients=True),
+        dataset,
+        os.path.join(out, "fsdp_importance"),
+        mode="text",
+        batch_size=2,
     )
     scores = ScoreSet.from_accumulator(accumulator)
     profile["self_iou"] = topk_overlap(scores, scores, 0.03)  # a collective on each rank
-    profile["zeroing"] = zeroing_check(brain, dataset, accumulator, 0.1, "text", seed=3)
+    profile["zeroing"] = zeroing_check(brain.evaluator(), dataset, accumulator, 0.1, "text", seed=3)
     profile["local_numel"] = sum(score.numel() for _, score in scores.items())
     with open(os.path.join(out, f"profile{rank}.json"), "w") as handle:
         json.dump(profile, handle)
@@ -332,9 +337,13 @@ def test_fsdp_importance_equals_single_process(tokenizer, prompt, manifests, tmp
         select_n=5
     )
     expected, accumulator = run_importance(
-        brain, dataset, str(tmp_path / "single"), mode="text", batch_size=2
+        brain.evaluator(for_gradients=True),
+        dataset,
+        str(tmp_path / "single"),
+        mode="text",
+        batch_size=2,
     )
-    zeroing = zeroing_check(brain, dataset, accumulator, 0.1, "text", seed=3)
+    zeroing = zeroing_check(brain.evaluator(), dataset, accumulator, 0.1, "text", seed=3)
     # every condition moved the perplexity (an untrained model: no order expected)
     assert len({round(value, 6) for value in zeroing.values()}) == 4, zeroing
     for rank in range(2):

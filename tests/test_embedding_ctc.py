@@ -1,11 +1,10 @@
 """CTC alignment of an adaptor onto an LLM's input embeddings (model/embedding_ctc.py,
-brains.EmbeddingCTCBrain)."""
+study.EmbeddingCTCBrain)."""
 
 import speechbrain as sb
 import torch
 import torch.nn.functional as F
 
-from speechbrain_sllm.brains import EmbeddingCTCBrain
 from speechbrain_sllm.model.adaptors import FrameStackAdaptor
 from speechbrain_sllm.model.embedding_ctc import (
     EmbeddingCTCHead,
@@ -13,6 +12,7 @@ from speechbrain_sllm.model.embedding_ctc import (
     greedy_ctc_tokens,
 )
 from speechbrain_sllm.model.encoders import FbankTransformerEncoder
+from speechbrain_sllm.study import EmbeddingCTCBrain
 
 
 def frames_spelling(head, embeddings, token_ids, repeat=2):

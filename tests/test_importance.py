@@ -24,7 +24,7 @@ def total_text_loss(brain, dataset):
 
     total = 0.0
     for batch in make_dataloader(dataset, batch_size=4):
-        logits, labels = brain.forward_mode(batch, "text")
+        logits, labels = brain.evaluator().forward(batch, "text")
         total = total + shifted_lm_loss(logits, labels, "sum")
     return total
 
@@ -32,7 +32,9 @@ def total_text_loss(brain, dataset):
 def test_taylor_equals_brute_force_first_order_loss_change(tokenizer, prompt, manifests, tmp_path):
     brain = text_brain(tokenizer, prompt, tmp_path)
     dataset = make_qa_dataset(manifests["text"], prompt, with_audio=False)
-    acc = accumulate_importance(brain, dataset, "taylor", mode="text", batch_size=4)
+    acc = accumulate_importance(
+        brain.evaluator(for_gradients=True), dataset, "taylor", mode="text", batch_size=4
+    )
     brain.model.eval()
     params = dict(brain.model.llm.named_parameters())
     generator = torch.Generator().manual_seed(0)
@@ -97,10 +99,16 @@ def test_reduced_precision_overflow_is_reported_not_returned():
         acc.scores()
 
 
+def text_importance(brain, dataset, folder, **kwargs):
+    """The importance stage on written questions, batches of 4."""
+    evaluator = brain.evaluator(for_gradients=True)
+    return run_importance(evaluator, dataset, str(folder), mode="text", batch_size=4, **kwargs)
+
+
 def test_aggregation_sums_match_the_total(tokenizer, prompt, manifests, tmp_path):
     brain = text_brain(tokenizer, prompt, tmp_path, torch.float32)
     dataset = make_qa_dataset(manifests["text"], prompt, with_audio=False)
-    profile, acc = run_importance(brain, dataset, str(tmp_path / "imp"), mode="text", batch_size=4)
+    profile, acc = text_importance(brain, dataset, tmp_path / "imp")
     total = sum(float(s.sum(dtype=torch.float64)) for s in acc.scores().values())
     layers = sum(layer["sum"] for layer in profile["layers"])
     assert layers + profile["non_layer"]["sum"] == pytest.approx(total, rel=1e-9)
@@ -131,9 +139,7 @@ def test_decoder_linear_scope_scores_only_decoder_projections(
     brain = text_brain(tokenizer, prompt, tmp_path, torch.float32)
     brain.model.llm.lm_head.weight = brain.model.llm.model.embed_tokens.weight  # tied, as SmolLM2
     dataset = make_qa_dataset(manifests["text"], prompt, with_audio=False)
-    profile, acc = run_importance(
-        brain, dataset, str(tmp_path / "imp"), mode="text", batch_size=4, scope="decoder_linear"
-    )
+    profile, acc = text_importance(brain, dataset, tmp_path / "imp", scope="decoder_linear")
     expected = {
         f"llm.{name}"
         for name, param in brain.model.llm.named_parameters()
@@ -144,7 +150,13 @@ def test_decoder_linear_scope_scores_only_decoder_projections(
     assert profile["numel"] == sum(acc.params[name].numel() for name in expected)
     assert profile["non_layer"]["sum"] == 0
     with pytest.raises(ValueError, match="importance scope 'decoder' unknown"):
-        run_importance(brain, dataset, str(tmp_path / "x"), mode="text", scope="decoder")
+        run_importance(
+            brain.evaluator(for_gradients=True),
+            dataset,
+            str(tmp_path / "x"),
+            mode="text",
+            scope="decoder",
+        )
 
 
 def test_topk_threshold_and_shares_are_exact_against_a_sort():
@@ -201,7 +213,9 @@ def _ddp_worker(rank, world, init_file, manifest, spm_path, out):
     os.makedirs(os.path.join(out, f"rank{rank}"), exist_ok=True)
     brain = text_brain(tokenizer, prompt, os.path.join(out, f"rank{rank}"))
     dataset = make_qa_dataset(manifest, prompt, with_audio=False)
-    acc = accumulate_importance(brain, dataset, "taylor", mode="text", batch_size=2)
+    acc = accumulate_importance(
+        brain.evaluator(for_gradients=True), dataset, "taylor", mode="text", batch_size=2
+    )
     if rank == 0:
         torch.save({n: acc.score(n) for n in acc.params}, os.path.join(out, "ddp.pt"))
     torch.distributed.destroy_process_group()
@@ -216,7 +230,9 @@ def test_two_process_gloo_scores_equal_single_process(tokenizer, prompt, manifes
     (tmp_path / "single").mkdir()
     brain = text_brain(tokenizer, prompt, tmp_path / "single")
     dataset = make_qa_dataset(manifests["text"], prompt, with_audio=False)
-    single = accumulate_importance(brain, dataset, "taylor", mode="text", batch_size=2)
+    single = accumulate_importance(
+        brain.evaluator(for_gradients=True), dataset, "taylor", mode="text", batch_size=2
+    )
     assert single.num_backward == 6  # 12 written questions, batches of 2
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     for name in single.params:

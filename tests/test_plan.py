@@ -1,9 +1,11 @@
 """The memory planner against memory measured on the CPU, and its command line."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 
+import pytest
 from transformers import LlamaConfig
 
 from speechbrain_sllm.plan import main, plan_memory
@@ -19,6 +21,7 @@ CONFIG = dict(
 )
 MEASURE = """
 import json, resource, sys, torch
+import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 config = LlamaConfig(**json.loads(sys.argv[1]))
 ids = torch.randint(0, config.vocab_size, (1, 32))
@@ -62,6 +65,12 @@ def test_sharding_divides_weights_gradients_and_optimizer_but_not_activations():
     assert lora.gradients < ddp.gradients / 100 and lora.weights > ddp.weights
 
 
-def test_the_command_line_prints_the_plan(capsys):
+def test_the_command_line_prints_the_plan_of_its_arguments(capsys):
     main(["--llm", "llama-3.2-1b", "--strategy", "lora", "--world-size", "8"])
-    assert "weights 2.31" in capsys.readouterr().out
+    printed = dict(
+        part.rsplit(" ", 1) for part in capsys.readouterr().out.split(" (GiB")[0].split(", ")
+    )
+    plan = plan_memory("llama-3.2-1b", "lora", world_size=8)
+    for part, value in dataclasses.asdict(plan).items():
+        assert float(printed[part]) == pytest.approx(value / 2**30, abs=0.005), part
+    assert float(printed["total"]) == pytest.approx(plan.total / 2**30, abs=0.005)

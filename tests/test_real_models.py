@@ -137,7 +137,9 @@ def test_importance_on_smollm2_equals_a_plain_torch_reference(smollm2, tmp_path)
         hparams={"prompt": prompt, "tokenizer": tokenizer},
         run_opts={"device": "cpu"},
     )
-    accumulator = accumulate_importance(brain, dataset, "taylor", mode="text", batch_size=2)
+    accumulator = accumulate_importance(
+        brain.evaluator(for_gradients=True), dataset, "taylor", mode="text", batch_size=2
+    )
 
     # reference: the summed answer loss of all items, one backward, |g * w| per parameter
     model = SpeechLLM(llm)

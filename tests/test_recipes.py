@@ -16,7 +16,7 @@ import pytest
 import speechbrain as sb
 import torch
 from conftest import ROOT
-from helpers import failure_report
+from helpers import accuracy_from_tsv, failure_report
 from hyperpyyaml import load_hyperpyyaml
 
 HEADER = (
@@ -123,8 +123,11 @@ def keys_read_by_the_package():
     found = re.findall(r"self\.hparams\.(\w+)", text)
     found += re.findall(r"getattr\(\s*self\.hparams,\s*\"(\w+)\"", text)
     found += re.findall(r"\"(\w+)\" if stage == sb\.Stage\.VALID else \"(\w+)\"", text)[0]
-    with open(os.path.join(ROOT, "speechbrain_sllm", "study.py")) as handle:
-        found += re.findall(r"hparams\[\"(\w+)\"\]", handle.read())  # the studies' stage Brains
+    for name in ("protocol.py", "alignment.py"):  # the studies' runner and stage 1
+        with open(os.path.join(ROOT, "speechbrain_sllm", "study", name)) as handle:
+            text = handle.read()
+        found += re.findall(r"hparams\[\"(\w+)\"\]", text)
+        found += re.findall(r"hparams\.get\(\"(\w+)\"", text)
     return set(found)
 
 
@@ -212,7 +215,10 @@ def test_recipe_row_runs_and_passes_its_checks(row, recipe_fixtures, tmp_path):
     if row["Dataset"] == "VoiceAssistant":
         results = json.loads((out / "results.json").read_text())
         accuracy = results["accuracy"]["llama_questions"]
-        assert 0.0 <= accuracy["T2T"] <= 100.0 and 0.0 <= accuracy["S2T"] <= 100.0
+        for metric in ("T2T", "S2T"):  # the per-item report's matches, recomputed
+            expected, items = accuracy_from_tsv(out / f"llama_questions_{metric}.txt")
+            assert accuracy[metric] == pytest.approx(expected) and items == 4, metric
+        assert results["training"] == {"skipped_steps": 0, "dropped_items": 0}
         assert "skipped 1 items" in result.stderr + log
         # at least one optimizer step: a trained LLM's importance moves, a frozen one's does not
         if strategy == "frozen_llm":

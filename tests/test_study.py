@@ -3,7 +3,16 @@
 
 import json
 
+import pytest
+from helpers import accuracy_from_tsv
 from test_recipes import ROWS, check_files, check_performance, run_row
+
+from speechbrain_sllm.importance.shift import layer_shift
+from speechbrain_sllm.study.report import layer_sums
+
+# --quick: 12 entities x 4 relations x 3 templates written; the unseen voice speaks
+# the 2 training templates of each fact
+ITEMS = {"t2t": 144, "s2t": 96}
 
 STRATEGIES = ("full_ft", "layerwise_lr", "lora", "frozen_llm")
 
@@ -19,13 +28,20 @@ def test_quick_study_produces_the_table_profiles_and_plots(tmp_path):
     base, runs = results["base"], results["strategies"]
     assert base["t2t"] >= 80.0  # the pretrained LM knows its facts
     assert set(runs) == set(STRATEGIES)
+    base_profile = json.loads((out / "importance" / "base" / "profile.json").read_text())
     for name, run in runs.items():
-        assert 0.0 <= run["t2t"] <= 100.0 and 0.0 <= run["s2t"] <= 100.0, name
-        assert run["text_ppl"] >= 1.0
-        assert 0.0 <= run["shift"]["js"] <= 1.0 and 0.0 <= run["top3_iou"] <= 1.0
-        assert (out / "importance" / name / "profile.json").is_file()
+        # each accuracy is the share of its per-item answers that match their references
+        for column in ("t2t", "s2t"):
+            accuracy, items = accuracy_from_tsv(out / "finetune" / name / f"{column}.tsv")
+            assert run[column] == pytest.approx(accuracy) and items == ITEMS[column], name
+        # the shift is the one between the two written profiles
+        profile = json.loads((out / "importance" / name / "profile.json").read_text())
+        expected = layer_shift(layer_sums(base_profile), layer_sums(profile))
+        assert run["shift"]["js"] == pytest.approx(expected["js"]), name
     # a frozen LLM cannot lose text ability, and its importance does not move
     assert runs["frozen_llm"]["t2t"] == base["t2t"]
+    assert runs["frozen_llm"]["text_ppl"] == pytest.approx(base["text_ppl"], rel=1e-6)
+    assert runs["full_ft"]["text_ppl"] != pytest.approx(base["text_ppl"], rel=1e-6)
     assert runs["frozen_llm"]["shift"]["js"] < 1e-9 and runs["frozen_llm"]["top3_iou"] == 1.0
     # the paper's sanity check: zeroing the top 3% hurts more than random, random more than bottom
     zeroing = base["zeroing"]

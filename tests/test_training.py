@@ -1,78 +1,14 @@
-"""Training settings reach the run: SpeechBrain run options (default < yaml < command
-line) and the per-step LR schedule from the first optimizer step."""
+"""Training settings reach the run: the per-step LR schedule from the first optimizer
+step, sized for any epoch counter ``Brain.fit`` accepts."""
 
 import math
-import os
-import shlex
 
 import pytest
-import speechbrain as sb
-from conftest import ROOT
 from helpers import make_brain
-from hyperpyyaml import load_hyperpyyaml
 
 from speechbrain_sllm.brains import SpeechLLMBrain
 from speechbrain_sllm.checkpointing import WarmupDecaySchedule
 from speechbrain_sllm.data.dataio import make_qa_dataset
-
-RECIPE_YAML = "recipes/VoiceAssistant/SpokenQA/speechllm/hparams/whisper_llm.yaml"
-MODEL_FLAGS = (
-    "--data_folder=tests/fixtures/spokenqa --llm_source=tests/fixtures/tiny_llm "
-    "--encoder_source=tests/fixtures/tiny_whisper --encoder_dim=16 --llm_dim=32"
-)
-# run option: (yaml value, command-line flag, command-line value)
-RUN_OPTIONS = {
-    "precision": ("bf16", "--precision=fp32", "fp32"),
-    "max_grad_norm": (1.0, "--max_grad_norm=3.5", 3.5),
-    "grad_accumulation_factor": (4, "--grad_accumulation_factor=2", 2),
-    "ckpt_interval_minutes": (30, "--ckpt_interval_minutes=7", 7),
-    "device": ("cpu", "--device=cpu", "cpu"),
-}
-
-
-def recipe_brain(flags, yaml_device=None):
-    """The recipe's Brain, built as train.py builds it, from the yaml and ``flags``.
-
-    The recipe yaml has no ``device`` key; ``yaml_device`` adds one.
-    """
-    argv = [os.path.join(ROOT, RECIPE_YAML), *shlex.split(MODEL_FLAGS), *flags]
-    _, run_opts, overrides = sb.parse_arguments(argv)
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        with open(RECIPE_YAML) as handle:
-            hparams = load_hyperpyyaml(handle, overrides)
-    finally:
-        os.chdir(cwd)
-    if yaml_device is not None:
-        hparams["device"] = yaml_device
-    return SpeechLLMBrain(
-        modules=hparams["modules"],
-        opt_class=hparams["opt_class"],
-        hparams=hparams,
-        run_opts=run_opts,
-        checkpointer=None,
-    )
-
-
-def test_run_options_come_from_the_yaml_when_the_command_line_is_silent(recipe_fixtures):
-    brain = recipe_brain([], yaml_device="cpu")
-    for option, (yaml_value, _, _) in RUN_OPTIONS.items():
-        assert getattr(brain, option) == yaml_value, option
-
-
-@pytest.mark.parametrize("option", sorted(RUN_OPTIONS))
-def test_a_run_option_on_the_command_line_wins_over_the_yaml(option, recipe_fixtures):
-    _, flag, value = RUN_OPTIONS[option]
-    brain = recipe_brain([flag], yaml_device="meta" if option == "device" else None)
-    assert getattr(brain, option) == value
-
-
-def test_ckpt_interval_steps_from_the_command_line_can_replace_the_yamls_minutes(
-    recipe_fixtures,
-):
-    brain = recipe_brain(["--ckpt_interval_minutes=0", "--ckpt_interval_steps=50"])
-    assert (brain.ckpt_interval_minutes, brain.ckpt_interval_steps) == (0, 50)
 
 
 def expected_lr(step, base, warmup, total):
@@ -115,3 +51,14 @@ def test_every_optimizer_step_uses_the_formulas_lr_from_step_one(
     for step, lrs in enumerate(brain.used_lrs, 1):
         for lr, scale in zip(lrs, scales):
             assert lr == pytest.approx(expected_lr(step, base, warmup, total) * scale), step
+
+
+def test_fit_takes_any_iterable_epoch_counter_as_sb_brain_fit_does(
+    tokenizer, prompt, manifests, tmp_path
+):
+    brain = make_brain("frozen_llm", tokenizer, prompt, tmp_path)
+    brain.hparams.lr_schedule = WarmupDecaySchedule(1e-3, warmup_fraction=0.25)
+    dataset = make_qa_dataset(manifests["speech"], prompt)  # 12 items
+    brain.fit(range(1, 3), dataset, train_loader_kwargs={"batch_size": 4})
+    assert brain.hparams.lr_schedule.total_steps == 6  # 3 batches x 2 epochs
+    assert brain.optimizer_step == 6

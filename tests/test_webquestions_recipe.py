@@ -16,7 +16,7 @@ import sys
 import pytest
 import soundfile
 from conftest import LLAMA_QUESTIONS, ROOT
-from helpers import failure_report
+from helpers import accuracy_from_tsv, failure_report
 
 from speechbrain_sllm.data.tts import EspeakTTS
 
@@ -140,9 +140,9 @@ def test_prepare_adds_varied_renderings_in_unseen_voices(tmp_path):
 
 
 def test_hardware_names_the_device_the_run_used(monkeypatch):
-    sys.path.insert(0, RECIPE)
     import torch
-    from run_study import hardware
+
+    from speechbrain_sllm.study import hardware
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
@@ -160,10 +160,16 @@ def test_debug_run_of_every_strategy_on_real_models(real_models, study_data, tmp
         results = json.load(handle)
     strategies = results["strategies"]
     assert list(strategies) == ["full_ft", "layerwise_lr", "lora", "frozen_llm"]
-    for run in [results["stage1"], *strategies.values()]:
+    for name, run in strategies.items():  # accuracy: the per-item answers that match
         for column in ("llamaq_t2t", "llamaq_s2t", "webq_t2t", "webq_s2t"):
-            assert 0.0 <= run[column] <= 100.0
-        assert run["text_ppl"] > 1.0
+            tsv = output / "finetune" / name / f"{column}.tsv"
+            accuracy, items = accuracy_from_tsv(tsv)
+            assert run[column] == pytest.approx(accuracy) and items == 8, (name, column)
+    stage1_s2t, _ = accuracy_from_tsv(output / "align" / "llamaq_s2t.tsv")
+    assert results["stage1"]["llamaq_s2t"] == pytest.approx(stage1_s2t)
+    # a frozen LLM's text scores are the base LLM's; a fine-tuned one's perplexity moves
+    assert strategies["frozen_llm"]["text_ppl"] == pytest.approx(results["base"]["text_ppl"])
+    assert strategies["full_ft"]["text_ppl"] != pytest.approx(results["base"]["text_ppl"])
     # stage 1a (CTC onto the LLM's input embeddings) ran and logged its epochs
     assert 0.0 <= results["stage1"]["ctc_valid_wer"] and results["stage1"]["ctc_valid_loss"] > 0
     assert "WER" in (output / "align" / "ctc" / "train_log.txt").read_text()

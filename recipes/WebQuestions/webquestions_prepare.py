@@ -59,6 +59,31 @@ VARIED_RATES = (130, 200)
 VARIED_PITCHES = (30, 70)
 
 
+def source_files(data_folder, llama_questions_folder):
+    """The WebQuestions JSON files and the LLaMA Questions TSV, each checked to exist.
+
+    Arguments
+    ---------
+    data_folder : str
+        WebQuestions' ``main/`` folder.
+    llama_questions_folder : str
+        The LLaMA Questions folder.
+
+    Returns
+    -------
+    list of str
+    """
+    sources = [os.path.join(data_folder, name) for name in WEBQ_FILES.values()]
+    sources.append(os.path.join(llama_questions_folder, LLAMAQ_TSV))
+    for path in sources:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} not found: set `data_folder` to WebQuestions' main/ folder and "
+                "`llama_questions_folder` to the LLaMA Questions folder (see the recipe README)."
+            )
+    return sources
+
+
 def prepare_webquestions(
     data_folder,
     save_folder,
@@ -124,14 +149,7 @@ def prepare_webquestions(
             f"prepare_webquestions: test voices {test_voices} overlap the training voices; "
             "the WebQ test set must be spoken by an unseen voice."
         )
-    sources = [os.path.join(data_folder, name) for name in WEBQ_FILES.values()]
-    sources.append(os.path.join(llama_questions_folder, LLAMAQ_TSV))
-    for path in sources:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{path} not found: set `data_folder` to WebQuestions' main/ folder and "
-                "`llama_questions_folder` to the LLaMA Questions folder (see the recipe README)."
-            )
+    sources = source_files(data_folder, llama_questions_folder)
     counts = {"train": num_train, "valid": num_valid, "webq_test": num_test}
     options = {"counts": counts, "num_llamaq": num_llamaq, "seed": seed}
     options.update({"train_voices": train_voices, "test_voices": test_voices})
@@ -141,21 +159,48 @@ def prepare_webquestions(
     if is_prepared(save_folder, record, outputs, on_change):
         logger.info(f"WebQuestions / LLaMA Questions manifests in {save_folder} are up to date.")
         return paths
-    tts = EspeakTTS(sample_rate=16000)
+    tts = EspeakTTS(sample_rate=16000)  # one synthesiser, splits in a fixed order
     with staged_preparation(save_folder, record) as staging:
         for split, file_name in WEBQ_FILES.items():
-            items = read_webquestions(os.path.join(data_folder, file_name))
-            items = draw(items, counts[split], seed)
+            items = draw(
+                read_webquestions(os.path.join(data_folder, file_name)), counts[split], seed
+            )
             voices = test_voices if split == "webq_test" else train_voices
-            folder = os.path.join(save_folder, "wav", split)
-            rows = speak_items(items, voices, tts, folder, split)
-            write_csv_manifest(rows, FIELDS, os.path.join(staging, f"{split}.csv"))
-            if split == "train":
-                varied = speak_varied(rows, varied_renderings, test_voices, tts, folder, seed)
-                write_csv_manifest(rows + varied, FIELDS, os.path.join(staging, "align.csv"))
+            variety = (varied_renderings, test_voices, seed)
+            speak_split(items, split, voices, tts, save_folder, staging, variety)
         rows = read_llama_questions(llama_questions_folder, num_llamaq)
         write_csv_manifest(rows, FIELDS, os.path.join(staging, "llamaq_test.csv"))
     return paths
+
+
+def speak_split(items, split, voices, tts, save_folder, staging, variety):
+    """Speaks one WebQuestions split and writes its manifest (training: ``align.csv`` too).
+
+    Arguments
+    ---------
+    items : list of dict
+        The drawn questions.
+    split : str
+        ``train``, ``valid`` or ``webq_test``.
+    voices : list of tuple
+        eSpeak voices of the split.
+    tts : EspeakTTS
+        The synthesiser (one for the whole preparation: eSpeak's output depends on
+        what the process spoke before).
+    save_folder : str
+        The preparation folder (audio under ``wav/<split>``).
+    staging : str
+        Where the manifests are staged.
+    variety : tuple
+        ``(varied_renderings, test_voices, seed)`` of the training split's extra renderings.
+    """
+    folder = os.path.join(save_folder, "wav", split)
+    rows = speak_items(items, voices, tts, folder, split)
+    write_csv_manifest(rows, FIELDS, os.path.join(staging, f"{split}.csv"))
+    if split == "train":
+        varied_renderings, test_voices, seed = variety
+        varied = speak_varied(rows, varied_renderings, test_voices, tts, folder, seed)
+        write_csv_manifest(rows + varied, FIELDS, os.path.join(staging, "align.csv"))
 
 
 def read_webquestions(path):

@@ -158,7 +158,7 @@ def canonical_name(name):
 
 
 def module_type(name):
-    """Module type of a parameter: q/k/v/o_proj, gate/up/down_proj, embeddings, norms, ...
+    """Module type of a parameter: q/k/v/o_proj, gate/up/down_proj, embeddings, norms or other.
 
     Arguments
     ---------

@@ -105,7 +105,7 @@ def scored_indices(num_items, fraction=1.0, seed=0):
 
 
 def accumulate_importance(
-    brain,
+    evaluator,
     dataset,
     estimator="taylor",
     mode="text",
@@ -120,8 +120,9 @@ def accumulate_importance(
 
     Arguments
     ---------
-    brain : SpeechLLMBrain
-        Holds the model, device and precision contexts.
+    evaluator : QAEvaluator
+        The model (not DDP-wrapped: ranks reduce accumulators, not gradients),
+        its device and precision context (``SpeechLLMBrain.evaluator(for_gradients=True)``).
     dataset : DynamicItemDataset
         QA dataset (``make_qa_dataset``).
     estimator : str
@@ -146,7 +147,7 @@ def accumulate_importance(
     ImportanceAccumulator
         Accumulators summed over ranks (hooks removed).
     """
-    model = brain.model
+    model = evaluator.model
     params = scored_parameters(model, scope)
     dtype = None
     if accumulate_dtype == "param":
@@ -158,21 +159,17 @@ def accumulate_importance(
         param.requires_grad_(False)
     subset = torch.utils.data.Subset(dataset, scored_indices(len(dataset), fraction, seed))
     model.eval()
-    wrapped = brain.modules["model"]
-    brain.modules["model"] = model  # no DDP hooks: ranks reduce accumulators, not gradients
     accumulator = ImportanceAccumulator(params, estimator, dtype)
     try:
         # each rank scores items rank::world; under FSDP, filler batches keep ranks in step
-        batches = brain.rank_batches(subset, batch_size)
+        batches = evaluator.rank_batches(subset, batch_size)
         for batch, counted in tqdm(batches, disable=not progress, desc=f"importance ({mode})"):
-            with brain.training_ctx:
-                logits, labels = brain.forward_mode(batch, mode)
-                loss = shifted_lm_loss(logits, labels, "sum")
+            logits, labels = evaluator.forward(batch, mode)
+            loss = shifted_lm_loss(logits, labels, "sum")
             (loss if counted else loss * 0.0).backward()
             if counted:
                 accumulator.step()
     finally:
-        brain.modules["model"] = wrapped
         accumulator.detach()
         for param, was_trainable in frozen.items():
             param.requires_grad_(was_trainable)
@@ -180,13 +177,13 @@ def accumulate_importance(
     return accumulator
 
 
-def run_importance(brain, dataset, output_folder, topk_percents=(1.0, 3.0, 5.0), **kwargs):
+def run_importance(evaluator, dataset, output_folder, topk_percents=(1.0, 3.0, 5.0), **kwargs):
     """The importance stage: accumulate, aggregate per layer / module, save, log.
 
     Arguments
     ---------
-    brain : SpeechLLMBrain
-        Holds the model.
+    evaluator : QAEvaluator
+        The model (see ``accumulate_importance``).
     dataset : DynamicItemDataset
         QA dataset.
     output_folder : str
@@ -204,7 +201,7 @@ def run_importance(brain, dataset, output_folder, topk_percents=(1.0, 3.0, 5.0),
         Per-parameter accumulators (for top-k overlap and the zeroing check).
     """
     start = time.time()
-    accumulator = accumulate_importance(brain, dataset, **kwargs)
+    accumulator = accumulate_importance(evaluator, dataset, **kwargs)
     profile = aggregate(ScoreSet.from_accumulator(accumulator), topk_percents)
     profile.update(
         {
@@ -223,7 +220,9 @@ def run_importance(brain, dataset, output_folder, topk_percents=(1.0, 3.0, 5.0),
 
 
 @torch.no_grad()
-def zeroing_check(brain, dataset, accumulator, fraction=0.03, mode="text", seed=0):
+def zeroing_check(
+    evaluator, dataset, accumulator, fraction=0.03, mode="text", seed=0, batch_size=8
+):
     """The paper's sanity check: perplexity after zeroing top / random / bottom ``fraction``.
 
     Weights are restored after each condition (only the zeroed entries are
@@ -233,8 +232,8 @@ def zeroing_check(brain, dataset, accumulator, fraction=0.03, mode="text", seed=
 
     Arguments
     ---------
-    brain : SpeechLLMBrain
-        Holds the model.
+    evaluator : QAEvaluator
+        The model.
     dataset : DynamicItemDataset
         Held-out QA data for perplexity.
     accumulator : ImportanceAccumulator
@@ -245,6 +244,8 @@ def zeroing_check(brain, dataset, accumulator, fraction=0.03, mode="text", seed=
         ``text`` or ``speech``.
     seed : int
         Seed of the random selection.
+    batch_size : int
+        Batch size of the perplexity passes.
 
     Returns
     -------
@@ -266,7 +267,7 @@ def zeroing_check(brain, dataset, accumulator, fraction=0.03, mode="text", seed=
         "random": random_mask,
         "bottom": lambda name, param: accumulator.score(name) <= bottom,
     }
-    results = {"none": brain.perplexity(dataset, mode=mode)}
+    results = {"none": evaluator.perplexity(dataset, mode, batch_size)}
     for condition, select in selectors.items():
         saved = {}
         for name, param in accumulator.params.items():
@@ -274,7 +275,7 @@ def zeroing_check(brain, dataset, accumulator, fraction=0.03, mode="text", seed=
             weights = local_tensor(param)  # in place: FSDP gathers from these shards
             saved[name] = (mask, weights[mask].clone())
             weights[mask] = 0
-        results[condition] = brain.perplexity(dataset, mode=mode)
+        results[condition] = evaluator.perplexity(dataset, mode, batch_size)
         for name, (mask, values) in saved.items():
             local_tensor(accumulator.params[name])[mask] = values
     return results

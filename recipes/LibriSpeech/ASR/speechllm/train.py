@@ -112,7 +112,7 @@ def base_importance(brain, hparams, text_set):
     if os.path.isfile(strategy.layerwise.profile):
         return
     run_importance(
-        brain,
+        brain.evaluator(for_gradients=True),
         text_set,
         os.path.dirname(strategy.layerwise.profile),
         mode="text",
@@ -159,13 +159,13 @@ if __name__ == "__main__":
         train_set,
         valid_set,
         train_loader_kwargs={"batch_size": hparams["batch_size"], "shuffle": True},
-        valid_loader_kwargs={"batch_size": hparams["batch_size"]},
+        valid_loader_kwargs={"batch_size": hparams["eval_batch_size"]},
     )
     results = {
         split: asr_brain.evaluate(
             dataset,
             min_key=hparams["ckpt_key"],
-            test_loader_kwargs={"batch_size": hparams["batch_size"]},
+            test_loader_kwargs={"batch_size": hparams["eval_batch_size"]},
             name=split,
         )
         for split, dataset in test_sets.items()

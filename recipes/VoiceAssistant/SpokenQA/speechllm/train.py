@@ -59,7 +59,7 @@ def dataio_prepare(hparams):
 def textual_importance(brain, text_set, folder, hparams):
     """The importance stage on written questions; returns the profile."""
     profile, _ = run_importance(
-        brain,
+        brain.evaluator(for_gradients=True),
         text_set,
         folder,
         estimator=hparams["importance_estimator"],
@@ -115,14 +115,17 @@ if __name__ == "__main__":
         train_set,
         valid_set,
         train_loader_kwargs={"batch_size": hparams["batch_size"], "shuffle": True},
-        valid_loader_kwargs={"batch_size": hparams["batch_size"]},
+        valid_loader_kwargs={"batch_size": hparams["eval_batch_size"]},
     )
 
     key = hparams["ckpt_key"]
     best = {"max_key": key} if key in MAX_METRICS else {"min_key": key}
     results = {
         name: qa_brain.evaluate(
-            dataset, test_loader_kwargs={"batch_size": hparams["batch_size"]}, name=name, **best
+            dataset,
+            test_loader_kwargs={"batch_size": hparams["eval_batch_size"]},
+            name=name,
+            **best,
         )
         for name, dataset in eval_sets.items()
     }

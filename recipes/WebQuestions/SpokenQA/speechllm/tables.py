@@ -1,0 +1,76 @@
+"""The real-model study's tables: Table 2 of the paper as measured here, and the paper's.
+
+Authors
+ * speechbrain-sllm developers 2026
+"""
+
+# The paper's Table 2 (Llama-3.2-1B-Instruct + Whisper, accuracy %), for comparison
+PAPER_1B = {
+    "no fine-tuning": (74.0, None, 44.5, None),
+    "full_ft": (73.3, 66.7, 42.1, 29.1),
+    "layerwise_lr": (73.7, 68.3, 43.8, 30.2),
+    "lora": (73.7, 70.3, 42.9, 33.5),
+}
+
+
+def cell(value, digits=1):
+    """A table cell: the number, or ``-``.
+
+    Example
+    -------
+    >>> cell(None), cell(12.345)
+    ('-', '12.3')
+    """
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def results_table(base, stage1, runs):
+    """Table 2 of the paper, measured here (markdown).
+
+    Arguments
+    ---------
+    base : dict
+        The base LLM's scores.
+    stage1 : dict
+        The aligned adaptor's scores (LLM frozen).
+    runs : dict
+        ``{strategy: scores with shift and top3_iou}``.
+
+    Returns
+    -------
+    str
+    """
+    lines = [
+        "| Method | LlamaQ T2T | LlamaQ S2T | WebQ T2T | WebQ S2T | text PPL (LlamaQ) "
+        "| importance JS vs base | top-3% IoU vs base |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| no fine-tuning | {cell(base['llamaq_t2t'])} | - | {cell(base['webq_t2t'])} | - "
+        f"| {base['text_ppl']:.2f} | 0 | 1 |",
+        f"| stage 1: adaptor aligned, LLM frozen | {cell(stage1['llamaq_t2t'])} "
+        f"| {cell(stage1['llamaq_s2t'])} | {cell(stage1['webq_t2t'])} "
+        f"| {cell(stage1['webq_s2t'])} | {stage1['text_ppl']:.2f} | 0 | 1 |",
+    ]
+    for name, run in runs.items():
+        lines.append(
+            f"| {name} | {cell(run['llamaq_t2t'])} | {cell(run['llamaq_s2t'])} "
+            f"| {cell(run['webq_t2t'])} | {cell(run['webq_s2t'])} | {run['text_ppl']:.2f} "
+            f"| {run['shift']['js']:.4f} | {run['top3_iou']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def paper_table():
+    """The paper's 1B rows, for comparison (markdown).
+
+    Example
+    -------
+    >>> paper_table().splitlines()[2]
+    '| no fine-tuning | 74.0 | - | 44.5 | - |'
+    """
+    lines = [
+        "| Method (paper, Llama-3.2-1B) | LlamaQ T2T | LlamaQ S2T | WebQ T2T | WebQ S2T |",
+        "|---|---|---|---|---|",
+    ]
+    for name, values in PAPER_1B.items():
+        lines.append(f"| {name} | " + " | ".join(cell(v) for v in values) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,432 @@
+"""Both sides of a speech LLM scored on QA data: decoding, accuracy, WER, perplexity.
+
+Functions of a model, not of a training loop: ``SpeechLLMBrain`` (validation and
+test metrics), the importance stage (gradients of the same forward pass), the
+studies and inference all call them.
+
+* ``qa_forward`` runs a model on a batch of spoken (``speech``) or written
+  (``text``) questions and returns logits and labels;
+* ``QAEvaluator`` scores whole datasets: under torchrun each rank takes its
+  share (``rank::world``) and the results are gathered exactly, each item once.
+
+Authors
+ * speechbrain-sllm developers 2026
+"""
+
+import contextlib
+import math
+import os
+
+import speechbrain as sb
+import torch
+from speechbrain.dataio.batch import PaddedBatch
+from speechbrain.dataio.dataloader import make_dataloader
+from tqdm import tqdm
+
+from speechbrain_sllm.data.dataio import unpad
+from speechbrain_sllm.distributed import all_reduce_max, all_reduce_sum, gather_in_order, rank_shard
+from speechbrain_sllm.fsdp import is_sharded, root_gathered
+from speechbrain_sllm.inference import generated_texts, speech_inputs
+from speechbrain_sllm.metrics import QAAccuracyStats, wer_stats
+from speechbrain_sllm.model.encoders import AudioTooLongError
+from speechbrain_sllm.model.speech_llm import ContextLengthError, shifted_lm_loss
+
+INPUT_MODES = ("speech", "text")
+METRICS = ("WER", "S2T", "T2T", "text_ppl")
+MAX_METRICS = ("S2T", "T2T")  # higher is better
+
+
+def context_error(error, item_id, mode):
+    """A ``ContextLengthError`` that names the dataset item and the fix for its input mode.
+
+    Arguments
+    ---------
+    error : ContextLengthError
+        The model's error (``length``, ``limit``).
+    item_id : str
+        The item's id.
+    mode : str
+        ``speech`` or ``text``.
+
+    Returns
+    -------
+    ValueError
+    """
+    what = "spoken question + answer" if mode == "speech" else "written question + answer"
+    fix = (
+        "lower `max_duration`, or downsample speech more (adaptor stack / stride)"
+        if mode == "speech"
+        else "shorten the question or answer, or remove the item from the manifest"
+    )
+    return ValueError(
+        f"Item {item_id!r}: the {what} takes {error.length} positions, over the LLM "
+        f"context of {error.limit}; {fix}."
+    )
+
+
+def qa_forward(model, batch, mode, prompt, keep=None):
+    """Forward pass on spoken (``speech``) or written (``text``) questions.
+
+    Arguments
+    ---------
+    model : torch.nn.Module
+        A ``SpeechLLM`` (or its DDP / FSDP wrapper).
+    batch : PaddedBatch
+        From ``make_qa_dataset``, on the model's device.
+    mode : str
+        ``speech`` or ``text``.
+    prompt : ChatPrompt
+        The prompt builder.
+    keep : list of int or None
+        Positions of the items to run (None: all).
+
+    Returns
+    -------
+    logits : torch.Tensor
+        ``(B, L, V)``.
+    labels : torch.Tensor
+        ``(B, L)``, -100 outside the answers.
+    """
+    if mode not in INPUT_MODES:
+        raise ValueError(f"input mode {mode!r} unknown; use one of {INPUT_MODES}.")
+    keep = list(range(len(batch.id))) if keep is None else keep
+    ids = [batch.id[i] for i in keep]
+    answers = [unpad(batch.answer_ids)[i].tolist() for i in keep]
+    try:
+        if mode == "speech":
+            wavs, wav_lens = batch.sig
+            prefix, suffix = prompt.speech_prompt()
+            count = len(keep)
+            return model([prefix] * count, answers, wavs[keep], wav_lens[keep], [suffix] * count)
+        prompts = [unpad(batch.prompt_ids)[i].tolist() for i in keep]
+        return model(prompts, answers)
+    except ContextLengthError as error:
+        raise context_error(error, ids[error.item], mode) from error
+    except AudioTooLongError as error:
+        raise AudioTooLongError(f"Item {ids[error.item]!r}: {error}", error.item) from error
+
+
+class QAEvaluator:
+    """Scores a ``SpeechLLM`` on QA datasets (T2T / S2T accuracy, WER, perplexity).
+
+    Arguments
+    ---------
+    model : SpeechLLM
+        The model (not wrapped in DDP; FSDP-sharded is fine).
+    prompt : ChatPrompt
+        Prompt builder.
+    tokenizer : HFTokenizer or SentencePieceTokenizer
+        Decodes generated ids.
+    device : str or torch.device
+        Where batches go.
+    autocast : context manager or None
+        The reusable context each forward runs in (a Brain's
+        ``evaluation_ctx``, or ``training_ctx`` for gradients); None: none.
+    batch_size : int
+        Default batch size.
+    max_new_tokens : int
+        Decoding budget.
+    num_beams : int
+        Beam size (1: greedy).
+    answer_match : str
+        ``contains`` or ``exact`` (see ``QAAccuracyStats``).
+
+    Example
+    -------
+    >>> evaluator = QAEvaluator(torch.nn.Linear(1, 1), prompt=None, tokenizer=None)
+    >>> evaluator.batch_size, evaluator.answer_match
+    (8, 'contains')
+    """
+
+    def __init__(
+        self,
+        model,
+        prompt,
+        tokenizer,
+        device="cpu",
+        autocast=None,
+        batch_size=8,
+        max_new_tokens=32,
+        num_beams=1,
+        answer_match="contains",
+    ):
+        self.model = model
+        self.prompt = prompt
+        self.tokenizer = tokenizer
+        self.device = device
+        self.autocast = autocast or contextlib.nullcontext()
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.num_beams = num_beams
+        self.answer_match = answer_match
+
+    def forward(self, batch, mode):
+        """``qa_forward`` of the model on ``batch`` (moved to the device), in ``autocast``."""
+        with self.autocast:
+            return qa_forward(self.model, batch.to(self.device), mode, self.prompt)
+
+    def rank_batches(self, dataset, batch_size=None):
+        """Yields ``(batch, counted)`` over this rank's share of ``dataset``.
+
+        A sharded (FSDP) model gathers its parameters in every forward, so all
+        ranks must run the same number of batches: a rank with fewer batches
+        runs copies of the first item with ``counted=False``, whose results
+        the caller drops.
+
+        Arguments
+        ---------
+        dataset : DynamicItemDataset
+            The data.
+        batch_size : int or None
+            Batch size (None: the evaluator's).
+
+        Yields
+        ------
+        batch : PaddedBatch
+            The next batch.
+        counted : bool
+            False for a lockstep filler batch.
+        """
+        subset = torch.utils.data.Subset(dataset, rank_shard(range(len(dataset))))
+        loader = make_dataloader(
+            subset, batch_size=batch_size or self.batch_size, shuffle=False, collate_fn=PaddedBatch
+        )
+        missing = 0
+        if is_sharded(self.model):  # agreed before any forward: a collective of its own
+            missing = all_reduce_max(len(loader), self.device) - len(loader)
+        yield from ((batch, True) for batch in loader)
+        for _ in range(missing):
+            yield PaddedBatch([dataset[0]]), False
+
+    @torch.no_grad()
+    def perplexity(self, dataset, mode="text", batch_size=None):
+        """Perplexity of the answers given the questions (token-weighted, all ranks).
+
+        Arguments
+        ---------
+        dataset : DynamicItemDataset
+            QA dataset.
+        mode : str
+            ``text`` or ``speech`` questions.
+        batch_size : int or None
+            Batch size (None: the evaluator's).
+
+        Returns
+        -------
+        float
+        """
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch, counted in self.rank_batches(dataset, batch_size):
+            logits, labels = self.forward(batch, mode)
+            if counted:
+                total += shifted_lm_loss(logits.float(), labels, "sum").item()
+                count += int((labels[:, 1:] != -100).sum())
+        total, count = all_reduce_sum([total, count], self.device)
+        return math.exp(min(total / max(count, 1), 50.0))
+
+    @torch.no_grad()
+    def decode_batch(self, batch, mode="speech"):
+        """The generated answer of each item of one batch.
+
+        Arguments
+        ---------
+        batch : PaddedBatch
+            From ``make_qa_dataset``.
+        mode : str
+            ``speech`` (S2T) or ``text`` (T2T) questions.
+
+        Returns
+        -------
+        list of str
+        """
+        self.model.eval()
+        batch = batch.to(self.device)
+        with self.autocast, root_gathered(self.model):
+            if mode == "speech":
+                inputs = speech_inputs(self.model, self.prompt, *batch.sig)
+            else:
+                prompts = [p.tolist() for p in unpad(batch.prompt_ids)]
+                inputs = self.model.build_batch(prompts, padding_side="left")
+            return generated_texts(
+                self.model, self.tokenizer, inputs, self.max_new_tokens, self.num_beams
+            )
+
+    def decode(self, dataset, mode="speech", batch_size=None, progress=False):
+        """Generates answers for every item of ``dataset``.
+
+        Arguments
+        ---------
+        dataset : DynamicItemDataset
+            QA dataset.
+        mode : str
+            ``speech`` (S2T) or ``text`` (T2T) questions.
+        batch_size : int or None
+            Batch size (None: the evaluator's).
+        progress : bool
+            Show a progress bar.
+
+        Returns
+        -------
+        ids, predictions, references : list of str
+            In dataset order; under torchrun each rank decodes its share and
+            every rank returns the whole, each item once.
+        """
+        items = []
+        batches = self.rank_batches(dataset, batch_size)
+        for batch, counted in tqdm(batches, disable=not progress, desc=f"decode {mode}"):
+            texts = self.decode_batch(batch, mode)
+            if counted:
+                items.extend(zip(batch.id, texts, batch.answer))
+        items = gather_in_order(items, rank_shard(range(len(dataset))))
+        if not items:
+            return [], [], []
+        ids, predictions, references = (list(column) for column in zip(*items))
+        return ids, predictions, references
+
+    def qa_accuracy(self, dataset, mode="speech", output_file=None, **kwargs):
+        """QA accuracy (%) with normalised answer matching (T2T or S2T).
+
+        Arguments
+        ---------
+        dataset : DynamicItemDataset
+            QA dataset.
+        mode : str
+            ``speech`` or ``text``.
+        output_file : str or None
+            Where per-item predictions are written (tab separated).
+        **kwargs : dict
+            Passed to ``decode`` (``batch_size``, ``progress``).
+
+        Returns
+        -------
+        float
+        """
+        stats = QAAccuracyStats(mode=self.answer_match)
+        stats.append(*self.decode(dataset, mode=mode, **kwargs))
+        write_stats(stats, output_file)
+        return stats.summarize("accuracy")
+
+    def word_error_rate(self, dataset, output_file=None, **kwargs):
+        """Word error rate (%) of generated transcripts against the ``answer`` field.
+
+        Arguments
+        ---------
+        dataset : DynamicItemDataset
+            ASR dataset whose answers are transcripts.
+        output_file : str or None
+            Where SpeechBrain's WER alignment report is written.
+        **kwargs : dict
+            Passed to ``decode`` (``batch_size``, ``progress``).
+
+        Returns
+        -------
+        float
+        """
+        stats = wer_stats()
+        ids, predictions, references = self.decode(dataset, mode="speech", **kwargs)
+        stats.append(ids, [p.split() for p in predictions], [r.split() for r in references])
+        write_stats(stats, output_file)
+        return stats.summarize("error_rate")
+
+
+def write_stats(stats, output_file):
+    """Writes a SpeechBrain stats object's per-item report (main process; None: nothing).
+
+    Arguments
+    ---------
+    stats : MetricStats
+        ``QAAccuracyStats`` or ``ErrorRateStats``.
+    output_file : str or None
+        The report's path.
+    """
+    if output_file and sb.utils.distributed.if_main_process():
+        os.makedirs(os.path.dirname(output_file) or ".", exist_ok=True)
+        with open(output_file, "w") as handle:
+            stats.write_stats(handle)
+
+
+class StageMetrics:
+    """Validation or test metrics of a Brain, accumulated batch by batch.
+
+    ``WER`` (generated transcript vs ``answer``), ``S2T`` / ``T2T`` (spoken /
+    written QA accuracy), ``text_ppl`` (perplexity of ``text_set`` when given,
+    else of the batches' written questions). Each batch is decoded once per
+    input mode the metrics need. Every rank scores every batch (SpeechBrain
+    does not split validation data), which keeps FSDP ranks in step.
+
+    Arguments
+    ---------
+    names : list of str
+        Among ``METRICS``.
+    answer_match : str
+        ``contains`` or ``exact``.
+    text_set : DynamicItemDataset or None
+        Written QA for ``text_ppl``.
+
+    Example
+    -------
+    >>> StageMetrics(["S2T", "WER"]).summarize(None)
+    {'S2T': 0.0, 'WER': 0.0}
+    """
+
+    def __init__(self, names, answer_match="contains", text_set=None):
+        unknown = sorted(set(names) - set(METRICS))
+        if unknown:
+            raise ValueError(f"metrics {unknown} unknown; use some of {METRICS}.")
+        self.text_set = text_set
+        trackers = {
+            "WER": wer_stats,
+            "S2T": lambda: QAAccuracyStats(mode=answer_match),
+            "T2T": lambda: QAAccuracyStats(mode=answer_match),
+            "text_ppl": lambda: [0.0, 0],  # summed answer loss, answer tokens
+        }
+        self.stats = {name: trackers[name]() for name in names}
+
+    def append(self, evaluator, batch):
+        """Scores one batch.
+
+        Arguments
+        ---------
+        evaluator : QAEvaluator
+            The model to score.
+        batch : PaddedBatch
+            From ``make_qa_dataset``.
+        """
+        decoded = {}
+        for name, stats in self.stats.items():
+            if name == "text_ppl":
+                if self.text_set is None:
+                    logits, labels = evaluator.forward(batch, "text")
+                    stats[0] += shifted_lm_loss(logits.float(), labels, "sum").item()
+                    stats[1] += int((labels[:, 1:] != -100).sum())
+                continue
+            mode = "text" if name == "T2T" else "speech"
+            if mode not in decoded:
+                decoded[mode] = evaluator.decode_batch(batch, mode)
+            ids, references = list(batch.id), list(batch.answer)
+            if name == "WER":
+                split = [[text.split() for text in texts] for texts in (decoded[mode], references)]
+                stats.append(ids, *split)
+            else:
+                stats.append(ids, decoded[mode], references)
+
+    def summarize(self, evaluator):
+        """``{metric: value}`` (``text_ppl`` of ``text_set`` is computed here, on all ranks)."""
+        results = {}
+        for name, stats in self.stats.items():
+            if name == "WER":
+                results[name] = stats.summarize("error_rate") if stats.scores else 0.0
+            elif name in MAX_METRICS:
+                results[name] = stats.summarize("accuracy") if stats.scores else 0.0
+            elif self.text_set is not None:
+                results[name] = evaluator.perplexity(self.text_set, "text")
+            else:
+                results[name] = math.exp(min(stats[0] / max(stats[1], 1), 50.0))
+        return results
+
+    def write(self, folder, name):
+        """Per-item reports ``<folder>/<name>_<metric>.txt`` (main process)."""
+        for metric, stats in self.stats.items():
+            if hasattr(stats, "write_stats"):
+                write_stats(stats, os.path.join(folder, f"{name}_{metric}.txt"))

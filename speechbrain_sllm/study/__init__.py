@@ -1,0 +1,44 @@
+"""The paper's study as a package feature: the protocol, stage 1 alignment and reports.
+
+A study recipe prepares its data, builds its models from its yaml and hands
+them to ``StudyRunner``, which runs the base-model scoring, the strategy loop
+and the importance shift the same way for every study.
+
+Authors
+ * speechbrain-sllm developers 2026
+"""
+
+from speechbrain_sllm.study.alignment import (
+    EmbeddingCTCBrain,
+    align_stage,
+    read_rows,
+    training_targets,
+)
+from speechbrain_sllm.study.protocol import StudyRunner, free_finished_stage
+from speechbrain_sllm.study.report import (
+    StageClock,
+    hardware,
+    importance_shift,
+    paired_tests,
+    peak_layer,
+    print_summary,
+    write_study_outputs,
+    zeroing_line,
+)
+
+__all__ = [
+    "EmbeddingCTCBrain",
+    "StageClock",
+    "StudyRunner",
+    "align_stage",
+    "free_finished_stage",
+    "hardware",
+    "importance_shift",
+    "paired_tests",
+    "peak_layer",
+    "print_summary",
+    "read_rows",
+    "training_targets",
+    "write_study_outputs",
+    "zeroing_line",
+]

@@ -1,0 +1,314 @@
+"""Stage 1 of a speech LLM: the adaptor aligned with the LLM frozen.
+
+Two objectives, in sequence, each skipped at 0 epochs:
+
+* ``align_ctc_epochs``: CTC of the adaptor's frames onto the frozen LLM's input
+  embeddings (``EmbeddingCTCBrain``; the LLM never runs, see ``model.embedding_ctc``);
+* ``align_epochs``: the frozen LLM's own loss on ``align_targets``, ``answer``
+  (the training targets) or ``transcript`` (repeat the spoken question, with
+  ``align_prompt``).
+
+Authors
+ * speechbrain-sllm developers 2026
+"""
+
+import csv
+import functools
+import logging
+import os
+
+import speechbrain as sb
+import torch
+
+from speechbrain_sllm.checkpointing import AtomicCheckpointer, RNGState
+from speechbrain_sllm.data.dataio import write_csv_manifest
+from speechbrain_sllm.data.preparation import completion_record, is_prepared, staged_preparation
+from speechbrain_sllm.metrics import wer_stats
+from speechbrain_sllm.model.embedding_ctc import EmbeddingCTCHead, ctc_loss, greedy_ctc_tokens
+from speechbrain_sllm.model.speech_llm import SpeechLLM
+from speechbrain_sllm.strategies import apply_strategy, build_strategy
+
+logger = logging.getLogger(__name__)
+ALIGN_TARGETS = ("answer", "transcript")
+TARGETS = ("gold", "self_distilled")
+SPLITS = ("train", "valid")  # the manifests whose targets a study rewrites
+
+
+class EmbeddingCTCBrain(sb.Brain):
+    """Aligns an adaptor onto a frozen LLM's input embeddings with CTC; the LLM never runs.
+
+    Stage 1 of a speech LLM made cheap (see ``model.embedding_ctc``): the adaptor
+    learns to put frames near the input embeddings of the spoken words, which is
+    what the frozen LLM reads when it is given the written question.
+
+    Modules: ``encoder`` (a frozen ``SpeechEncoder``), ``adaptor`` and
+    ``ctc_head`` (an ``EmbeddingCTCHead`` of the LLM's input embeddings).
+    Hparams: ``tokenizer`` (the LLM's), ``norm_weight`` (weight of the frame-norm
+    penalty), ``epoch_counter``, ``train_logger``. Batches need ``id``, ``sig``
+    and ``question`` (the transcript). Validation reports the best-path WER of
+    the decoded tokens; the checkpoint with the lowest validation loss is kept.
+    """
+
+    def compute_forward(self, batch, stage):
+        """Encoder -> adaptor frames, their relative lengths and CTC log-probabilities."""
+        batch = batch.to(self.device)
+        feats, lengths = self.modules.encoder(*batch.sig)
+        frames, lengths = self.modules.adaptor(feats, lengths)
+        return frames, lengths, self.modules.ctc_head(frames)
+
+    def compute_objectives(self, predictions, batch, stage):
+        """CTC on the transcript's LLM tokens plus the weighted frame-norm penalty."""
+        frames, lengths, log_probs = predictions
+        token_ids = [self.hparams.tokenizer.encode(text) for text in batch.question]
+        loss = ctc_loss(log_probs, lengths, token_ids)
+        penalty = self.modules.ctc_head.norm_penalty(frames, lengths)
+        if stage != sb.Stage.TRAIN:
+            decode = self.hparams.tokenizer.decode
+            hyps = [decode(ids).lower().split() for ids in greedy_ctc_tokens(log_probs, lengths)]
+            refs = [text.lower().split() for text in batch.question]
+            self.wer_metric.append(batch.id, hyps, refs)
+        return loss + self.hparams.norm_weight * penalty
+
+    def on_stage_start(self, stage, epoch=None):
+        """A fresh WER tracker for validation and test."""
+        if stage != sb.Stage.TRAIN:
+            self.wer_metric = wer_stats()
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        """Logs loss and WER; keeps the checkpoint with the lowest validation loss."""
+        if stage == sb.Stage.TRAIN:
+            self.train_loss = stage_loss
+            return
+        stats = {"loss": stage_loss, "WER": self.wer_metric.summarize("error_rate")}
+        self.last_stats = stats
+        if stage == sb.Stage.VALID:
+            self.hparams.train_logger.log_stats(
+                stats_meta={"epoch": epoch},
+                train_stats={"loss": getattr(self, "train_loss", None)},
+                valid_stats=stats,
+            )
+            if self.checkpointer is not None:
+                self.checkpointer.save_and_keep_only(meta={"loss": stage_loss}, min_keys=["loss"])
+
+
+def read_rows(manifest):
+    """The rows of a CSV manifest, as dicts."""
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def rewrite_answers(manifest, answers, path):
+    """Writes ``manifest`` again with each item's answer set to ``answers[ID]``.
+
+    Items without a (non-empty) new answer are left out.
+
+    Arguments
+    ---------
+    manifest : str
+        A CSV manifest (``ID``, ``answer``, ...).
+    answers : dict
+        ``{ID: new answer}``.
+    path : str
+        The new manifest.
+    """
+    rows = read_rows(manifest)
+    fields = list(rows[0]) if rows else ["ID", "answer"]
+    kept = [
+        dict(row, answer=answers[row["ID"]]) for row in rows if answers.get(row["ID"], "").strip()
+    ]
+    write_csv_manifest(kept, fields, path)
+
+
+def self_distilled_targets(runner, paths, model):
+    """Training / validation targets: the base LLM's answers to the written questions.
+
+    Redone only when the manifests or the LLM change (completion record).
+
+    Arguments
+    ---------
+    runner : StudyRunner
+        The study (``hparams``: ``llm_source``, ``target_max_new_tokens``, ...).
+    paths : dict
+        Manifests from the preparation (``train``, ``valid``).
+    model : SpeechLLM
+        The base LLM.
+
+    Returns
+    -------
+    dict
+        ``paths`` with ``train`` and ``valid`` replaced by the self-distilled manifests.
+    """
+    hparams = runner.hparams
+    folder = os.path.join(hparams["output_folder"], "targets")
+    sources = [paths["train"], paths["valid"]]
+    options = {"llm_source": hparams["llm_source"], "tokens": hparams["target_max_new_tokens"]}
+    record = completion_record(sources, options)
+    new_paths = dict(paths, **{split: os.path.join(folder, f"{split}.csv") for split in SPLITS})
+    if is_prepared(folder, record, ["train.csv", "valid.csv"], hparams["prepare_on_change"]):
+        return new_paths
+    os.makedirs(folder, exist_ok=True)
+    brain = runner.stage_brain(model, build_strategy("frozen_llm"), 0.0, "text", folder, 0)
+    evaluator = brain.evaluator()
+    evaluator.max_new_tokens = hparams["target_max_new_tokens"]
+    with staged_preparation(folder, record) as staging:
+        for split in SPLITS:
+            dataset = runner.qa_dataset(paths[split])
+            ids, predictions, _ = evaluator.decode(
+                dataset, "text", hparams["eval_batch_size"], progress=True
+            )
+            answers = {i: p.strip().split("\n")[0] for i, p in zip(ids, predictions)}
+            rewrite_answers(paths[split], answers, os.path.join(staging, f"{split}.csv"))
+    return new_paths
+
+
+def training_targets(runner, paths, model):
+    """The training / validation manifests for the yaml's ``targets``.
+
+    Arguments
+    ---------
+    runner : StudyRunner
+        The study (``targets``: ``gold`` or ``self_distilled``).
+    paths : dict
+        Manifests from the preparation.
+    model : SpeechLLM
+        The base LLM (answers the written questions for ``self_distilled``).
+
+    Returns
+    -------
+    dict
+        ``paths``, with ``train`` / ``valid`` replaced for ``self_distilled``.
+    """
+    targets = runner.hparams["targets"]
+    if targets not in TARGETS:
+        raise ValueError(f"targets {targets!r} unknown; use one of {TARGETS}.")
+    if targets == "self_distilled":
+        return self_distilled_targets(runner, paths, model)
+    return paths
+
+
+def transcript_targets(hparams, paths):
+    """Stage-1 manifests whose answer is the question itself (ASR-style alignment)."""
+    folder = os.path.join(hparams["output_folder"], "align", "data")
+    os.makedirs(folder, exist_ok=True)
+    aligned = {}
+    for split in SPLITS:
+        questions = {row["ID"]: row["question"] for row in read_rows(paths[split])}
+        aligned[split] = os.path.join(folder, f"{split}.csv")
+        rewrite_answers(paths[split], questions, aligned[split])
+    return aligned
+
+
+def ctc_alignment(runner, train, valid, encoder, adaptor, embeddings):
+    """Stage 1a: CTC of the adaptor's frames onto the LLM's input embeddings (LLM not run).
+
+    Arguments
+    ---------
+    runner : StudyRunner
+        The study (``align_ctc_*``, ``tokenizer``, ``ft_batch_size``).
+    train : DynamicItemDataset
+        Spoken training questions (their ``question`` is the transcript).
+    valid : DynamicItemDataset
+        Spoken validation questions (the lowest loss picks the epoch).
+    encoder : SpeechEncoder
+        The frozen encoder.
+    adaptor : torch.nn.Module
+        Trained in place; the lowest-validation-loss epoch is restored.
+    embeddings : torch.Tensor
+        The LLM's input embedding table.
+
+    Returns
+    -------
+    dict
+        ``ctc_valid_loss`` and ``ctc_valid_wer`` (best-path decoding, %) of the restored epoch.
+    """
+    hparams = runner.hparams
+    folder = os.path.join(hparams["output_folder"], "align", "ctc")
+    counter = sb.utils.epoch_loop.EpochCounter(limit=hparams["align_ctc_epochs"])
+    head = EmbeddingCTCHead(embeddings, scale=hparams["align_ctc_scale"])
+    checkpointer = AtomicCheckpointer(
+        os.path.join(folder, "save"),
+        recoverables={"adaptor": adaptor, "ctc_head": head, "counter": counter, "rng": RNGState()},
+    )
+    brain = EmbeddingCTCBrain(
+        modules={"encoder": encoder, "adaptor": adaptor, "ctc_head": head},
+        opt_class=functools.partial(torch.optim.AdamW, lr=hparams["align_ctc_lr"]),
+        hparams={
+            "tokenizer": hparams["tokenizer"],
+            "norm_weight": hparams["align_ctc_norm_weight"],
+            "epoch_counter": counter,
+            "train_logger": sb.utils.train_logger.FileTrainLogger(
+                os.path.join(folder, "train_log.txt")
+            ),
+        },
+        run_opts=runner.run_opts,
+        checkpointer=checkpointer,
+    )
+    loader = {"batch_size": hparams["ft_batch_size"]}
+    brain.fit(
+        counter,
+        train,
+        valid,
+        train_loader_kwargs=dict(loader, shuffle=True),
+        valid_loader_kwargs=dict(loader),
+    )
+    brain.evaluate(valid, min_key="loss", test_loader_kwargs=dict(loader), progressbar=False)
+    return {"ctc_valid_loss": brain.last_stats["loss"], "ctc_valid_wer": brain.last_stats["WER"]}
+
+
+def align_stage(runner, paths, data, llm, encoder, adaptor):
+    """Stage 1: trains ``adaptor`` in place with the LLM frozen; returns its scores.
+
+    First CTC onto the LLM's input embeddings (``align_ctc_epochs``), then the
+    LLM's own loss on ``align_targets`` (``align_epochs``); either may be 0.
+    The LLM is frozen: its text scores are the base LLM's, so only S2T is scored.
+
+    Arguments
+    ---------
+    runner : StudyRunner
+        The study.
+    paths : dict
+        Training / validation manifests (``train``, ``valid``).
+    data : dict
+        Datasets: ``align`` (every spoken training question), ``train``, ``valid``.
+    llm : transformers.PreTrainedModel
+        The pretrained LLM (kept frozen).
+    encoder : SpeechEncoder
+        The frozen encoder.
+    adaptor : torch.nn.Module
+        The adaptor to train.
+
+    Returns
+    -------
+    dict
+    """
+    hparams = runner.hparams
+    folder = os.path.join(hparams["output_folder"], "align")
+    results = {}
+    if hparams["align_ctc_epochs"] > 0:
+        embeddings = llm.get_input_embeddings().weight
+        results.update(
+            ctc_alignment(runner, data["align"], data["valid"], encoder, adaptor, embeddings)
+        )
+    model = SpeechLLM(llm, encoder, adaptor)
+    strategy = build_strategy("frozen_llm")
+    apply_strategy(model, strategy)
+    target = hparams["align_targets"]
+    if target not in ALIGN_TARGETS:
+        raise ValueError(f"align_targets {target!r} unknown; use one of {ALIGN_TARGETS}.")
+    prompt = hparams["align_prompt"] if target == "transcript" else hparams["prompt"]
+    train, valid = data["train"], data["valid"]
+    if target == "transcript":
+        aligned = transcript_targets(hparams, paths)
+        train, valid = (runner.qa_dataset(aligned[s], prompt) for s in ("train", "valid"))
+    lr, epochs = hparams["align_lr"], hparams["align_epochs"]
+    brain = runner.stage_brain(model, strategy, lr, "speech", folder, epochs, prompt=prompt)
+    if epochs > 0:
+        runner.fit_and_restore_best(brain, train, valid)
+    if target == "transcript":
+        results["valid_wer"] = brain.evaluator().word_error_rate(
+            valid, os.path.join(folder, "valid_wer.txt"), batch_size=hparams["eval_batch_size"]
+        )
+    brain.hparams.prompt = hparams["prompt"]
+    results.update(runner.evaluate(brain, folder, modes=("speech",)))
+    logger.info(f"stage 1 (aligned adaptor): {results}")
+    return results
