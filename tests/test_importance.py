@@ -238,3 +238,34 @@ def test_two_process_gloo_scores_equal_single_process(tokenizer, prompt, manifes
     for name in single.params:
         # float32 accumulators: equal up to summation order
         assert torch.allclose(ddp[name], single.score(name), rtol=1e-5, atol=1e-7), name
+
+
+def test_speech_importance_equals_plain_torch_taylor_with_spoken_questions(
+    tokenizer, prompt, manifests, tmp_path
+):
+    brain = make_brain("frozen_llm", tokenizer, prompt, tmp_path)
+    dataset = make_qa_dataset(manifests["speech"], prompt).filtered_sorted(select_n=4)
+    evaluator = brain.evaluator(for_gradients=True)
+    acc = accumulate_importance(evaluator, dataset, "taylor", mode="speech", batch_size=1)
+
+    # reference: the summed answer loss given each spoken question, |g * w| per parameter
+    model, llm = brain.model, brain.model.llm
+    model.eval()
+    llm.zero_grad(set_to_none=True)
+    llm.requires_grad_(True)
+    prefix, suffix = prompt.speech_prompt()
+    for item in dataset:
+        wav = item["sig"][None]
+        logits, labels = model(
+            [prefix], [item["answer_ids"].tolist()], wav, torch.ones(1), [suffix]
+        )
+        shifted_lm_loss(logits, labels, "sum").backward()
+    checked = 0
+    for name, param in llm.named_parameters():
+        expected = (param.grad * param).abs().detach()
+        ours = acc.score(f"llm.{name}")
+        difference = float((ours - expected).abs().max())
+        assert difference <= 1e-5 * float(expected.abs().max()) + 1e-12, (name, difference)
+        checked += 1
+    llm.zero_grad(set_to_none=True)
+    assert checked > 10 and sum(float(s.sum()) for s in acc.scores().values()) > 0

@@ -46,7 +46,20 @@ def test_quick_study_produces_the_table_profiles_and_plots(tmp_path):
     # the paper's sanity check: zeroing the top 3% hurts more than random, random more than bottom
     zeroing = base["zeroing"]
     assert zeroing["top"] > zeroing["random"] >= zeroing["bottom"]
-    for plot in ("layer_importance.png", "layer_top3_share.png", "base_module_heatmap.png"):
+
+    # rows / columns of the top 3%: a frozen LLM's are the base LLM's, exactly
+    def structure(name):
+        return json.loads((out / "importance" / name / "structure.json").read_text())
+
+    assert structure("frozen_llm") == structure("base")
+    assert structure("full_ft") != structure("base")
+    # speech importance was scored after fine-tuning, and compared with the textual one
+    for name in STRATEGIES:
+        overlap = json.loads((out / "importance" / name / "speech" / "overlap.json").read_text())
+        assert set(overlap) == {"top3_iou", "layer_spearman"}, name
+        assert (out / "importance" / name / "speech" / "profile.json").is_file()
+    plots = ("layer_importance.png", "layer_top3_share.png", "base_module_heatmap.png")
+    for plot in (*plots, "row_column_concentration.png"):
         assert (out / "plots" / plot).stat().st_size > 10_000
     assert "| Method | T2T acc % | S2T acc %" in (out / "results.md").read_text()
     assert "Results:" in result.stdout

@@ -115,6 +115,48 @@ def plot_layer_distributions(profiles, path, key="sum", title="Textual importanc
     plt.close(fig)
 
 
+def plot_concentration(summaries, path, quantile=0.05):
+    """Bars of the share of the top parameters in the fullest rows / columns, per module type.
+
+    Arguments
+    ---------
+    summaries : dict
+        ``{model label: concentration_summary(...)}`` (with baselines).
+    path : str
+        PNG path.
+    quantile : float
+        The fraction of rows / columns shown.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.6), sharey=True)
+    for axis, kind in zip(axes, ("rows", "cols")):
+        modules = sorted({m for summary in summaries.values() for m in summary["modules"]})
+        width = 0.8 / (len(summaries) + 1)
+        for index, (label, summary) in enumerate(summaries.items()):
+            shares = [
+                summary["modules"].get(m, {}).get(kind, {}).get(quantile, 0.0) for m in modules
+            ]
+            axis.bar([i + index * width for i in range(len(modules))], shares, width, label=label)
+        first = next(iter(summaries.values()))["modules"]
+        baseline = [
+            first.get(m, {}).get(f"{kind}_baseline", {}).get(quantile, 0.0) for m in modules
+        ]
+        axis.bar(
+            [i + len(summaries) * width for i in range(len(modules))],
+            baseline,
+            width,
+            color="lightgrey",
+            label="permuted (no structure)",
+        )
+        axis.set_xticks([i + 0.4 for i in range(len(modules))], modules, rotation=45, fontsize=7)
+        axis.set_title(f"top-3% share in the fullest {quantile:.0%} of {kind}")
+        axis.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_module_heatmap(profile, path, title="Importance per module and layer"):
     """Heat map of summed importance per module type (rows) and layer (columns).
 

@@ -17,7 +17,9 @@ Authors
  * speechbrain-sllm developers 2026
 """
 
+import json
 import math
+import os
 
 import torch
 
@@ -158,3 +160,36 @@ def weighted_shares(entries):
                 for q in entries[0][key]
             }
     return merged
+
+
+def write_structure(scores, folder, fraction=0.03, quantiles=(0.01, 0.05), seed=0):
+    """Writes ``<folder>/structure.json``: per-matrix concentration and its summaries.
+
+    Arguments
+    ---------
+    scores : dict
+        ``{parameter name: score tensor}``.
+    folder : str
+        The model's importance folder.
+    fraction : float
+        The global top fraction (the paper's 3%).
+    quantiles : tuple of float
+        Fractions of rows / columns.
+    seed : int
+        Seed of the permutation baseline.
+
+    Returns
+    -------
+    dict
+        ``{"fraction", "matrices", "summary"}`` (as written).
+    """
+    concentration = row_column_concentration(scores, fraction, quantiles, seed)
+    report = {
+        "fraction": fraction,
+        "summary": concentration_summary(concentration),
+        "matrices": concentration,
+    }
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "structure.json"), "w") as handle:
+        json.dump(report, handle, indent=1)
+    return report

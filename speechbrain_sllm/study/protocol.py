@@ -27,11 +27,14 @@ import speechbrain as sb
 from speechbrain_sllm.brains import SpeechLLMBrain
 from speechbrain_sllm.checkpointing import AtomicCheckpointer, RNGState, WarmupDecaySchedule
 from speechbrain_sllm.data.dataio import make_qa_dataset
-from speechbrain_sllm.importance.report import summarize_shift
+from speechbrain_sllm.importance.aggregate import ScoreSet
+from speechbrain_sllm.importance.report import summarize_shift, write_json
+from speechbrain_sllm.importance.shift import spearman, topk_overlap
 from speechbrain_sllm.importance.stage import run_importance, zeroing_check
+from speechbrain_sllm.importance.structure import write_structure
 from speechbrain_sllm.strategies import apply_strategy, build_strategy
 from speechbrain_sllm.strategies.lora import merge_lora
-from speechbrain_sllm.study.report import StageClock, importance_shift, peak_layer
+from speechbrain_sllm.study.report import StageClock, importance_shift, layer_sums, peak_layer
 
 logger = logging.getLogger(__name__)
 BASE = "base"
@@ -66,8 +69,9 @@ class StudyRunner:
         self.folder = hparams["output_folder"]
         self.clock = clock or StageClock()
         self.test_sets, self.importance_set, self.perplexity_set = {}, None, None
+        self.speech_importance_set = None
 
-    def use_data(self, test_sets, importance_set, perplexity_set):
+    def use_data(self, test_sets, importance_set, perplexity_set, speech_importance_set=None):
         """The datasets every stage scores.
 
         Arguments
@@ -80,7 +84,10 @@ class StudyRunner:
             Written QA whose answers' loss scores the parameters.
         perplexity_set : DynamicItemDataset
             Written QA for text perplexity and the zeroing check.
+        speech_importance_set : DynamicItemDataset or None
+            Spoken QA for speech importance after fine-tuning (None: not scored).
         """
+        self.speech_importance_set = speech_importance_set
         self.test_sets = test_sets
         self.importance_set = importance_set
         self.perplexity_set = perplexity_set
@@ -218,15 +225,21 @@ class StudyRunner:
                 results["text_ppl"] = evaluator.perplexity(self.perplexity_set, "text", batch_size)
         return results
 
-    def importance(self, brain, name):
-        """Textual importance of the brain's LLM; the profile and ``{parameter: scores}``.
+    def importance(self, brain, name, mode="text"):
+        """Importance of the brain's LLM; the profile and ``{parameter: scores}``.
+
+        Also writes ``structure.json`` (rows / columns of the top 3%, see
+        ``importance.structure``) beside the profile.
 
         Arguments
         ---------
         brain : SpeechLLMBrain
             The stage's Brain.
         name : str
-            The model's name (``importance/<name>/``).
+            The model's name (``importance/<name>/``; speech: ``importance/<name>/speech/``).
+        mode : str
+            ``text`` (written questions of ``importance_set``) or ``speech``
+            (spoken questions of ``speech_importance_set``).
 
         Returns
         -------
@@ -238,20 +251,27 @@ class StudyRunner:
             For the zeroing check.
         """
         hparams = self.hparams
+        folder = os.path.join(
+            self.folder, "importance", name, *(["speech"] if mode == "speech" else [])
+        )
+        dataset = self.speech_importance_set if mode == "speech" else self.importance_set
         profile, accumulator = run_importance(
             brain.evaluator(for_gradients=True),
-            self.importance_set,
-            os.path.join(self.folder, "importance", name),
+            dataset,
+            folder,
             topk_percents=tuple(hparams["importance_topk"]),
             estimator=hparams["importance_estimator"],
-            mode="text",
+            mode=mode,
             scope=hparams.get("importance_scope", "llm"),
             fraction=hparams["importance_fraction"],
             batch_size=hparams.get("importance_batch_size", hparams["eval_batch_size"]),
             seed=hparams["seed"],
             progress=True,
         )
-        return profile, accumulator.scores(), accumulator
+        scores = accumulator.scores()
+        if sb.utils.distributed.if_main_process():  # rows / columns of the top 3%
+            write_structure(scores, folder)
+        return profile, scores, accumulator
 
     def base_stage(self, model, folder, modes=("text",)):
         """The base LLM: accuracy, perplexity, importance, zeroing check and peak layer.
@@ -316,8 +336,46 @@ class StudyRunner:
         results = self.evaluate(brain, folder)
         merge_lora(model)
         profile, scores, _ = self.importance(brain, name)
+        if self.speech_importance_set is not None:
+            self.speech_overlap(brain, name, profile, scores)
         logger.info(f"{name}: {results}")
         return results, profile, scores
+
+    def speech_overlap(self, brain, name, text_profile, text_scores):
+        """Speech importance of the model and its overlap with its textual importance.
+
+        Writes ``importance/<name>/speech/overlap.json``: the intersection over
+        union of the two global top-3% sets and the Spearman correlation of
+        their layer sums. The frozen LLM's row is the base LLM's (its weights
+        are the base ones, heard through a trained adaptor).
+
+        Arguments
+        ---------
+        brain : SpeechLLMBrain
+            The stage's Brain (LoRA merged).
+        name : str
+            The strategy.
+        text_profile : dict
+            The model's textual importance profile.
+        text_scores : dict
+            Its textual scores.
+
+        Returns
+        -------
+        dict
+        """
+        profile, scores, _ = self.importance(brain, name, mode="speech")
+        overlap = {
+            "top3_iou": topk_overlap(
+                ScoreSet.from_dict(text_scores), ScoreSet.from_dict(scores), 0.03
+            ),
+            "layer_spearman": spearman(layer_sums(text_profile), layer_sums(profile)),
+        }
+        if sb.utils.distributed.if_main_process():
+            write_json(
+                overlap, os.path.join(self.folder, "importance", name, "speech", "overlap.json")
+            )
+        return overlap
 
     def run_strategies(self, build_model, train_set, valid_set, base_profile, base_scores):
         """The strategy loop: each strategy of the yaml fine-tuned and scored against the base.

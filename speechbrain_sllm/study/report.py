@@ -5,6 +5,7 @@ Authors
 """
 
 import contextlib
+import json
 import os
 import platform
 import time
@@ -14,6 +15,7 @@ import torch
 
 from speechbrain_sllm.importance.aggregate import ScoreSet
 from speechbrain_sllm.importance.report import (
+    plot_concentration,
     plot_layer_distributions,
     plot_module_heatmap,
     summarize_shift,
@@ -153,6 +155,7 @@ def write_study_outputs(folder, results, timings, profiles, markdown):
     write_json(results, os.path.join(folder, "results.json"))
     write_json(timings, os.path.join(folder, "timings.json"))
     write_importance_plots(profiles, os.path.join(folder, "plots"))
+    write_concentration_plot(folder, profiles)
     with open(os.path.join(folder, "results.md"), "w") as handle:
         handle.write(markdown + "\n")
 
@@ -176,6 +179,41 @@ def write_importance_plots(profiles, folder):
     )
     base_profile = next(iter(profiles.values()))
     plot_module_heatmap(base_profile, os.path.join(folder, "base_module_heatmap.png"))
+
+
+def write_concentration_plot(folder, profiles):
+    """``plots/row_column_concentration.png`` from each model's ``structure.json``.
+
+    Arguments
+    ---------
+    folder : str
+        The study's output folder (``importance/<model>/structure.json``).
+    profiles : dict
+        ``{label: profile}``, the base model first (its folder: ``importance/base``).
+    """
+    summaries = {}
+    for label, name in zip(profiles, ["base", *list(profiles)[1:]]):
+        path = os.path.join(folder, "importance", name, "structure.json")
+        if os.path.isfile(path):
+            with open(path) as handle:
+                modules = json.load(handle)["summary"]["modules"]
+            summaries[label] = {"modules": {m: quantile_keys(e) for m, e in modules.items()}}
+    if summaries:
+        plot_concentration(summaries, os.path.join(folder, "plots", "row_column_concentration.png"))
+
+
+def quantile_keys(entry):
+    """A summary entry read from JSON with its quantile keys as floats again.
+
+    Example
+    -------
+    >>> quantile_keys({"count": 3, "rows": {"0.05": 0.5}})
+    {'count': 3, 'rows': {0.05: 0.5}}
+    """
+    return {
+        key: {float(q): share for q, share in value.items()} if isinstance(value, dict) else value
+        for key, value in entry.items()
+    }
 
 
 def zeroing_line(zeroing, label):

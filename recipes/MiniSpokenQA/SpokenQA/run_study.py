@@ -100,7 +100,7 @@ def main(argv):
         data = dataio_prepare(hparams)
     runner = StudyRunner(hparams, run_opts, clock)
     tests = {"": {"text": data["text_test"], "speech": data["speech_test"]}}
-    runner.use_data(tests, importance_set=data["text_test"], perplexity_set=data["text_test"])
+    runner.use_data(tests, data["text_test"], data["text_test"], data["speech_test"])
     with clock.stage("lm_pretraining"):
         lm_dir = pretrain_lm(
             runner,

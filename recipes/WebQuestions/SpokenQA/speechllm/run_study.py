@@ -100,7 +100,9 @@ def main(argv):
         paths = training_targets(runner, paths, base_model)
         data = {split: runner.qa_dataset(path) for split, path in paths.items()}
         tests = {key: {"text": data[name], "speech": data[name]} for key, name in TEST_SETS.items()}
-        runner.use_data(tests, importance_set=data["train"], perplexity_set=data["llamaq_test"])
+        runner.use_data(
+            tests, data["train"], data["llamaq_test"], speech_importance_set=data["train"]
+        )
         base, base_profile, base_scores = runner.base_stage(base_model, folder)
     del base_model
     free_finished_stage()
