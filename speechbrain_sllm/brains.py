@@ -247,13 +247,21 @@ class SpeechLLMBrain(sb.Brain):
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_step += 1
 
-    def fit(self, epoch_counter, train_set, valid_set=None, train_loader_kwargs=None, **kwargs):
-        """``Brain.fit`` that first sizes the LR schedule (any iterable epoch counter).
+    def fit(
+        self,
+        epoch_counter,
+        train_set,
+        valid_set=None,
+        progressbar=None,
+        train_loader_kwargs=None,
+        valid_loader_kwargs=None,
+    ):
+        """``Brain.fit`` (same arguments) that first sizes the LR schedule.
 
         The schedule's length (optimizer steps of the whole run) is known only
         once the training loader exists: loader length on this rank x epochs
-        (``len(epoch_counter)`` or an ``EpochCounter``'s ``limit``) /
-        ``grad_accumulation_factor``.
+        (``len(epoch_counter)`` or an ``EpochCounter``'s ``limit``: any iterable
+        counter works) / ``grad_accumulation_factor``.
         """
         train_loader_kwargs = dict(train_loader_kwargs or {})
         if not isinstance(train_set, torch.utils.data.DataLoader):
@@ -263,10 +271,24 @@ class SpeechLLMBrain(sb.Brain):
             epochs = getattr(epoch_counter, "limit", None) or len(epoch_counter)
             steps = len(train_set) * epochs // self.grad_accumulation_factor
             schedule.set_total_steps(max(steps, 1))
-        kwargs["valid_loader_kwargs"] = dict(kwargs.get("valid_loader_kwargs") or {})
-        super().fit(epoch_counter, train_set, valid_set, **kwargs)
+        valid_loader_kwargs = dict(valid_loader_kwargs or {})
+        super().fit(
+            epoch_counter,
+            train_set,
+            valid_set,
+            progressbar=progressbar,
+            valid_loader_kwargs=valid_loader_kwargs,
+        )
 
-    def evaluate(self, test_set, max_key=None, min_key=None, name="test", **kwargs):
+    def evaluate(
+        self,
+        test_set,
+        max_key=None,
+        min_key=None,
+        progressbar=None,
+        test_loader_kwargs=None,
+        name="test",
+    ):
         """``Brain.evaluate`` of the best checkpoint; logs and writes reports named ``name``.
 
         Arguments
@@ -277,19 +299,26 @@ class SpeechLLMBrain(sb.Brain):
             Checkpoint meta key to maximise when choosing the checkpoint.
         min_key : str or None
             Checkpoint meta key to minimise.
+        progressbar : bool or None
+            Show a progress bar.
+        test_loader_kwargs : dict or None
+            Loader options.
         name : str
             Name of the set in the train log and the report files
             (``<output_folder>/<name>_<metric>.txt``).
-        **kwargs : dict
-            ``progressbar``, ``test_loader_kwargs`` (see ``sb.Brain.evaluate``).
 
         Returns
         -------
         dict
             The test stats (``loss`` and every metric of ``test_metrics``).
         """
-        kwargs["test_loader_kwargs"] = dict(kwargs.get("test_loader_kwargs") or {})
-        super().evaluate(test_set, max_key=max_key, min_key=min_key, **kwargs)
+        super().evaluate(
+            test_set,
+            max_key=max_key,
+            min_key=min_key,
+            progressbar=progressbar,
+            test_loader_kwargs=dict(test_loader_kwargs or {}),
+        )
         folder = getattr(self.hparams, "output_folder", None)
         if folder is not None:
             self.stage_metrics.write(folder, name)
