@@ -218,12 +218,11 @@ class QAEvaluator:
         self.model.eval()
         total, count = 0.0, 0
         for batch, counted in self.rank_batches(dataset, batch_size):
-            logits, labels = self.forward(batch, mode)
-            if counted:
-                total += shifted_lm_loss(logits.float(), labels, "sum").item()
-                count += int((labels[:, 1:] != -100).sum())
+            batch_total, batch_count = answer_loss_sum(*self.forward(batch, mode))
+            if counted:  # a lockstep filler batch runs, but counts nothing
+                total, count = total + batch_total, count + batch_count
         total, count = all_reduce_sum([total, count], self.device)
-        return math.exp(min(total / max(count, 1), 50.0))
+        return perplexity_of(total, count)
 
     @torch.no_grad()
     def decode_batch(self, batch, mode="speech"):
@@ -330,6 +329,36 @@ class QAEvaluator:
         return stats.summarize("error_rate")
 
 
+def answer_loss_sum(logits, labels):
+    """The summed next-token loss over a batch's answer tokens, and their number.
+
+    Arguments
+    ---------
+    logits : torch.Tensor
+        ``(B, L, V)``.
+    labels : torch.Tensor
+        ``(B, L)``, -100 outside the answers.
+
+    Returns
+    -------
+    total : float
+    count : int
+    """
+    total = shifted_lm_loss(logits.float(), labels, "sum").item()
+    return total, int((labels[:, 1:] != -100).sum())
+
+
+def perplexity_of(total, count):
+    """Token-weighted perplexity of a summed loss, capped at ``exp(50)``.
+
+    Example
+    -------
+    >>> round(perplexity_of(0.0, 10), 3), perplexity_of(0.0, 0)
+    (1.0, 1.0)
+    """
+    return math.exp(min(total / max(count, 1), 50.0))
+
+
 def write_stats(stats, output_file):
     """Writes a SpeechBrain stats object's per-item report (main process; None: nothing).
 
@@ -397,9 +426,9 @@ class StageMetrics:
         for name, stats in self.stats.items():
             if name == "text_ppl":
                 if self.text_set is None:
-                    logits, labels = evaluator.forward(batch, "text")
-                    stats[0] += shifted_lm_loss(logits.float(), labels, "sum").item()
-                    stats[1] += int((labels[:, 1:] != -100).sum())
+                    batch_total, batch_count = answer_loss_sum(*evaluator.forward(batch, "text"))
+                    stats[0] += batch_total
+                    stats[1] += batch_count
                 continue
             mode = "text" if name == "T2T" else "speech"
             if mode not in decoded:
@@ -422,7 +451,7 @@ class StageMetrics:
             elif self.text_set is not None:
                 results[name] = evaluator.perplexity(self.text_set, "text")
             else:
-                results[name] = math.exp(min(stats[0] / max(stats[1], 1), 50.0))
+                results[name] = perplexity_of(*stats)
         return results
 
     def write(self, folder, name):
