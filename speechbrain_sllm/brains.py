@@ -15,25 +15,17 @@ import math
 import speechbrain as sb
 import torch
 
+from speechbrain_sllm.brain_steps import NonFiniteGuard, ShardedTraining
 from speechbrain_sllm.checkpointing import TrainableState, unwrap
 from speechbrain_sllm.distributed import share_debug_checkpoint_folder
 from speechbrain_sllm.evaluation import MAX_METRICS, QAEvaluator, StageMetrics, qa_forward
-from speechbrain_sllm.fsdp import (
-    DISTRIBUTED_MODES,
-    FSDPSettings,
-    ShardedState,
-    full_tensor,
-    is_sharded,
-    shard_speech_llm,
-)
 from speechbrain_sllm.model.speech_llm import shifted_lm_loss
-from speechbrain_sllm.strategies import param_groups
 
 logger = logging.getLogger(__name__)
 __all__ = ["MAX_METRICS", "SpeechLLMBrain"]
 
 
-class SpeechLLMBrain(sb.Brain):
+class SpeechLLMBrain(NonFiniteGuard, ShardedTraining, sb.Brain):
     """Trains a ``SpeechLLM`` (module key ``model``) with the strategy in ``hparams``.
 
     Expected hparams (a recipe passes its whole yaml): ``prompt`` (ChatPrompt),
@@ -47,11 +39,11 @@ class SpeechLLMBrain(sb.Brain):
     (per-item test reports). SpeechBrain run options in the yaml
     (``precision``, ``max_grad_norm``, ...) are read by ``sb.Brain``.
 
-    Gradients are clipped over ALL parameter groups (SpeechBrain clips
-    ``param_groups[0]`` only), checkpoints hold only trainable tensors, and all
-    ranks share one checkpoint folder (also in ``--debug``). A training item
-    whose audio is not finite is dropped from its batch; a step whose loss or
-    gradient norm is not finite is skipped; both are counted in the train log.
+    Checkpoints hold only trainable tensors and all ranks share one
+    checkpoint folder (also in ``--debug``). From its mixins
+    (``speechbrain_sllm.brain_steps``): gradients clipped over ALL parameter
+    groups, non-finite audio items dropped and non-finite steps skipped (both
+    counted in the train log), DDP or FSDP2 by ``parallelism``.
     """
 
     def __init__(self, *args, **kwargs):
@@ -102,56 +94,12 @@ class SpeechLLMBrain(sb.Brain):
             keep = self.items_with_finite_audio(batch.sig.data, list(batch.id))
         return qa_forward(self.modules.model, batch, mode, self.hparams.prompt, keep)
 
-    def items_with_finite_audio(self, wavs, ids):
-        """Positions of the items whose audio is finite; the others are dropped and logged.
-
-        A NaN or infinite sample makes the whole batch's loss and gradients
-        non-finite; dropping the item keeps the step for the good items. A batch
-        with no good item is kept whole (its step is then skipped).
-
-        Arguments
-        ---------
-        wavs : torch.Tensor
-            ``(B, T)`` padded audio.
-        ids : list of str
-            The items' ids.
-
-        Returns
-        -------
-        list of int
-        """
-        finite = torch.isfinite(wavs).all(dim=1).tolist()
-        keep = [index for index, good in enumerate(finite) if good]
-        if len(keep) in (0, len(ids)):
-            return list(range(len(ids)))
-        dropped = [ids[index] for index, good in enumerate(finite) if not good]
-        self.dropped_items += len(dropped)
-        logger.warning(f"Step {self.step}: dropped items with non-finite audio: {dropped}")
-        return keep
-
     def compute_objectives(self, predictions, batch, stage):
         """Mean next-token cross-entropy over answer tokens; off training, the batch's metrics."""
         logits, labels = predictions
         if stage != sb.Stage.TRAIN:
             self.stage_metrics.append(self.evaluator(), batch)
         return shifted_lm_loss(logits, labels, "mean")
-
-    def init_optimizers(self):
-        """Builds one optimizer over the strategy's parameter groups."""
-        if self.opt_class is None:
-            return
-        groups = param_groups(self.model, self.hparams.training_strategy, self.hparams.lr)
-        if not groups:
-            raise ValueError("No trainable parameter: check `strategy` and the model settings.")
-        self.optimizer = self.opt_class(groups)
-        self.optimizers_dict = {"optimizer": self.optimizer}
-        if self.checkpointer is None:
-            return
-        if is_sharded(self.model):  # one DCP entry: trainable shards + optimizer shards
-            self.checkpointer.recoverables.pop("optimizer", None)
-            self.checkpointer.add_recoverable("model", ShardedState(self.model, self.optimizer))
-        else:
-            self.checkpointer.add_recoverable("optimizer", self.optimizer)
 
     def on_fit_start(self):
         """Registers the compact model state and the schedule before recovery."""
@@ -163,89 +111,6 @@ class SpeechLLMBrain(sb.Brain):
             if schedule is not None and "lr_schedule" not in recoverables:
                 self.checkpointer.add_recoverable("lr_schedule", schedule)
         super().on_fit_start()
-
-    def _parallelism(self):
-        """The yaml's ``parallelism`` (``ddp`` or ``fsdp``), checked."""
-        mode = getattr(self.hparams, "parallelism", "ddp")
-        if mode not in DISTRIBUTED_MODES:
-            raise ValueError(
-                f"parallelism {mode!r} unknown; use one of {DISTRIBUTED_MODES} "
-                "(yaml key or --parallelism=...)."
-            )
-        return mode
-
-    def shard_model(self):
-        """Shards the model now under ``parallelism: fsdp`` and torchrun; else does nothing.
-
-        ``fit`` shards anyway; a recipe calls this first when it scores
-        importance before training, so that step too runs on shards (a model
-        that does not fit one device). Call it after ``apply_strategy``:
-        LoRA cannot be added to a sharded LLM.
-        """
-        if self._parallelism() == "fsdp" and self.distributed_launch:
-            if not is_sharded(self.model):
-                shard_speech_llm(self.model, getattr(self.hparams, "fsdp", None) or FSDPSettings())
-
-    def _wrap_distributed(self):
-        """SpeechBrain's DDP, or FSDP2 sharding with ``parallelism: fsdp`` under torchrun."""
-        if self._parallelism() == "ddp" or not self.distributed_launch:
-            return super()._wrap_distributed()
-        self.shard_model()
-
-    def check_loss_isfinite(self, loss):
-        """Counts a non-finite loss (naming the batch's items); its step will be skipped.
-
-        Training stops with a clear error once more than ``nonfinite_patience``
-        losses of the current epoch were non-finite.
-        """
-        if torch.isfinite(loss):
-            return
-        self.nonfinite_count += 1
-        self.skip_this_step = True
-        self.skipped_steps += 1
-        logger.warning(
-            f"Non-finite loss at step {self.step} (items {self.batch_ids}): the optimizer "
-            f"step is skipped ({self.nonfinite_count} this epoch, patience "
-            f"{self.nonfinite_patience})."
-        )
-        if self.nonfinite_count > self.nonfinite_patience:
-            raise FloatingPointError(
-                f"{self.nonfinite_count} non-finite losses in this epoch exceed "
-                f"nonfinite_patience={self.nonfinite_patience}. Lower the learning rate, "
-                "check the data (empty or corrupted audio), or train in fp32/bf16 instead "
-                "of fp16. The last good checkpoint is untouched."
-            )
-
-    def optimizers_step(self):
-        """Optimizer step with gradient clipping over every parameter group.
-
-        Steps whose loss or gradient norm is non-finite are skipped (gradients
-        dropped) and counted in ``skipped_steps``.
-        """
-        if self.opt_class is None:
-            return
-        self.scaler.unscale_(self.optimizer)
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
-        skip = getattr(self, "skip_this_step", False)
-        if skip or not torch.isfinite(norm):
-            if not skip:
-                self.skipped_steps += 1
-                logger.warning(
-                    f"Non-finite gradient norm at step {self.step} (items {self.batch_ids}): "
-                    "step skipped."
-                )
-            self.skip_this_step = False
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler.is_enabled():
-                self.scaler.update()
-            return
-        if not self.scaler.is_enabled() and self.skip_nonfinite_grads:
-            self.check_gradients()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer_step += 1
 
     def fit(
         self,

@@ -284,6 +284,42 @@ def filled_template(inference_yaml, settings):
     return text
 
 
+def inference_settings(hparams, model):
+    """The keys of an inference yaml that describe a trained model, from its run's hparams.
+
+    Arguments
+    ---------
+    hparams : dict
+        The run's yaml (``llm_source``, ``encoder_source``, ``encoder_dim``,
+        ``llm_dim``, ``prompt``, ``sample_rate``, ``max_new_tokens``, ``num_beams``).
+    model : SpeechLLM
+        The trained model (its encoder window, LLM dtype and adaptor shape).
+
+    Returns
+    -------
+    dict
+    """
+
+    def source(path):
+        """A local folder as an absolute path (the export may be loaded from elsewhere)."""
+        return os.path.abspath(path) if os.path.isdir(path) else path
+
+    return {
+        "llm_source": source(hparams["llm_source"]),
+        "encoder_source": source(hparams["encoder_source"]),
+        "encoder_window": getattr(model.encoder, "window", "full"),
+        "llm_dtype": str(model.llm.dtype).replace("torch.", ""),
+        "encoder_dim": hparams["encoder_dim"],
+        "llm_dim": hparams["llm_dim"],
+        "adaptor_stack": model.adaptor.stack,
+        "adaptor_hidden_size": model.adaptor.mlp[0].out_features,
+        "instruction": hparams["prompt"].instruction,
+        "sample_rate": hparams["sample_rate"],
+        "max_new_tokens": hparams["max_new_tokens"],
+        "num_beams": hparams["num_beams"],
+    }
+
+
 def export_recipe_run(hparams, inference_yaml):
     """Exports a recipe's trained model to ``<output_folder>/inference``.
 
@@ -304,25 +340,7 @@ def export_recipe_run(hparams, inference_yaml):
         The exported folder.
     """
     model = hparams["model"]
-
-    def source(path):
-        """A local folder as an absolute path (the export may be loaded from elsewhere)."""
-        return os.path.abspath(path) if os.path.isdir(path) else path
-
-    settings = {
-        "llm_source": source(hparams["llm_source"]),
-        "encoder_source": source(hparams["encoder_source"]),
-        "encoder_window": getattr(model.encoder, "window", "full"),
-        "llm_dtype": str(model.llm.dtype).replace("torch.", ""),
-        "encoder_dim": hparams["encoder_dim"],
-        "llm_dim": hparams["llm_dim"],
-        "adaptor_stack": model.adaptor.stack,
-        "adaptor_hidden_size": model.adaptor.mlp[0].out_features,
-        "instruction": hparams["prompt"].instruction,
-        "sample_rate": hparams["sample_rate"],
-        "max_new_tokens": hparams["max_new_tokens"],
-        "num_beams": hparams["num_beams"],
-    }
+    settings = inference_settings(hparams, model)
     folder = os.path.join(hparams["output_folder"], "inference")
     trainable = whole_trainable_state(model)  # a collective under FSDP
     if if_main_process():

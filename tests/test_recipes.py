@@ -118,8 +118,10 @@ def yaml_keys(path):
 
 def keys_read_by_the_package():
     """hparams the package's Brain reads (``self.hparams.x`` / ``getattr(self.hparams, "x"``)."""
-    with open(os.path.join(ROOT, "speechbrain_sllm", "brains.py")) as handle:
-        text = handle.read()
+    text = ""
+    for name in ("brains.py", "brain_steps.py", "distillation.py"):  # the Brain and its mixins
+        with open(os.path.join(ROOT, "speechbrain_sllm", name)) as handle:
+            text += handle.read()
     found = re.findall(r"self\.hparams\.(\w+)", text)
     found += re.findall(r"getattr\(\s*self\.hparams,\s*\"(\w+)\"", text)
     found += re.findall(r"\"(\w+)\" if stage == sb\.Stage\.VALID else \"(\w+)\"", text)[0]

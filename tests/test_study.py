@@ -20,7 +20,7 @@ STRATEGIES = ("full_ft", "layerwise_lr", "lora", "frozen_llm")
 def test_quick_study_produces_the_table_profiles_and_plots(tmp_path):
     row = next(r for r in ROWS if r["Dataset"] == "MiniSpokenQA")
     out = tmp_path / "study"
-    result = run_row(row, out)
+    result = run_row(row, out, extra_flags=["--interpolation_alphas=[0.0,1.0]"])
     assert result.returncode == 0, result.stderr[-4000:]
     assert not check_files(row["test_debug_checks"], out)
     assert check_performance(row["test_debug_checks"], out) is None
@@ -38,6 +38,17 @@ def test_quick_study_produces_the_table_profiles_and_plots(tmp_path):
         profile = json.loads((out / "importance" / name / "profile.json").read_text())
         expected = layer_shift(layer_sums(base_profile), layer_sums(profile))
         assert run["shift"]["js"] == pytest.approx(expected["js"]), name
+    # weight interpolation: alpha 0 is the base LLM (text scores equal, item by item),
+    # alpha 1 the fine-tuned one (every score equal)
+    for name, run in runs.items():
+        at_base, at_end = run["interpolation"]["0.0"], run["interpolation"]["1.0"]
+        assert at_base["t2t"] == base["t2t"], name
+        assert at_base["text_ppl"] == pytest.approx(base["text_ppl"], rel=1e-6), name
+        for column in ("t2t", "s2t", "text_ppl"):
+            assert at_end[column] == pytest.approx(run[column], rel=1e-6), (name, column)
+    for column in ("t2t", "s2t"):
+        alpha_0 = out / "finetune" / "full_ft" / "alpha_0.0" / f"{column}.tsv"
+        assert accuracy_from_tsv(alpha_0)[1] == ITEMS[column]
     # a frozen LLM cannot lose text ability, and its importance does not move
     assert runs["frozen_llm"]["t2t"] == base["t2t"]
     assert runs["frozen_llm"]["text_ppl"] == pytest.approx(base["text_ppl"], rel=1e-6)

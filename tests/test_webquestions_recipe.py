@@ -16,9 +16,10 @@ import sys
 import pytest
 import soundfile
 from conftest import LLAMA_QUESTIONS, ROOT
-from helpers import accuracy_from_tsv, failure_report
+from helpers import accuracy_from_tsv, failure_report, tsv_rows
 
 from speechbrain_sllm.data.tts import EspeakTTS
+from speechbrain_sllm.inference import SpeechLLMInference
 
 RECIPE = os.path.join(ROOT, "recipes", "WebQuestions", "SpokenQA", "speechllm")
 WEBQUESTIONS = os.path.join(os.path.dirname(LLAMA_QUESTIONS), "webquestions", "main")
@@ -165,6 +166,19 @@ def test_debug_run_of_every_strategy_on_real_models(real_models, study_data, tmp
             tsv = output / "finetune" / name / f"{column}.tsv"
             accuracy, items = accuracy_from_tsv(tsv)
             assert run[column] == pytest.approx(accuracy) and items == 8, (name, column)
+    # the cascade reference: Whisper's decoder transcribed each spoken test set, the base
+    # LLM answered the transcripts; its accuracy is the per-item file's; its WER is low on
+    # real recordings (measured 0% on these 8) and below 60% on eSpeak's voices (27%)
+    cascade = results["base"]["cascade"]
+    real_recordings = llamaq == LLAMA_QUESTIONS
+    for name, most in (("llamaq", 10.0 if real_recordings else 60.0), ("webq", 60.0)):
+        accuracy, items = accuracy_from_tsv(output / "cascade" / f"{name}_cascade.tsv")
+        assert cascade[f"{name}_s2t"] == pytest.approx(accuracy) and items == 8, name
+        assert cascade[f"{name}_wer"] < most, name
+    with open(output / "cascade" / "llamaq.csv") as handle:
+        heard = [row["question"] for row in csv.DictReader(handle)]
+    assert len(heard) == 8 and all(question.strip() for question in heard)
+    assert "| cascade: Whisper's own decoder" in (output / "results.md").read_text()
     stage1_s2t, _ = accuracy_from_tsv(output / "align" / "llamaq_s2t.tsv")
     assert results["stage1"]["llamaq_s2t"] == pytest.approx(stage1_s2t)
     # a frozen LLM's text scores are the base LLM's; a fine-tuned one's perplexity moves
@@ -191,6 +205,15 @@ def test_debug_run_of_every_strategy_on_real_models(real_models, study_data, tmp
     with open(output / "targets" / "train.csv") as handle:
         targets = list(csv.DictReader(handle))
     assert 0 < len(targets) <= 6 and all(row["answer"].strip() for row in targets)
+    # every trained stage is exported; stage 1's answers a recording as the study scored it
+    for stage in ("align", "finetune/full_ft", "finetune/layerwise_lr", "finetune/lora"):
+        assert (output / stage / "inference" / "model.ckpt").is_file(), stage
+    assert (output / "finetune/lora/inference/lora_adapter/adapter_config.json").is_file()
+    assistant = SpeechLLMInference.from_hparams(source=str(output / "align" / "inference"))
+    item, _, scored, _ = tsv_rows(output / "align" / "llamaq_s2t.tsv")[0]
+    with open(output / "data" / "llamaq_test.csv") as handle:
+        wav = next(row["wav"] for row in csv.DictReader(handle) if row["ID"] == item)
+    assert assistant.answer_file(wav).strip() == scored.strip()
     for name in ("results.md", "timings.json", "plots/layer_importance.png"):
         assert (output / name).is_file(), name
     assert "| full_ft |" in (output / "results.md").read_text()

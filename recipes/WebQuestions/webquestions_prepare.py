@@ -36,12 +36,15 @@ import os
 import random
 
 import soundfile
+import speechbrain as sb
 from tqdm import tqdm
 
+from speechbrain_sllm.data.augmentation import RenderingAugmenter
 from speechbrain_sllm.data.dataio import write_csv_manifest
 from speechbrain_sllm.data.preparation import completion_record, is_prepared, staged_preparation
 from speechbrain_sllm.data.synthetic import TEST_VOICES, TRAIN_VOICES
-from speechbrain_sllm.data.tts import EspeakTTS
+from speechbrain_sllm.data.tts import FliteTTS, Synthesisers
+from speechbrain_sllm.study.alignment import read_rows
 
 logger = logging.getLogger(__name__)
 FIELDS = ["ID", "wav", "duration", "question", "answer"]
@@ -57,6 +60,14 @@ VARIED_VARIANTS = [
 ]  # fmt: skip
 VARIED_RATES = (130, 200)
 VARIED_PITCHES = (30, 70)
+# Flite's CMU voices (apt-get install flite): clustergen slt / rms / awb, diphone kal16
+FLITE_TRAIN_VOICES = [
+    ("flite:slt", 175),
+    ("flite:rms", 160),
+    ("flite:awb", 175),
+    ("flite:kal16", 185),
+]
+VOICE_SETS = ("espeak", "flite", "espeak+flite")
 
 
 def source_files(data_folder, llama_questions_folder):
@@ -95,6 +106,8 @@ def prepare_webquestions(
     train_voices=TRAIN_VOICES,
     test_voices=TEST_VOICES,
     varied_renderings=0,
+    voice_set="espeak",
+    augment_renderings=False,
     seed=1234,
     skip_prep=False,
     on_change="redo",
@@ -126,6 +139,14 @@ def prepare_webquestions(
         from ``VARIED_ACCENTS`` x ``VARIED_VARIANTS`` (never a test voice's variant),
         rates ``VARIED_RATES`` and pitches ``VARIED_PITCHES``; 0: ``align.csv`` holds
         the rows of ``train.csv`` only.
+    voice_set : str
+        Voices of train / valid and of the varied renderings: ``espeak``
+        (``train_voices`` and eSpeak's accents), ``flite`` (``FLITE_TRAIN_VOICES``
+        and Flite's voices at random rates) or ``espeak+flite`` (both, in turn).
+        The WebQ test voice stays ``test_voices``.
+    augment_renderings : bool
+        Pass each varied rendering through SpeechBrain's speed perturbation,
+        reverberation and noise (``RenderingAugmenter``, seeded).
     seed : int
         Seed of the question and voice draws.
     skip_prep : bool
@@ -143,7 +164,8 @@ def prepare_webquestions(
     paths = {split: os.path.join(save_folder, f"{split}.csv") for split in splits}
     if skip_prep:
         return paths
-    train_voices, test_voices = [tuple(v) for v in train_voices], [tuple(v) for v in test_voices]
+    train_voices = voices_of_set(voice_set, [tuple(v) for v in train_voices])
+    test_voices = [tuple(v) for v in test_voices]
     if set(train_voices) & set(test_voices):
         raise ValueError(
             f"prepare_webquestions: test voices {test_voices} overlap the training voices; "
@@ -153,20 +175,27 @@ def prepare_webquestions(
     counts = {"train": num_train, "valid": num_valid, "webq_test": num_test}
     options = {"counts": counts, "num_llamaq": num_llamaq, "seed": seed}
     options.update({"train_voices": train_voices, "test_voices": test_voices})
-    options["varied_renderings"] = varied_renderings
+    options.update(varied_renderings=varied_renderings, voice_set=voice_set)
+    options["augment_renderings"] = augment_renderings
     record = completion_record(sources, json.loads(json.dumps(options)))
     outputs = [os.path.basename(path) for path in paths.values()]
     if is_prepared(save_folder, record, outputs, on_change):
         logger.info(f"WebQuestions / LLaMA Questions manifests in {save_folder} are up to date.")
         return paths
-    tts = EspeakTTS(sample_rate=16000)  # one synthesiser, splits in a fixed order
+    tts = Synthesisers(sample_rate=16000)  # one per engine, splits in a fixed order
     with staged_preparation(save_folder, record) as staging:
         for split, file_name in WEBQ_FILES.items():
             items = draw(
                 read_webquestions(os.path.join(data_folder, file_name)), counts[split], seed
             )
             voices = test_voices if split == "webq_test" else train_voices
-            variety = (varied_renderings, test_voices, seed)
+            variety = {
+                "renderings": varied_renderings,
+                "unseen_voices": test_voices,
+                "voice_set": voice_set,
+                "augment": augment_renderings,
+                "seed": seed,
+            }
             speak_split(items, split, voices, tts, save_folder, staging, variety)
         rows = read_llama_questions(llama_questions_folder, num_llamaq)
         write_csv_manifest(rows, FIELDS, os.path.join(staging, "llamaq_test.csv"))
@@ -184,22 +213,22 @@ def speak_split(items, split, voices, tts, save_folder, staging, variety):
         ``train``, ``valid`` or ``webq_test``.
     voices : list of tuple
         eSpeak voices of the split.
-    tts : EspeakTTS
+    tts : Synthesisers
         The synthesiser (one for the whole preparation: eSpeak's output depends on
         what the process spoke before).
     save_folder : str
         The preparation folder (audio under ``wav/<split>``).
     staging : str
         Where the manifests are staged.
-    variety : tuple
-        ``(varied_renderings, test_voices, seed)`` of the training split's extra renderings.
+    variety : dict
+        The training split's extra renderings: ``renderings``, ``unseen_voices``,
+        ``voice_set``, ``augment``, ``seed`` (see ``speak_varied``).
     """
     folder = os.path.join(save_folder, "wav", split)
     rows = speak_items(items, voices, tts, folder, split)
     write_csv_manifest(rows, FIELDS, os.path.join(staging, f"{split}.csv"))
     if split == "train":
-        varied_renderings, test_voices, seed = variety
-        varied = speak_varied(rows, varied_renderings, test_voices, tts, folder, seed)
+        varied = speak_varied(rows, tts=tts, folder=folder, **variety)
         write_csv_manifest(rows + varied, FIELDS, os.path.join(staging, "align.csv"))
 
 
@@ -247,11 +276,12 @@ def draw(items, count, seed):
     return [items[index] for index in chosen]
 
 
-def varied_voices(count, unseen_voices, rng):
-    """``count`` random eSpeak NG voices as ``(voice, rate, pitch)``.
+def varied_voices(count, unseen_voices, rng, voice_set="espeak"):
+    """``count`` random voices as ``(voice, rate, pitch)``.
 
-    Accents and variants come from ``VARIED_ACCENTS`` x ``VARIED_VARIANTS``; the
-    variants of ``unseen_voices`` (the test voices) are left out of the draw.
+    eSpeak: accents and variants from ``VARIED_ACCENTS`` x ``VARIED_VARIANTS``,
+    the variants of ``unseen_voices`` (the test voices) left out; Flite: its
+    voices at a random rate. ``espeak+flite`` draws the engine per voice.
 
     Arguments
     ---------
@@ -261,6 +291,8 @@ def varied_voices(count, unseen_voices, rng):
         Voices that must stay unheard in training.
     rng : random.Random
         The draw's generator.
+    voice_set : str
+        One of ``VOICE_SETS``.
 
     Returns
     -------
@@ -273,20 +305,54 @@ def varied_voices(count, unseen_voices, rng):
     False
     >>> len({voice for voice, _, _ in voices}) > 100
     True
+    >>> mixed = varied_voices(100, [], random.Random(0), "espeak+flite")
+    >>> 20 < sum(voice.startswith("flite:") for voice, _, _ in mixed) < 80
+    True
     """
+    check_voice_set(voice_set)
     unseen = {voice.partition("+")[2] for voice, _ in unseen_voices}
     variants = [variant for variant in VARIED_VARIANTS if variant not in unseen]
-    return [
-        (
-            f"{rng.choice(VARIED_ACCENTS)}+{rng.choice(variants)}",
-            rng.randint(*VARIED_RATES),
-            rng.randint(*VARIED_PITCHES),
+    voices = []
+    for _ in range(count):
+        flite = voice_set == "flite" or (voice_set == "espeak+flite" and rng.random() < 0.5)
+        if flite:
+            name = f"flite:{rng.choice(FliteTTS.VOICES)}"
+        else:
+            name = f"{rng.choice(VARIED_ACCENTS)}+{rng.choice(variants)}"
+        voices.append((name, rng.randint(*VARIED_RATES), rng.randint(*VARIED_PITCHES)))
+    return voices
+
+
+def check_voice_set(voice_set):
+    """Raises a clear error for an unknown ``voice_set`` or a missing Flite."""
+    if voice_set not in VOICE_SETS:
+        raise ValueError(f"voice_set {voice_set!r} unknown; use one of {VOICE_SETS}.")
+    if "flite" in voice_set and not FliteTTS.available():
+        raise FileNotFoundError(
+            f"voice_set {voice_set!r} needs the flite program (apt-get install flite); "
+            "or use --voice_set=espeak."
         )
-        for _ in range(count)
-    ]
 
 
-def speak_varied(rows, renderings, unseen_voices, tts, folder, seed):
+def voices_of_set(voice_set, espeak_voices):
+    """The train / valid voices of a voice set (eSpeak's, Flite's, or both in turn).
+
+    Example
+    -------
+    >>> voices_of_set("espeak", [("en-us", 165)])
+    [('en-us', 165)]
+    """
+    check_voice_set(voice_set)
+    if voice_set == "espeak":
+        return espeak_voices
+    if voice_set == "flite":
+        return list(FLITE_TRAIN_VOICES)
+    return [voice for pair in zip(espeak_voices, FLITE_TRAIN_VOICES) for voice in pair]
+
+
+def speak_varied(
+    rows, renderings, unseen_voices, tts, folder, seed, voice_set="espeak", augment=False
+):
     """``renderings`` more recordings of each row's question, each in a random voice.
 
     Arguments
@@ -297,12 +363,16 @@ def speak_varied(rows, renderings, unseen_voices, tts, folder, seed):
         Recordings added per row.
     unseen_voices : list of (str, int)
         Voices never drawn (the test voices).
-    tts : EspeakTTS
-        The synthesiser.
+    tts : Synthesisers
+        The synthesisers.
     folder : str
         Where the wav files go.
     seed : int
-        Seed of the voice draw.
+        Seed of the voice draw (and of the augmentation).
+    voice_set : str
+        ``espeak``, ``flite`` or ``espeak+flite`` (each rendering's engine drawn).
+    augment : bool
+        Pass each rendering through ``RenderingAugmenter``.
 
     Returns
     -------
@@ -310,15 +380,16 @@ def speak_varied(rows, renderings, unseen_voices, tts, folder, seed):
         The new rows, with ids ``<ID>_v<k>``.
     """
     rng = random.Random(seed)
+    augmenter = RenderingAugmenter(seed=seed) if augment else None
     varied = []
     for k in range(1, renderings + 1):
-        voices = varied_voices(len(rows), unseen_voices, rng)
+        voices = varied_voices(len(rows), unseen_voices, rng, voice_set)
         items = [{**row, "ID": f"{row['ID']}_v{k}"} for row in rows]
-        varied += speak_items(items, voices, tts, folder, f"varied {k}", prefix="")
+        varied += speak_items(items, voices, tts, folder, f"varied {k}", "", augmenter)
     return varied
 
 
-def speak_items(items, voices, tts, folder, split, prefix=None):
+def speak_items(items, voices, tts, folder, split, prefix=None, augmenter=None):
     """Synthesises each question in one voice (voices taken in turn); returns manifest rows.
 
     Arguments
@@ -328,7 +399,7 @@ def speak_items(items, voices, tts, folder, split, prefix=None):
     voices : list of tuple
         eSpeak voice names and speaking rates ``(voice, rate)``, optionally with a
         pitch ``(voice, rate, pitch)``.
-    tts : EspeakTTS
+    tts : Synthesisers
         The synthesiser.
     folder : str
         Where the wav files go.
@@ -336,6 +407,8 @@ def speak_items(items, voices, tts, folder, split, prefix=None):
         Name of the split (the progress bar's label).
     prefix : str or None
         Prefix of the utterance ids (default: ``<split>_``).
+    augmenter : RenderingAugmenter or None
+        Applied to each clip (seeded by its position) before it is written.
 
     Returns
     -------
@@ -344,9 +417,11 @@ def speak_items(items, voices, tts, folder, split, prefix=None):
     os.makedirs(folder, exist_ok=True)
     prefix = f"{split}_" if prefix is None else prefix
     rows = []
-    for index, item in enumerate(tqdm(items, desc=f"eSpeak {split}")):
+    for index, item in enumerate(tqdm(items, desc=f"speaking {split}")):
         voice, rate, *pitch = voices[index % len(voices)]
         wav = tts.synthesize(item["question"], voice=voice, rate=rate, pitch=(pitch or [50])[0])
+        if augmenter is not None:
+            wav = augmenter(wav, index)
         utt_id = f"{prefix}{item['ID']}"
         path = os.path.join(folder, f"{utt_id}.wav")
         soundfile.write(path, wav.numpy(), tts.sample_rate, subtype="PCM_16")
@@ -387,3 +462,43 @@ def read_llama_questions(folder, count):
             {"ID": utt_id, "wav": wav, "duration": duration, "question": question, "answer": answer}
         )
     return rows
+
+
+def prepare_study_manifests(
+    data_folder, save_folder, llama_questions_folder, num_finetune, **options
+):
+    """The study's manifests (prepared on the main process), ``train`` cut to ``num_finetune``.
+
+    Stage 1a (CTC) reads ``align`` (every spoken training question, with its
+    varied renderings); answer targets, stage 1b, stage 2 and importance read
+    the first ``num_finetune``.
+
+    Arguments
+    ---------
+    data_folder : str
+        WebQuestions ``main/`` folder.
+    save_folder : str
+        Output folder (manifests, ``wav/``).
+    llama_questions_folder : str
+        LLaMA Questions folder.
+    num_finetune : int
+        Training questions kept in ``train``.
+    **options : dict
+        ``prepare_webquestions``'s options (``num_train``, ``voice_set``, ...).
+
+    Returns
+    -------
+    dict
+        ``{split: manifest}`` as ``prepare_webquestions`` returns it.
+    """
+    folders = (data_folder, save_folder, llama_questions_folder)
+    sb.utils.distributed.run_on_main(prepare_webquestions, args=folders, kwargs=options)
+    paths = prepare_webquestions(*folders, skip_prep=True)
+    rows = read_rows(paths["train"])
+    if num_finetune < len(rows):
+        subset = os.path.join(save_folder, "train_finetune.csv")
+        sb.utils.distributed.run_on_main(
+            write_csv_manifest, args=[rows[:num_finetune], FIELDS, subset]
+        )
+        paths = dict(paths, train=subset)
+    return paths

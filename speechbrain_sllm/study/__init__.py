@@ -22,6 +22,7 @@ from speechbrain_sllm.study.report import (
     paired_tests,
     peak_layer,
     print_summary,
+    write_stage_one_results,
     write_study_outputs,
     zeroing_line,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "print_summary",
     "read_rows",
     "training_targets",
+    "write_stage_one_results",
     "write_study_outputs",
     "zeroing_line",
 ]

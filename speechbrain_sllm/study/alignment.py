@@ -1,12 +1,16 @@
 """Stage 1 of a speech LLM: the adaptor aligned with the LLM frozen.
 
-Two objectives, in sequence, each skipped at 0 epochs:
+The yaml's ``align_objectives``, in sequence, each skipped at 0 epochs:
 
-* ``align_ctc_epochs``: CTC of the adaptor's frames onto the frozen LLM's input
-  embeddings (``EmbeddingCTCBrain``; the LLM never runs, see ``model.embedding_ctc``);
-* ``align_epochs``: the frozen LLM's own loss on ``align_targets``, ``answer``
-  (the training targets) or ``transcript`` (repeat the spoken question, with
-  ``align_prompt``).
+* ``ctc_embeddings`` (``align_ctc_epochs``): CTC of the adaptor's frames onto the
+  frozen LLM's input embeddings (``EmbeddingCTCBrain``; the LLM never runs, see
+  ``model.embedding_ctc``);
+* ``lm_loss`` (``align_epochs``): the frozen LLM's own loss on ``align_targets``,
+  ``answer`` (the training targets) or ``transcript`` (repeat the spoken
+  question, with ``align_prompt``);
+* ``distill`` (``align_epochs``): the frozen LLM given the spoken question
+  matches its own next-token distributions given the written one
+  (``speechbrain_sllm.distillation``).
 
 Authors
  * speechbrain-sllm developers 2026
@@ -23,6 +27,7 @@ import torch
 from speechbrain_sllm.checkpointing import AtomicCheckpointer, RNGState
 from speechbrain_sllm.data.dataio import write_csv_manifest
 from speechbrain_sllm.data.preparation import completion_record, is_prepared, staged_preparation
+from speechbrain_sllm.distillation import DistillationBrain, TeacherCache
 from speechbrain_sllm.metrics import wer_stats
 from speechbrain_sllm.model.embedding_ctc import EmbeddingCTCHead, ctc_loss, greedy_ctc_tokens
 from speechbrain_sllm.model.speech_llm import SpeechLLM
@@ -30,6 +35,8 @@ from speechbrain_sllm.strategies import apply_strategy, build_strategy
 
 logger = logging.getLogger(__name__)
 ALIGN_TARGETS = ("answer", "transcript")
+ALIGN_OBJECTIVES = ("ctc_embeddings", "lm_loss", "distill")
+DEFAULT_OBJECTIVES = ("ctc_embeddings", "lm_loss")
 TARGETS = ("gold", "self_distilled")
 SPLITS = ("train", "valid")  # the manifests whose targets a study rewrites
 
@@ -258,8 +265,11 @@ def ctc_alignment(runner, train, valid, encoder, adaptor, embeddings):
 def align_stage(runner, paths, data, llm, encoder, adaptor):
     """Stage 1: trains ``adaptor`` in place with the LLM frozen; returns its scores.
 
-    First CTC onto the LLM's input embeddings (``align_ctc_epochs``), then the
-    LLM's own loss on ``align_targets`` (``align_epochs``); either may be 0.
+    The yaml's ``align_objectives`` run in their order (default
+    ``[ctc_embeddings, lm_loss]``): ``ctc_embeddings`` for ``align_ctc_epochs``,
+    ``lm_loss`` (the LLM's loss on ``align_targets``) and ``distill`` (the LLM
+    given speech matches itself given text, ``align_distill_topk`` tokens
+    cached per position) for ``align_epochs`` each; 0 epochs skips one.
     The LLM is frozen: its text scores are the base LLM's, so only S2T is scored.
 
     Arguments
@@ -283,15 +293,46 @@ def align_stage(runner, paths, data, llm, encoder, adaptor):
     """
     hparams = runner.hparams
     folder = os.path.join(hparams["output_folder"], "align")
-    results = {}
-    if hparams["align_ctc_epochs"] > 0:
-        embeddings = llm.get_input_embeddings().weight
-        results.update(
-            ctc_alignment(runner, data["align"], data["valid"], encoder, adaptor, embeddings)
-        )
+    objectives = align_objectives(hparams)
+    results, brain = {}, None
     model = SpeechLLM(llm, encoder, adaptor)
     strategy = build_strategy("frozen_llm")
     apply_strategy(model, strategy)
+    for objective in objectives:
+        if objective == "ctc_embeddings" and hparams["align_ctc_epochs"] > 0:
+            embeddings = llm.get_input_embeddings().weight
+            results.update(
+                ctc_alignment(runner, data["align"], data["valid"], encoder, adaptor, embeddings)
+            )
+        elif objective == "lm_loss":
+            brain = lm_loss_alignment(runner, paths, data, model, strategy, results)
+        elif objective == "distill":
+            brain = distill_alignment(runner, data, model, strategy)
+    if brain is None:  # only CTC (or nothing) ran: a Brain that scores
+        brain = runner.stage_brain(model, strategy, 0.0, "speech", folder, 0)
+    runner.export(model, strategy, folder)
+    brain.hparams.prompt = hparams["prompt"]
+    results.update(runner.evaluate(brain, folder, modes=("speech",)))
+    logger.info(f"stage 1 (aligned adaptor): {results}")
+    return results
+
+
+def align_objectives(hparams):
+    """The yaml's ``align_objectives``, checked (default ``[ctc_embeddings, lm_loss]``)."""
+    objectives = list(hparams.get("align_objectives") or DEFAULT_OBJECTIVES)
+    unknown = [name for name in objectives if name not in ALIGN_OBJECTIVES]
+    if unknown:
+        raise ValueError(
+            f"align_objectives: {unknown} unknown; use a list of {ALIGN_OBJECTIVES}, "
+            "e.g. --align_objectives=[ctc_embeddings,distill]."
+        )
+    return objectives
+
+
+def lm_loss_alignment(runner, paths, data, model, strategy, results):
+    """Stage 1b: the frozen LLM's own loss on ``align_targets``; returns the Brain."""
+    hparams = runner.hparams
+    folder = os.path.join(hparams["output_folder"], "align")
     target = hparams["align_targets"]
     if target not in ALIGN_TARGETS:
         raise ValueError(f"align_targets {target!r} unknown; use one of {ALIGN_TARGETS}.")
@@ -308,7 +349,25 @@ def align_stage(runner, paths, data, llm, encoder, adaptor):
         results["valid_wer"] = brain.evaluator().word_error_rate(
             valid, os.path.join(folder, "valid_wer.txt"), batch_size=hparams["eval_batch_size"]
         )
-    brain.hparams.prompt = hparams["prompt"]
-    results.update(runner.evaluate(brain, folder, modes=("speech",)))
-    logger.info(f"stage 1 (aligned adaptor): {results}")
-    return results
+    return brain
+
+
+def distill_alignment(runner, data, model, strategy):
+    """Stage 1 by distillation from the same frozen LLM given text; returns the Brain."""
+    hparams = runner.hparams
+    folder = os.path.join(hparams["output_folder"], "align", "distill")
+    cache = TeacherCache(k=hparams.get("align_distill_topk", 64))
+    lr, epochs = hparams["align_lr"], hparams["align_epochs"]
+    brain = runner.stage_brain(
+        model,
+        strategy,
+        lr,
+        "speech",
+        folder,
+        epochs,
+        brain_class=DistillationBrain,
+        teacher_cache=cache,
+    )
+    if epochs > 0:
+        runner.fit_and_restore_best(brain, data["train"], data["valid"])
+    return brain

@@ -25,6 +25,7 @@ import os
 import speechbrain as sb
 
 from speechbrain_sllm.brains import SpeechLLMBrain
+from speechbrain_sllm.cascade import cascade_reference, transcribe_test_sets
 from speechbrain_sllm.checkpointing import AtomicCheckpointer, RNGState, WarmupDecaySchedule
 from speechbrain_sllm.data.dataio import make_qa_dataset
 from speechbrain_sllm.importance.aggregate import ScoreSet
@@ -32,7 +33,13 @@ from speechbrain_sllm.importance.report import summarize_shift, write_json
 from speechbrain_sllm.importance.shift import spearman, topk_overlap
 from speechbrain_sllm.importance.stage import run_importance, zeroing_check
 from speechbrain_sllm.importance.structure import write_structure
+from speechbrain_sllm.inference import (
+    export_trained_model,
+    inference_settings,
+    whole_trainable_state,
+)
 from speechbrain_sllm.strategies import apply_strategy, build_strategy
+from speechbrain_sllm.strategies.interpolation import interpolated, llm_weights
 from speechbrain_sllm.strategies.lora import merge_lora
 from speechbrain_sllm.study.report import StageClock, importance_shift, layer_sums, peak_layer
 
@@ -56,6 +63,9 @@ class StudyRunner:
         SpeechBrain run options.
     clock : StageClock or None
         Times the stages (a new one if None).
+    inference_hparams : str or None
+        The recipe's inference yaml: each trained stage is exported with it to
+        ``<stage folder>/inference`` (None: no export).
 
     Example
     -------
@@ -63,8 +73,9 @@ class StudyRunner:
     't2t'
     """
 
-    def __init__(self, hparams, run_opts, clock=None):
+    def __init__(self, hparams, run_opts, clock=None, inference_hparams=None):
         self.hparams = hparams
+        self.inference_hparams = inference_hparams
         self.run_opts = run_opts
         self.folder = hparams["output_folder"]
         self.clock = clock or StageClock()
@@ -113,7 +124,9 @@ class StudyRunner:
             max_duration=self.hparams["max_duration"],
         )
 
-    def stage_brain(self, model, strategy, lr, input_mode, folder, epochs, **overrides):
+    def stage_brain(
+        self, model, strategy, lr, input_mode, folder, epochs, brain_class=None, **overrides
+    ):
         """A ``SpeechLLMBrain`` for one stage (scoring only when ``epochs == 0``).
 
         Arguments
@@ -130,6 +143,8 @@ class StudyRunner:
             The stage's folder (``train_log.txt``, ``save/``).
         epochs : int
             Training epochs; 0: no optimizer, no checkpointer.
+        brain_class : type or None
+            A ``SpeechLLMBrain`` subclass (None: ``SpeechLLMBrain``).
         **overrides : dict
             Stage-specific hparams (e.g. another ``prompt``).
 
@@ -154,7 +169,7 @@ class StudyRunner:
         checkpointer = AtomicCheckpointer(
             os.path.join(folder, "save"), recoverables={"counter": counter, "rng": RNGState()}
         )
-        return SpeechLLMBrain(
+        return (brain_class or SpeechLLMBrain)(
             modules={"model": model},
             opt_class=self.hparams["opt_class"] if epochs else None,
             hparams=stage_hparams,
@@ -306,7 +321,38 @@ class StudyRunner:
         logger.info(f"base LLM: {results}")
         return results, profile, scores
 
-    def finetune_stage(self, name, model, strategy, train_set, valid_set):
+    def cascade_stage(self, model, manifests):
+        """The cascade reference: the yaml's ``cascade_asr`` hears each spoken test set, ``model`` answers.
+
+        Arguments
+        ---------
+        model : SpeechLLM
+            The base LLM (answers the transcripts as written questions).
+        manifests : dict
+            ``{column prefix: the spoken test set's CSV manifest}``.
+
+        Returns
+        -------
+        dict or None
+            ``<prefix>_s2t`` (accuracy %) and ``<prefix>_wer`` (transcripts against
+            the written questions, %) per set, under ``<output>/cascade/``; None
+            when ``cascade_asr`` is None (a ``WhisperTranscriber`` class or partial,
+            called with the run's ``device``).
+        """
+        if self.hparams.get("cascade_asr") is None:
+            return None
+        transcriber = self.hparams["cascade_asr"](device=self.run_opts.get("device", "cpu"))
+        folder = os.path.join(self.folder, "cascade")
+        batch_size = self.hparams.get("eval_batch_size", 16)
+        sb.utils.distributed.run_on_main(
+            transcribe_test_sets,
+            args=[transcriber, manifests, self.qa_dataset, folder, batch_size],
+        )
+        transcribed = {name: os.path.join(folder, f"{name}.csv") for name in manifests}
+        brain = self.stage_brain(model, build_strategy("frozen_llm"), 0.0, "text", folder, 0)
+        return cascade_reference(transcribed, manifests, brain.evaluator(), self.qa_dataset, folder)
+
+    def finetune_stage(self, name, model, strategy, train_set, valid_set, base_weights=None):
         """Speech fine-tuning with one strategy, evaluation of both sides, importance.
 
         Arguments
@@ -321,6 +367,9 @@ class StudyRunner:
             Spoken training QA.
         valid_set : DynamicItemDataset
             Spoken validation QA.
+        base_weights : dict or None
+            The LLM's weights before fine-tuning (``llm_weights``): the model is
+            then also scored at each ``interpolation_alphas`` (``results["interpolation"]``).
 
         Returns
         -------
@@ -333,13 +382,76 @@ class StudyRunner:
         epochs = self.hparams["ft_epochs"]
         brain = self.stage_brain(model, strategy, lr, "speech", folder, epochs)
         self.fit_and_restore_best(brain, train_set, valid_set)
+        self.export(model, strategy, folder)
         results = self.evaluate(brain, folder)
         merge_lora(model)
+        if base_weights is not None:
+            results["interpolation"] = self.interpolation_scores(brain, base_weights, folder)
         profile, scores, _ = self.importance(brain, name)
         if self.speech_importance_set is not None:
             self.speech_overlap(brain, name, profile, scores)
         logger.info(f"{name}: {results}")
         return results, profile, scores
+
+    def interpolation_alphas(self):
+        """The yaml's ``interpolation_alphas`` (empty: no weight interpolation)."""
+        return list(self.hparams.get("interpolation_alphas") or [])
+
+    def interpolation_scores(self, brain, base_weights, folder):
+        """Both sides scored with the LLM at ``base + alpha (finetuned - base)`` per alpha.
+
+        Arguments
+        ---------
+        brain : SpeechLLMBrain
+            The stage's Brain (fine-tuned model, LoRA merged).
+        base_weights : dict
+            The LLM's weights before fine-tuning.
+        folder : str
+            The stage's folder (per-item files in ``alpha_<alpha>/``).
+
+        Returns
+        -------
+        dict
+            ``{alpha: scores}`` (``evaluate``'s columns).
+        """
+        scores = {}
+        for alpha in self.interpolation_alphas():
+            with interpolated(brain.model, base_weights, float(alpha)):
+                scores[str(alpha)] = self.evaluate(brain, os.path.join(folder, f"alpha_{alpha}"))
+            logger.info(f"interpolation alpha {alpha}: {scores[str(alpha)]}")
+        return scores
+
+    def export(self, model, strategy, folder):
+        """Writes ``<folder>/inference`` for ``SpeechLLMInference.from_hparams`` (LoRA: a peft adapter).
+
+        Nothing when the runner has no ``inference_hparams``. Every rank calls
+        it (an FSDP model is gathered); the main process writes.
+
+        Arguments
+        ---------
+        model : SpeechLLM
+            The trained model (LoRA not merged).
+        strategy : Strategy
+            Its strategy.
+        folder : str
+            The stage's folder.
+
+        Returns
+        -------
+        str or None
+            The exported folder.
+        """
+        if self.inference_hparams is None:
+            return None
+        export = os.path.join(folder, "inference")
+        trainable = whole_trainable_state(model)
+        if sb.utils.distributed.if_main_process():
+            settings = inference_settings(self.hparams, model)
+            export_trained_model(
+                model, strategy, self.inference_hparams, export, settings, trainable
+            )
+        sb.utils.distributed.ddp_barrier()
+        return export
 
     def speech_overlap(self, brain, name, text_profile, text_scores):
         """Speech importance of the model and its overlap with its textual importance.
@@ -406,9 +518,11 @@ class StudyRunner:
             with self.clock.stage(f"finetune_{name}"):
                 sb.utils.seed_everything(self.hparams["seed"])
                 strategy = self.build_strategy(name)
-                model = apply_strategy(build_model(strategy), strategy)
+                model = build_model(strategy)
+                base_weights = llm_weights(model) if self.interpolation_alphas() else None
+                apply_strategy(model, strategy)
                 run, profile, scores = self.finetune_stage(
-                    name, model, strategy, train_set, valid_set
+                    name, model, strategy, train_set, valid_set, base_weights
                 )
             run["shift"], run["top3_iou"] = importance_shift(
                 base_profile, base_scores, profile, scores

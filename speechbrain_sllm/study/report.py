@@ -160,6 +160,48 @@ def write_study_outputs(folder, results, timings, profiles, markdown):
         handle.write(markdown + "\n")
 
 
+def write_stage_one_results(folder, stage1, cascade, settings, clock, device=None):
+    """Stage 1's S2T beside the cascade's, with settings and times, in ``align/results.json``.
+
+    Arguments
+    ---------
+    folder : str
+        The study's output folder.
+    stage1 : dict
+        Stage 1's scores (``<set>_s2t`` per test set).
+    cascade : dict or None
+        The cascade reference (``<set>_s2t``, ``<set>_wer``).
+    settings : dict
+        The settings that define this stage 1 (for an ablation table).
+    clock : StageClock
+        The stages' wall times.
+    device : str or None
+        The run's device (named with the hardware).
+
+    Returns
+    -------
+    dict
+        What was written; ``s2t_over_cascade`` per set when the cascade ran.
+    """
+    results = {
+        "stage1": stage1,
+        "cascade": cascade,
+        "settings": settings,
+        "seconds": clock.seconds,
+        "hardware": hardware(device),
+    }
+    if cascade:
+        sets = [key[: -len("_s2t")] for key in cascade if key.endswith("_s2t")]
+        results["s2t_over_cascade"] = {
+            name: stage1[f"{name}_s2t"] / cascade[f"{name}_s2t"] if cascade[f"{name}_s2t"] else None
+            for name in sets
+        }
+    if sb.utils.distributed.if_main_process():
+        write_json(results, os.path.join(folder, "align", "results.json"))
+    print(json.dumps(results, indent=1))
+    return results
+
+
 def write_importance_plots(profiles, folder):
     """Layer-wise importance and top-3% shares per model; the base model's module heatmap.
 

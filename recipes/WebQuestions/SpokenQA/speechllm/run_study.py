@@ -29,7 +29,6 @@ import speechbrain as sb
 import torch
 
 from speechbrain_sllm.config import load_recipe_hparams
-from speechbrain_sllm.data.dataio import write_csv_manifest
 from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
 from speechbrain_sllm.study import (
     StageClock,
@@ -41,15 +40,17 @@ from speechbrain_sllm.study import (
     print_summary,
     read_rows,
     training_targets,
+    write_stage_one_results,
     write_study_outputs,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.append(HERE)
 from tables import paper_table, results_table  # noqa: E402
-from webquestions_prepare import FIELDS, prepare_webquestions  # noqa: E402
+from webquestions_prepare import prepare_study_manifests  # noqa: E402
 
 TEST_SETS = {"llamaq": "llamaq_test", "webq": "webq_test"}
+STOP_AFTER = ("stage1", "strategies")  # stage1: iterate on the alignment alone
 
 
 def load_llm(hparams):
@@ -61,28 +62,6 @@ def load_llm(hparams):
     )
 
 
-def prepare(hparams):
-    """Manifests (on the main process), with ``train`` cut to its first ``num_finetune``.
-
-    Stage 1a (CTC) reads ``align`` (every spoken training question, with its
-    varied renderings); answer targets, stage 1b, stage 2 and importance read
-    the first ``num_finetune``.
-    """
-    keys = ("num_train", "num_valid", "num_test", "num_llamaq", "varied_renderings", "seed")
-    options = {key: hparams[key] for key in keys}
-    options.update(skip_prep=hparams["skip_prep"], on_change=hparams["prepare_on_change"])
-    folders = (hparams["data_folder"], hparams["save_folder"], hparams["llama_questions_folder"])
-    sb.utils.distributed.run_on_main(prepare_webquestions, args=folders, kwargs=options)
-    paths = prepare_webquestions(*folders, skip_prep=True)
-    rows = read_rows(paths["train"])
-    if hparams["num_finetune"] < len(rows):
-        subset = os.path.join(hparams["save_folder"], "train_finetune.csv")
-        rows = rows[: hparams["num_finetune"]]
-        sb.utils.distributed.run_on_main(write_csv_manifest, args=[rows, FIELDS, subset])
-        paths = dict(paths, train=subset)
-    return paths
-
-
 def main(argv):
     """Runs the study; returns the results dict."""
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
@@ -92,8 +71,26 @@ def main(argv):
     )
     clock = StageClock()
     with clock.stage("data"):
-        paths = prepare(hparams)
-    runner = StudyRunner(hparams, run_opts, clock)
+        paths = prepare_study_manifests(
+            hparams["data_folder"],
+            hparams["save_folder"],
+            hparams["llama_questions_folder"],
+            hparams["num_finetune"],
+            num_train=hparams["num_train"],
+            num_valid=hparams["num_valid"],
+            num_test=hparams["num_test"],
+            num_llamaq=hparams["num_llamaq"],
+            varied_renderings=hparams["varied_renderings"],
+            voice_set=hparams["voice_set"],
+            augment_renderings=hparams["augment_renderings"],
+            seed=hparams["seed"],
+            skip_prep=hparams["skip_prep"],
+            on_change=hparams["prepare_on_change"],
+        )
+    runner = StudyRunner(hparams, run_opts, clock, os.path.join(HERE, "hparams", "inference.yaml"))
+    if hparams["stop_after"] not in STOP_AFTER:
+        raise ValueError(f"stop_after {hparams['stop_after']!r} unknown; use one of {STOP_AFTER}.")
+    full_study = hparams["stop_after"] == "strategies"
     with clock.stage("targets_and_base_llm"):
         folder = os.path.join(hparams["output_folder"], "base_llm")
         base_model = SpeechLLM(load_llm(hparams))
@@ -103,7 +100,12 @@ def main(argv):
         runner.use_data(
             tests, data["train"], data["llamaq_test"], speech_importance_set=data["train"]
         )
-        base, base_profile, base_scores = runner.base_stage(base_model, folder)
+        base = {}
+        if full_study:
+            base, base_profile, base_scores = runner.base_stage(base_model, folder)
+    with clock.stage("cascade"):
+        manifests = {key: paths[name] for key, name in TEST_SETS.items()}
+        base["cascade"] = runner.cascade_stage(base_model, manifests)
     del base_model
     free_finished_stage()
     with clock.stage("stage1_alignment"):
@@ -111,6 +113,16 @@ def main(argv):
         adaptor, encoder = hparams["adaptor"], hparams["encoder"]
         stage1 = align_stage(runner, paths, data, load_llm(hparams), encoder, adaptor)
     free_finished_stage()
+    if not full_study:
+        settings = {"hparams": hparams_file, "overrides": overrides}
+        return write_stage_one_results(
+            hparams["output_folder"],
+            stage1,
+            base["cascade"],
+            settings,
+            clock,
+            run_opts.get("device"),
+        )
     stage1.update({key: base[key] for key in ("llamaq_t2t", "webq_t2t", "text_ppl")})
 
     def build_model(strategy):

@@ -46,6 +46,16 @@ def results_table(base, stage1, runs):
         "|---|---|---|---|---|---|---|---|",
         f"| no fine-tuning | {cell(base['llamaq_t2t'])} | - | {cell(base['webq_t2t'])} | - "
         f"| {base['text_ppl']:.2f} | 0 | 1 |",
+    ]
+    if base.get("cascade"):
+        cascade = base["cascade"]
+        lines.append(
+            f"| cascade: Whisper's own decoder -> base LLM (WER {cell(cascade['llamaq_wer'])} "
+            f"/ {cell(cascade['webq_wer'])}) | {cell(base['llamaq_t2t'])} "
+            f"| {cell(cascade['llamaq_s2t'])} | {cell(base['webq_t2t'])} "
+            f"| {cell(cascade['webq_s2t'])} | {base['text_ppl']:.2f} | 0 | 1 |"
+        )
+    lines += [
         f"| stage 1: adaptor aligned, LLM frozen | {cell(stage1['llamaq_t2t'])} "
         f"| {cell(stage1['llamaq_s2t'])} | {cell(stage1['webq_t2t'])} "
         f"| {cell(stage1['webq_s2t'])} | {stage1['text_ppl']:.2f} | 0 | 1 |",
