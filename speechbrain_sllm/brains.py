@@ -95,14 +95,23 @@ class SpeechLLMBrain(NonFiniteGuard, ShardedTraining, sb.Brain):
         return qa_forward(self.modules.model, batch, mode, self.hparams.prompt, keep)
 
     def compute_objectives(self, predictions, batch, stage):
-        """Mean next-token cross-entropy over answer tokens; off training, the batch's metrics."""
+        """Mean next-token cross-entropy over answer tokens (in training, plus each
+        mitigation's term); off training, the batch's metrics."""
         logits, labels = predictions
         if stage != sb.Stage.TRAIN:
             self.stage_metrics.append(self.evaluator(), batch)
-        return shifted_lm_loss(logits, labels, "mean")
+            return shifted_lm_loss(logits, labels, "mean")
+        return shifted_lm_loss(logits, labels, "mean") + self.mitigation_loss()
+
+    def mitigation_loss(self):
+        """The sum of the yaml's ``mitigations`` terms at this step (0 without any)."""
+        return sum(m.extra_loss(self) for m in getattr(self.hparams, "mitigations", None) or [])
 
     def on_fit_start(self):
-        """Registers the compact model state and the schedule before recovery."""
+        """Starts the mitigations and registers the compact model state and the schedule,
+        all before recovery (a mitigation keeps the base model, also on a resumed run)."""
+        for mitigation in getattr(self.hparams, "mitigations", None) or []:
+            mitigation.on_fit_start(self)
         if self.checkpointer is not None:
             recoverables = self.checkpointer.recoverables
             if "model" not in recoverables:

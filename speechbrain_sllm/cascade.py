@@ -250,16 +250,23 @@ def cascade_reference(transcribed, manifests, evaluator, dataset_of, folder):
     Returns
     -------
     dict
-        ``{"<name>_s2t": accuracy %, "<name>_wer": WER %}`` per set.
+        ``<name>_s2t`` (accuracy %, over every item of the spoken set: an empty
+        transcript counts as a wrong answer), ``<name>_wer`` (WER %) and
+        ``<name>_unheard`` (items whose transcript is empty) per set.
     """
     results = {}
     for name, path in transcribed.items():
-        transcripts = read_questions(path)
+        transcripts, questions = read_questions(path), read_questions(manifests[name])
         results[f"{name}_wer"] = transcript_wer(
-            transcripts, read_questions(manifests[name]), os.path.join(folder, f"{name}_wer.txt")
+            transcripts, questions, os.path.join(folder, f"{name}_wer.txt")
         )
-        results[f"{name}_s2t"] = evaluator.qa_accuracy(
-            dataset_of(path), "text", output_file=os.path.join(folder, f"{name}_cascade.tsv")
-        )
+        heard = [item for item, text in transcripts.items() if text.strip()]
+        accuracy = 0.0
+        if heard:
+            output_file = os.path.join(folder, f"{name}_cascade.tsv")
+            accuracy = evaluator.qa_accuracy(dataset_of(path), "text", output_file=output_file)
+        # an empty transcript is a question the LLM never got: a wrong answer
+        results[f"{name}_s2t"] = accuracy * len(heard) / len(questions)
+        results[f"{name}_unheard"] = len(questions) - len(heard)
     logger.info(f"cascade reference (ASR transcript -> base LLM): {results}")
     return results

@@ -72,6 +72,8 @@ class MemoryPlan:
         Importance accumulators held by one rank (0 when not scoring).
     activations : int
         Estimated activation memory of one micro-batch on one rank.
+    mitigations : int
+        What the strategy's mitigations keep (``MITIGATION_COSTS``).
     """
 
     weights: int
@@ -79,11 +81,13 @@ class MemoryPlan:
     optimizer: int
     importance: int
     activations: int
+    mitigations: int = 0
 
     @property
     def total(self):
         """Sum of the parts."""
-        return self.weights + self.gradients + self.optimizer + self.importance + self.activations
+        parts = (self.weights, self.gradients, self.optimizer, self.importance)
+        return sum(parts) + self.activations + self.mitigations
 
 
 def llm_config(llm):
@@ -183,6 +187,16 @@ def activation_bytes(config, batch_size, seq_len, dtype_bytes, checkpointing=Tru
     return kept + logits
 
 
+# What each mitigation keeps on a rank, from the run's sizes in bytes ("llm": the
+# LLM's weights, "trainable": its trained weights, "activations": one micro-batch's)
+MITIGATION_COSTS = {
+    "replay": lambda sizes: sizes["activations"],  # a written batch's graph beside the speech one
+    "text_kd": lambda sizes: sizes["activations"],  # the same (the cached bins are small)
+    "anchor": lambda sizes: 2 * sizes["trainable"],  # base values + importance weights
+    "interpolation": lambda sizes: 2 * sizes["llm"],  # base + fine-tuned while scoring
+}
+
+
 def plan_memory(
     llm,
     strategy="full_ft",
@@ -202,7 +216,8 @@ def plan_memory(
     llm : str or transformers.PretrainedConfig
         See ``llm_config``.
     strategy : str
-        The training strategy.
+        The training strategy, optionally with ``+<mitigation>`` parts
+        (``full_ft+anchor``; see ``MITIGATION_COSTS``).
     world_size : int
         Number of ranks.
     distributed : str
@@ -232,16 +247,25 @@ def plan_memory(
     """
     if distributed not in DISTRIBUTED:
         raise ValueError(f"distributed {distributed!r} unknown; use one of {DISTRIBUTED}.")
+    strategy, *mitigations = strategy.split("+")
+    unknown = [name for name in mitigations if name not in MITIGATION_COSTS]
+    if unknown:
+        raise ValueError(f"mitigations {unknown} unknown; use any of {sorted(MITIGATION_COSTS)}.")
     config = llm_config(llm)
     dtype_bytes = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
     total, trainable, lora = count_parameters(config, strategy, lora_rank)
     shard = world_size if distributed == "fsdp" else 1
+    activations = activation_bytes(config, batch_size, seq_len, dtype_bytes, checkpointing)
+    sizes = {"llm": (total - lora) * dtype_bytes, "trainable": trainable * dtype_bytes}
+    sizes["activations"] = activations
+    extra = sum(MITIGATION_COSTS[name](sizes) for name in mitigations)
     return MemoryPlan(
         weights=total * dtype_bytes // shard,
         gradients=trainable * dtype_bytes // shard,
         optimizer=2 * trainable * dtype_bytes // shard,
         importance=(total - lora) * 4 // shard if importance else 0,
-        activations=activation_bytes(config, batch_size, seq_len, dtype_bytes, checkpointing),
+        activations=activations,
+        mitigations=extra,
     )
 
 

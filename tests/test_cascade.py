@@ -92,3 +92,36 @@ def test_transcribed_manifest_replaces_only_the_question(tmp_path):
         }
     ]
     assert read_questions(out) == {"q1": "what is the capital of francs"}
+
+
+class HalfRight:
+    """An evaluator double: every scored set gets 50% (records what it was given)."""
+
+    def __init__(self):
+        self.scored = []
+
+    def qa_accuracy(self, dataset, mode, output_file=None):
+        self.scored.append((sorted(dataset), mode))
+        return 50.0
+
+
+def test_an_empty_transcript_counts_as_a_wrong_answer(tmp_path):
+    from speechbrain_sllm.cascade import cascade_reference
+
+    manifest = tmp_path / "test.csv"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ID", "wav", "duration", "question", "answer"])
+        for item in ("q1", "q2", "q3", "q4"):
+            writer.writerow([item, f"{item}.wav", "1.0", f"question {item}", "x"])
+    heard = {"q1": "question q1", "q2": "question q2", "q3": "question q3", "q4": ""}
+    transcribed = write_transcribed_manifest(str(manifest), heard, str(tmp_path / "t.csv"))
+    evaluator = HalfRight()
+    results = cascade_reference(
+        {"set": transcribed}, {"set": str(manifest)}, evaluator,
+        lambda path: [row["ID"] for row in csv.DictReader(open(path)) if row["question"]],
+        str(tmp_path),
+    )  # fmt: skip
+    assert evaluator.scored == [(["q1", "q2", "q3"], "text")]
+    assert results["set_s2t"] == pytest.approx(50.0 * 3 / 4) and results["set_unheard"] == 1
+    assert results["set_wer"] == pytest.approx(100 * 2 / 8)  # q4's two words deleted

@@ -8,7 +8,7 @@ import sys
 import pytest
 from transformers import LlamaConfig
 
-from speechbrain_sllm.plan import main, plan_memory
+from speechbrain_sllm.plan import count_parameters, llm_config, main, plan_memory
 
 CONFIG = dict(
     vocab_size=16000,
@@ -74,3 +74,17 @@ def test_the_command_line_prints_the_plan_of_its_arguments(capsys):
     for part, value in dataclasses.asdict(plan).items():
         assert float(printed[part]) == pytest.approx(value / 2**30, abs=0.005), part
     assert float(printed["total"]) == pytest.approx(plan.total / 2**30, abs=0.005)
+
+
+def test_mitigations_add_what_they_keep_and_nothing_else():
+    plain = plan_memory("llama-3.2-1b", "full_ft", batch_size=2, seq_len=256)
+    total, trainable, _ = count_parameters(llm_config("llama-3.2-1b"), "full_ft")
+    anchored = plan_memory("llama-3.2-1b", "full_ft+anchor", batch_size=2, seq_len=256)
+    assert anchored.mitigations == 2 * trainable * 2  # base values + weights, bf16
+    replay = plan_memory("llama-3.2-1b", "full_ft+replay+interpolation", batch_size=2, seq_len=256)
+    assert replay.mitigations == plain.activations + 2 * total * 2
+    for part in ("weights", "gradients", "optimizer", "activations"):
+        assert getattr(anchored, part) == getattr(plain, part) == getattr(replay, part)
+    assert anchored.total == plain.total + anchored.mitigations
+    with pytest.raises(ValueError, match="mitigations \\['ewc'\\] unknown"):
+        plan_memory("llama-3.2-1b", "full_ft+ewc")

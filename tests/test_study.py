@@ -87,3 +87,21 @@ def test_two_quick_runs_on_the_same_prepared_data_give_identical_results(tmp_pat
     result = run_row(row, second, [f"--data_folder={first / 'data'}"])
     assert result.returncode == 0, result.stderr[-4000:]
     assert (first / "results.json").read_bytes() == (second / "results.json").read_bytes()
+
+
+def test_quick_study_runs_each_mitigation_beside_full_ft(tmp_path):
+    """Text replay, text self-distillation and the importance anchor, each added to full FT
+    by name: each trains (its own log and scores), and each changes the trained LLM."""
+    row = next(r for r in ROWS if r["Dataset"] == "MiniSpokenQA")
+    out = tmp_path / "study"
+    names = ["full_ft", "full_ft+replay", "full_ft+text_kd", "full_ft+anchor"]
+    result = run_row(row, out, [f"--strategies=[{','.join(names)}]"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    runs = json.loads((out / "results.json").read_text())["strategies"]
+    assert list(runs) == names
+    for name in names:
+        accuracy, items = accuracy_from_tsv(out / "finetune" / name / "t2t.tsv")
+        assert runs[name]["t2t"] == pytest.approx(accuracy) and items == ITEMS["t2t"], name
+        assert "train loss" in (out / "finetune" / name / "train_log.txt").read_text()
+    for name in names[1:]:  # the same seed and data: only the mitigation differs
+        assert runs[name]["text_ppl"] != pytest.approx(runs["full_ft"]["text_ppl"], rel=1e-6)

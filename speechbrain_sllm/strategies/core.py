@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 
 from speechbrain_sllm.fsdp import is_sharded
+from speechbrain_sllm.importance.aggregate import module_type
 from speechbrain_sllm.strategies.layerwise import LayerwiseLR, decoder_layer_index
 from speechbrain_sllm.strategies.lora import LoRASettings, apply_lora
 
@@ -192,10 +193,14 @@ def param_groups(model, strategy, base_lr):
     else:
         num_layers = num_llm_layers(model.llm)
         scales = strategy.layerwise.scales(num_layers)
+        per_module = strategy.layerwise.module_scales(num_layers)
         for name, param in llm_named:
             index = decoder_layer_index(name)
+            module = module_type(name)
             if index is None:
                 add("llm.other", strategy.layerwise.non_layer(num_layers), param)
+            elif module in per_module:
+                add(f"llm.layer.{index:03d}.{module}", per_module[module][index], param)
             else:
                 add(f"llm.layer.{index:03d}", scales[index], param)
     result = sorted(groups.values(), key=lambda group: group["name"])

@@ -19,6 +19,7 @@ LAYER_PATTERNS = (
     re.compile(r"(?:^|\.)blocks\.(\d+)\."),
 )
 RULES = ("constant", "depth", "importance")
+GRANULARITIES = ("layer", "module")
 
 
 def decoder_layer_index(name):
@@ -69,6 +70,12 @@ class LayerwiseLR:
     non_layer_scale : float
         LR scale of LLM parameters outside decoder layers (embeddings, final
         norm, LM head) for the ``constant`` and ``importance`` rules.
+    granularity : str
+        ``layer`` (the paper: one rate per decoder layer) or ``module``: the
+        ``importance`` rule applied per (layer, module type), each module type's
+        rates from its own per-layer importance sums (the profile's
+        ``layer_module_sum``); a layer's other parameters (norms) keep the
+        layer's rate.
 
     Example
     -------
@@ -86,8 +93,16 @@ class LayerwiseLR:
     profile: str = None
     aggregate: str = "sum"
     non_layer_scale: float = 1.0
+    granularity: str = "layer"
 
     def __post_init__(self):
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"LayerwiseLR: granularity {self.granularity!r} is unknown; choose one of "
+                f"{GRANULARITIES}."
+            )
+        if self.granularity == "module" and self.rule != "importance":
+            raise ValueError("LayerwiseLR: granularity 'module' needs rule 'importance'.")
         if self.rule not in RULES:
             raise ValueError(f"LayerwiseLR: rule {self.rule!r} is unknown; choose one of {RULES}.")
         if not 0.0 < self.decay <= 1.0:
@@ -118,6 +133,31 @@ class LayerwiseLR:
             return [self.decay ** (num_layers - (i + 1)) for i in range(num_layers)]
         importance = load_layer_importance(self.profile, num_layers, self.aggregate)
         return importance_scales(importance, self.lam)
+
+    def module_scales(self, num_layers):
+        """LR multipliers per module type and layer (``granularity: module``).
+
+        Arguments
+        ---------
+        num_layers : int
+            Decoder layers of the LLM.
+
+        Returns
+        -------
+        dict
+            ``{module type: [scale per layer]}`` (empty for ``granularity: layer``).
+        """
+        if self.granularity != "module":
+            return {}
+        self.scales(num_layers)  # checks the profile's layer count
+        with open(self.profile) as handle:
+            sums = json.load(handle).get("layer_module_sum")
+        if not sums:
+            raise ValueError(
+                f"Importance profile {self.profile!r} has no 'layer_module_sum'; granularity "
+                "'module' needs a profile written by this package's importance stage."
+            )
+        return {module: importance_scales(values, self.lam) for module, values in sums.items()}
 
     def non_layer(self, num_layers):
         """LR multiplier of LLM parameters outside the decoder layers."""

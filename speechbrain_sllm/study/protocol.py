@@ -80,9 +80,11 @@ class StudyRunner:
         self.folder = hparams["output_folder"]
         self.clock = clock or StageClock()
         self.test_sets, self.importance_set, self.perplexity_set = {}, None, None
-        self.speech_importance_set = None
+        self.speech_importance_set = self.replay_set = self.base_scores = None
 
-    def use_data(self, test_sets, importance_set, perplexity_set, speech_importance_set=None):
+    def use_data(
+        self, test_sets, importance_set, perplexity_set, speech_importance_set=None, replay_set=None
+    ):
         """The datasets every stage scores.
 
         Arguments
@@ -97,7 +99,11 @@ class StudyRunner:
             Written QA for text perplexity and the zeroing check.
         speech_importance_set : DynamicItemDataset or None
             Spoken QA for speech importance after fine-tuning (None: not scored).
+        replay_set : DynamicItemDataset or None
+            Written training QA that text-side mitigations (replay, distillation)
+            train on (None: none can run).
         """
+        self.replay_set = replay_set
         self.speech_importance_set = speech_importance_set
         self.test_sets = test_sets
         self.importance_set = importance_set
@@ -378,9 +384,12 @@ class StudyRunner:
         scores : dict
         """
         folder = os.path.join(self.folder, "finetune", name)
-        lr = self.hparams["ft_lr"][name]
+        lr = self.hparams["ft_lr"].get(name, self.hparams["ft_lr"][strategy.name])
         epochs = self.hparams["ft_epochs"]
-        brain = self.stage_brain(model, strategy, lr, "speech", folder, epochs)
+        mitigations = self.mitigations_of(name)
+        brain = self.stage_brain(
+            model, strategy, lr, "speech", folder, epochs, mitigations=mitigations
+        )
         self.fit_and_restore_best(brain, train_set, valid_set)
         self.export(model, strategy, folder)
         results = self.evaluate(brain, folder)
@@ -392,6 +401,38 @@ class StudyRunner:
             self.speech_overlap(brain, name, profile, scores)
         logger.info(f"{name}: {results}")
         return results, profile, scores
+
+    def mitigations_of(self, name):
+        """The yaml's mitigations a strategy name asks for (``full_ft+replay+anchor``).
+
+        Each named entry of the yaml's ``mitigations`` gets what the study
+        knows: the written training questions (``replay_set``) and the base
+        LLM's textual importance as anchor scores.
+
+        Arguments
+        ---------
+        name : str
+            A strategy name, optionally followed by ``+<mitigation>`` parts.
+
+        Returns
+        -------
+        list
+        """
+        available = self.hparams.get("mitigations") or {}
+        chosen = []
+        for part in name.split("+")[1:]:
+            if part not in available:
+                raise ValueError(
+                    f"strategy {name!r}: no mitigation {part!r} in the yaml's `mitigations` "
+                    f"(it has {sorted(available)})."
+                )
+            mitigation = available[part]
+            if hasattr(mitigation, "dataset") and mitigation.dataset is None:
+                mitigation.dataset = self.replay_set
+            if hasattr(mitigation, "scores") and mitigation.scores is None:
+                mitigation.scores = self.base_scores
+            chosen.append(mitigation)
+        return chosen
 
     def interpolation_alphas(self):
         """The yaml's ``interpolation_alphas`` (empty: no weight interpolation)."""
@@ -514,10 +555,11 @@ class StudyRunner:
             ``{strategy: profile}``.
         """
         runs, profiles = {}, {}
+        self.base_scores = dict(base_scores.items()) if self.hparams.get("mitigations") else None
         for name in self.hparams["strategies"]:
             with self.clock.stage(f"finetune_{name}"):
                 sb.utils.seed_everything(self.hparams["seed"])
-                strategy = self.build_strategy(name)
+                strategy = self.build_strategy(name.split("+")[0])
                 model = build_model(strategy)
                 base_weights = llm_weights(model) if self.interpolation_alphas() else None
                 apply_strategy(model, strategy)

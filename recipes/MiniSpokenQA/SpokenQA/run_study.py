@@ -100,7 +100,9 @@ def main(argv):
         data = dataio_prepare(hparams)
     runner = StudyRunner(hparams, run_opts, clock)
     tests = {"": {"text": data["text_test"], "speech": data["speech_test"]}}
-    runner.use_data(tests, data["text_test"], data["text_test"], data["speech_test"])
+    runner.use_data(
+        tests, data["text_test"], data["text_test"], data["speech_test"], data["text_train"]
+    )
     with clock.stage("lm_pretraining"):
         lm_dir = pretrain_lm(
             runner,

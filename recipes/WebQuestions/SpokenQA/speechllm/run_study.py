@@ -97,9 +97,8 @@ def main(argv):
         paths = training_targets(runner, paths, base_model)
         data = {split: runner.qa_dataset(path) for split, path in paths.items()}
         tests = {key: {"text": data[name], "speech": data[name]} for key, name in TEST_SETS.items()}
-        runner.use_data(
-            tests, data["train"], data["llamaq_test"], speech_importance_set=data["train"]
-        )
+        train = data["train"]  # written: importance and replay; spoken: speech importance
+        runner.use_data(tests, train, data["llamaq_test"], train, replay_set=train)
         base = {}
         if full_study:
             base, base_profile, base_scores = runner.base_stage(base_model, folder)
