@@ -16,7 +16,7 @@ OPENMP_WAITING = choose_openmp_waiting()  # before anything imports torch
 # isort: on
 
 from speechbrain_sllm.brains import SpeechLLMBrain
-from speechbrain_sllm.checkpointing import AtomicCheckpointer, WarmupDecaySchedule
+from speechbrain_sllm.checkpointing import AtomicCheckpointer
 from speechbrain_sllm.importance.shift import layer_shift
 from speechbrain_sllm.importance.stage import run_importance, zeroing_check
 from speechbrain_sllm.model.adaptors import ConvDownsampler, FrameStackAdaptor
@@ -26,6 +26,7 @@ from speechbrain_sllm.model.encoders import (
     HFWhisperEncoder,
 )
 from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
+from speechbrain_sllm.schedules import WarmupDecaySchedule
 from speechbrain_sllm.strategies import (
     LayerwiseLR,
     LoRASettings,

@@ -22,7 +22,7 @@ import logging
 import torch
 
 from speechbrain_sllm.fsdp import (
-    DISTRIBUTED_MODES,
+    PARALLELISMS,
     FSDPSettings,
     ShardedState,
     full_tensor,
@@ -143,9 +143,9 @@ class ShardedTraining:
     def _parallelism(self):
         """The yaml's ``parallelism`` (``ddp`` or ``fsdp``), checked."""
         mode = getattr(self.hparams, "parallelism", "ddp")
-        if mode not in DISTRIBUTED_MODES:
+        if mode not in PARALLELISMS:
             raise ValueError(
-                f"parallelism {mode!r} unknown; use one of {DISTRIBUTED_MODES} "
+                f"parallelism {mode!r} unknown; use one of {PARALLELISMS} "
                 "(yaml key or --parallelism=...)."
             )
         return mode

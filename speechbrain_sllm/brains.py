@@ -16,8 +16,8 @@ import speechbrain as sb
 import torch
 
 from speechbrain_sllm.brain_steps import NonFiniteGuard, ShardedTraining
-from speechbrain_sllm.checkpointing import TrainableState, unwrap
-from speechbrain_sllm.distributed import share_debug_checkpoint_folder
+from speechbrain_sllm.checkpointing import TrainableState
+from speechbrain_sllm.distributed import share_debug_checkpoint_folder, unwrap
 from speechbrain_sllm.evaluation import MAX_METRICS, QAEvaluator, StageMetrics, qa_forward
 from speechbrain_sllm.model.speech_llm import shifted_lm_loss
 

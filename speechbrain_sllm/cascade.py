@@ -18,10 +18,10 @@ import torch
 from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.dataio.dataloader import make_dataloader
 
-from speechbrain_sllm.data.dataio import absolute_lengths
 from speechbrain_sllm.data.preparation import completion_record, is_prepared, staged_preparation
 from speechbrain_sllm.evaluation import write_stats
 from speechbrain_sllm.metrics import normalize_answer, wer_stats
+from speechbrain_sllm.model.padding import absolute_lengths
 
 logger = logging.getLogger(__name__)
 

@@ -60,6 +60,13 @@ def looks_like_a_path(source):
     return source.startswith(("/", "./", "../", "~")) or source.count("/") > 1 or "\\" in source
 
 
+# Keys renamed in the recipes' yamls: an override with the old name is refused with the new one
+RENAMED_KEYS = {
+    "save_folder": "manifest_folder",  # a study's manifests and audio (WebQuestions)
+    "layerwise_lambda": "layerwise_lr",  # the rule's lambda: --layerwise_lr="{lam: 0.2}"
+}
+
+
 def plain_settings(hparams_file, overrides):
     """The yaml's top-level settings with references and overrides resolved, nothing built.
 
@@ -81,14 +88,21 @@ def plain_settings(hparams_file, overrides):
         except KeyError as error:
             if "Override" not in str(error):
                 raise
-            raise KeyError(unknown_override_message(hparams_file, error)) from None
+            handle.seek(0)
+            keys = set(ruamel.yaml.YAML().load(handle) or {})
+            raise KeyError(unknown_override_message(hparams_file, error, keys)) from None
     return dict(ruamel.yaml.YAML().load(io.StringIO(resolved.getvalue())))
 
 
-def unknown_override_message(hparams_file, error):
-    """Names the override that matches no key and how nested settings are overridden."""
+def unknown_override_message(hparams_file, error, keys=()):
+    """Names the override that matches no key: its new name, or how nested settings are set."""
     text = str(error.args[0]) if error.args else str(error)
     name = text.split("'")[1] if "'" in text else text
+    if RENAMED_KEYS.get(name) in keys:
+        return (
+            f"{hparams_file}: `{name}` is now `{RENAMED_KEYS[name]}` (one name per concept); "
+            f"use --{RENAMED_KEYS[name]}=..."
+        )
     prefix = name.split("_")[0]
     hint = (
         f' Nested settings take a mapping: --{prefix}="{{{name[len(prefix) + 1 :]}: ...}}".'

@@ -149,3 +149,8 @@ def share_debug_checkpoint_folder(checkpointer):
         return
     shared = ddp_broadcast(str(checkpointer.checkpoints_dir))
     checkpointer.checkpoints_dir = pathlib.Path(shared)
+
+
+def unwrap(module):
+    """The module inside a DDP / DataParallel wrapper, else ``module``."""
+    return getattr(module, "module", module)

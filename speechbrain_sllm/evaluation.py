@@ -23,12 +23,12 @@ from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.dataio.dataloader import make_dataloader
 from tqdm import tqdm
 
-from speechbrain_sllm.data.dataio import unpad
 from speechbrain_sllm.distributed import all_reduce_max, all_reduce_sum, gather_in_order, rank_shard
 from speechbrain_sllm.fsdp import is_sharded, root_gathered
 from speechbrain_sllm.inference import generated_texts, speech_inputs
 from speechbrain_sllm.metrics import QAAccuracyStats, wer_stats
 from speechbrain_sllm.model.encoders import AudioTooLongError
+from speechbrain_sllm.model.padding import unpad
 from speechbrain_sllm.model.speech_llm import ContextLengthError, shifted_lm_loss
 
 INPUT_MODES = ("speech", "text")
@@ -301,7 +301,7 @@ class QAEvaluator:
         -------
         float
         """
-        stats = QAAccuracyStats(mode=self.answer_match)
+        stats = QAAccuracyStats(answer_match=self.answer_match)
         stats.append(*self.decode(dataset, mode=mode, **kwargs))
         write_stats(stats, output_file)
         return stats.summarize("accuracy")
@@ -406,8 +406,8 @@ class StageMetrics:
         self.text_set = text_set
         trackers = {
             "WER": wer_stats,
-            "S2T": lambda: QAAccuracyStats(mode=answer_match),
-            "T2T": lambda: QAAccuracyStats(mode=answer_match),
+            "S2T": lambda: QAAccuracyStats(answer_match=answer_match),
+            "T2T": lambda: QAAccuracyStats(answer_match=answer_match),
             "text_ppl": lambda: [0.0, 0],  # summed answer loss, answer tokens
         }
         self.stats = {name: trackers[name]() for name in names}

@@ -17,7 +17,7 @@ import torch
 from speechbrain.utils.checkpoints import mark_as_loader, register_checkpoint_hooks
 
 LAYER_MODULE = re.compile(r"(^|\.)layers\.\d+$")
-DISTRIBUTED_MODES = ("ddp", "fsdp")
+PARALLELISMS = ("ddp", "fsdp")
 
 
 class FSDPSettings:

@@ -11,7 +11,7 @@ import string
 from speechbrain.utils.metric_stats import ErrorRateStats, MetricStats
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
-MATCH_MODES = ("contains", "exact")
+ANSWER_MATCHES = ("contains", "exact")
 SMALL_NUMBERS = {
     word: value
     for value, word in enumerate(
@@ -162,7 +162,13 @@ def normalize_answer(text):
     return " ".join(text.split())
 
 
-def answer_matches(prediction, references, mode="contains"):
+def check_answer_match(answer_match):
+    """Raises a clear error for an unknown ``answer_match`` (``contains`` or ``exact``)."""
+    if answer_match not in ANSWER_MATCHES:
+        raise ValueError(f"answer_match {answer_match!r} unknown; use one of {ANSWER_MATCHES}.")
+
+
+def answer_matches(prediction, references, answer_match="contains"):
     """Whether a prediction matches any reference after normalisation.
 
     ``contains`` (the Llama Questions / Web Questions convention) accepts a
@@ -175,7 +181,7 @@ def answer_matches(prediction, references, mode="contains"):
         Model output.
     references : str or list of str
         Accepted answers (``|``-separated in a string).
-    mode : str
+    answer_match : str
         ``contains`` or ``exact``.
 
     Returns
@@ -188,11 +194,10 @@ def answer_matches(prediction, references, mode="contains"):
     True
     >>> answer_matches("Parisian", "paris")
     False
-    >>> answer_matches("paris", "Lyon|Paris", mode="exact")
+    >>> answer_matches("paris", "Lyon|Paris", answer_match="exact")
     True
     """
-    if mode not in MATCH_MODES:
-        raise ValueError(f"answer match mode {mode!r} unknown; use one of {MATCH_MODES}.")
+    check_answer_match(answer_match)
     if isinstance(references, str):
         references = references.split("|")
     pred = normalize_answer(prediction)
@@ -200,9 +205,9 @@ def answer_matches(prediction, references, mode="contains"):
         ref = normalize_answer(reference)
         if not ref:
             continue
-        if mode == "exact" and pred == ref:
+        if answer_match == "exact" and pred == ref:
             return True
-        if mode == "contains" and f" {ref} " in f" {pred} ":
+        if answer_match == "contains" and f" {ref} " in f" {pred} ":
             return True
     return False
 
@@ -212,7 +217,7 @@ class QAAccuracyStats(MetricStats):
 
     Arguments
     ---------
-    mode : str
+    answer_match : str
         ``contains`` or ``exact``.
 
     Example
@@ -223,10 +228,9 @@ class QAAccuracyStats(MetricStats):
     50.0
     """
 
-    def __init__(self, mode="contains"):
-        if mode not in MATCH_MODES:
-            raise ValueError(f"answer match mode {mode!r} unknown; use one of {MATCH_MODES}.")
-        self.mode = mode
+    def __init__(self, answer_match="contains"):
+        check_answer_match(answer_match)
+        self.answer_match = answer_match
         self.clear()
 
     def clear(self):
@@ -247,7 +251,7 @@ class QAAccuracyStats(MetricStats):
             Reference answers.
         """
         for pred, ref in zip(predictions, references):
-            self.scores.append(float(answer_matches(pred, ref, self.mode)))
+            self.scores.append(float(answer_matches(pred, ref, self.answer_match)))
         self.ids.extend(ids)
         self.predictions.extend(predictions)
         self.references.extend(references)

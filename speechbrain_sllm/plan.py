@@ -6,7 +6,7 @@ accumulators and an activation estimate, for a strategy, a world size and
 DDP (everything replicated) or FSDP (weights, gradients and optimizer state
 sharded over the ranks).
 
-> python -m speechbrain_sllm.plan --llm llama-3.1-8b --strategy full_ft --world-size 8 --distributed fsdp
+> python -m speechbrain_sllm.plan --llm llama-3.1-8b --strategy full_ft --world-size 8 --parallelism fsdp
 > python -m speechbrain_sllm.plan --llm /models/my-llm --strategy lora --lora-rank 16
 
 What it assumes, as the package trains: parameters and gradients in the LLM's
@@ -22,6 +22,8 @@ import argparse
 import dataclasses
 
 import torch
+
+from speechbrain_sllm.fsdp import PARALLELISMS
 
 BUILTIN_SHAPES = {
     "llama-3.2-1b": dict(
@@ -53,7 +55,6 @@ BUILTIN_SHAPES = {
     ),
 }
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DISTRIBUTED = ("ddp", "fsdp")
 
 
 @dataclasses.dataclass
@@ -201,7 +202,7 @@ def plan_memory(
     llm,
     strategy="full_ft",
     world_size=1,
-    distributed="ddp",
+    parallelism="ddp",
     dtype="bfloat16",
     batch_size=1,
     seq_len=1024,
@@ -220,7 +221,7 @@ def plan_memory(
         (``full_ft+anchor``; see ``MITIGATION_COSTS``).
     world_size : int
         Number of ranks.
-    distributed : str
+    parallelism : str
         ``ddp`` (replicated) or ``fsdp`` (weights, gradients and optimizer state sharded).
     dtype : str
         Parameter dtype (``bfloat16``, ``float32``, ...).
@@ -245,8 +246,8 @@ def plan_memory(
     >>> round(plan.weights / 2**30, 2)
     2.31
     """
-    if distributed not in DISTRIBUTED:
-        raise ValueError(f"distributed {distributed!r} unknown; use one of {DISTRIBUTED}.")
+    if parallelism not in PARALLELISMS:
+        raise ValueError(f"parallelism {parallelism!r} unknown; use one of {PARALLELISMS}.")
     strategy, *mitigations = strategy.split("+")
     unknown = [name for name in mitigations if name not in MITIGATION_COSTS]
     if unknown:
@@ -254,7 +255,7 @@ def plan_memory(
     config = llm_config(llm)
     dtype_bytes = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
     total, trainable, lora = count_parameters(config, strategy, lora_rank)
-    shard = world_size if distributed == "fsdp" else 1
+    shard = world_size if parallelism == "fsdp" else 1
     activations = activation_bytes(config, batch_size, seq_len, dtype_bytes, checkpointing)
     sizes = {"llm": (total - lora) * dtype_bytes, "trainable": trainable * dtype_bytes}
     sizes["activations"] = activations
@@ -288,7 +289,7 @@ def main(argv=None):
     parser.add_argument("--llm", required=True, help="shape name, local folder or hub id")
     parser.add_argument("--strategy", default="full_ft")
     parser.add_argument("--world-size", type=int, default=1)
-    parser.add_argument("--distributed", default="ddp", choices=DISTRIBUTED)
+    parser.add_argument("--parallelism", default="ddp", choices=PARALLELISMS)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=1024)
@@ -299,7 +300,7 @@ def main(argv=None):
         args.llm,
         args.strategy,
         args.world_size,
-        args.distributed,
+        args.parallelism,
         args.dtype,
         args.batch_size,
         args.seq_len,

@@ -22,12 +22,12 @@ from speechbrain_sllm.checkpointing import (  # noqa: E402
     AtomicCheckpointer,
     RNGState,
     TrainableState,
-    WarmupDecaySchedule,
 )
 from speechbrain_sllm.data.dataio import make_qa_dataset  # noqa: E402
 from speechbrain_sllm.data.prompts import ChatPrompt  # noqa: E402
 from speechbrain_sllm.data.tokenizers import SentencePieceTokenizer  # noqa: E402
 from speechbrain_sllm.fsdp import full_tensor  # noqa: E402
+from speechbrain_sllm.schedules import WarmupDecaySchedule  # noqa: E402
 from speechbrain_sllm.strategies import apply_strategy  # noqa: E402
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from helpers import fixed_batch, make_brain
 
-from speechbrain_sllm.checkpointing import WarmupDecaySchedule
+from speechbrain_sllm.schedules import WarmupDecaySchedule
 
 
 def train_and_save(name, tokenizer, prompt, manifests, folder, steps=3):

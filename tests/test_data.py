@@ -95,8 +95,8 @@ def test_answer_normalisation_and_matching():
     assert normalize_answer("  The Zorba-Land! ") == "zorbaland"
     assert answer_matches("The answer is Taimou.", "taimou")
     assert not answer_matches("Taimoun", "taimou")
-    assert answer_matches("Taimou", "Taimou", mode="exact")
-    assert not answer_matches("It is Taimou", "Taimou", mode="exact")
+    assert answer_matches("Taimou", "Taimou", answer_match="exact")
+    assert not answer_matches("It is Taimou", "Taimou", answer_match="exact")
     stats = QAAccuracyStats()
     stats.append(
         ["a", "b", "c", "d"], ["x", "taimou", "no", "Vouzan"], ["y", "Taimou", "yes", "vouzan"]

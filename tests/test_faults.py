@@ -494,3 +494,14 @@ def test_a_librispeech_split_left_empty_is_named_with_its_csv(recipe_fixtures, t
     message = f"LibriSpeech train ({train_csv}): no usable item left"
     output = result.stdout + result.stderr  # SpeechBrain logs the traceback to stdout
     assert message in output and "raise max_duration" in output, output[-2000:]
+
+
+def test_an_override_with_a_renamed_key_names_the_new_key(tmp_path):
+    from speechbrain_sllm.config import plain_settings
+
+    hparams_file = tmp_path / "study.yaml"
+    hparams_file.write_text("seed: 1\nmanifest_folder: data\n")
+    with pytest.raises(KeyError, match="`save_folder` is now `manifest_folder`"):
+        plain_settings(str(hparams_file), "save_folder: other")
+    hparams_file.write_text("seed: 1\nsave_folder: data\n")  # a yaml that keeps the key
+    assert plain_settings(str(hparams_file), "save_folder: other")["save_folder"] == "other"

@@ -56,8 +56,8 @@ def test_planned_bytes_match_the_measured_peak_of_a_cpu_training_step():
 
 
 def test_sharding_divides_weights_gradients_and_optimizer_but_not_activations():
-    ddp = plan_memory("llama-3.1-8b", "full_ft", world_size=8, distributed="ddp")
-    fsdp = plan_memory("llama-3.1-8b", "full_ft", world_size=8, distributed="fsdp")
+    ddp = plan_memory("llama-3.1-8b", "full_ft", world_size=8, parallelism="ddp")
+    fsdp = plan_memory("llama-3.1-8b", "full_ft", world_size=8, parallelism="fsdp")
     for part in ("weights", "gradients", "optimizer"):
         assert getattr(fsdp, part) == getattr(ddp, part) // 8
     assert fsdp.activations == ddp.activations

@@ -7,8 +7,8 @@ import pytest
 from helpers import make_brain
 
 from speechbrain_sllm.brains import SpeechLLMBrain
-from speechbrain_sllm.checkpointing import WarmupDecaySchedule
 from speechbrain_sllm.data.dataio import make_qa_dataset
+from speechbrain_sllm.schedules import WarmupDecaySchedule
 
 
 def expected_lr(step, base, warmup, total):

@@ -5,7 +5,6 @@ Authors
 """
 
 import csv
-import json
 import os
 
 import matplotlib
@@ -13,14 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-def write_json(data, path):
-    """Writes ``data`` as indented JSON atomically (temp file + rename)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=False)
-    os.replace(tmp, path)
+from speechbrain_sllm.outputs import write_json
 
 
 def write_csv(rows, path):

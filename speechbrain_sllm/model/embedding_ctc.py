@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speechbrain_sllm.data.dataio import absolute_lengths
+from speechbrain_sllm.model.padding import absolute_lengths
 
 BLANK = 0
 

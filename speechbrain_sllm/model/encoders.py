@@ -17,7 +17,7 @@ import torch
 from speechbrain.lobes.features import Fbank
 from torch import nn
 
-from speechbrain_sllm.data.dataio import absolute_lengths
+from speechbrain_sllm.model.padding import absolute_lengths
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ Authors
 import torch
 from torch import nn
 
-from speechbrain_sllm.data.dataio import absolute_lengths
 from speechbrain_sllm.fsdp import is_sharded
+from speechbrain_sllm.model.padding import absolute_lengths
 
 IGNORE_INDEX = -100
 

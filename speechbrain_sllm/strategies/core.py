@@ -35,7 +35,7 @@ class Strategy:
         One of ``STRATEGIES``.
     train_llm : str
         ``none``, ``full`` or ``lora``.
-    layerwise : LayerwiseLR or None
+    layerwise_lr : LayerwiseLR or None
         Layer-wise LR rule (None: one rate for the LLM).
     lora : LoRASettings or None
         LoRA settings when ``train_llm == "lora"``.
@@ -47,7 +47,7 @@ class Strategy:
 
     name: str
     train_llm: str
-    layerwise: LayerwiseLR = None
+    layerwise_lr: LayerwiseLR = None
     lora: LoRASettings = None
     train_encoder: bool = False
     adaptor_lr_scale: float = 1.0
@@ -94,7 +94,7 @@ def build_strategy(name, lora=None, layerwise_lr=None, train_encoder=False, adap
     return Strategy(
         name=name,
         train_llm=train_llm,
-        layerwise=layerwise_lr if uses_layerwise else None,
+        layerwise_lr=layerwise_lr if uses_layerwise else None,
         lora=lora if uses_lora else None,
         train_encoder=train_encoder,
         adaptor_lr_scale=adaptor_lr_scale,
@@ -187,18 +187,18 @@ def param_groups(model, strategy, base_lr):
                 if param.requires_grad:
                     add(part, strategy.adaptor_lr_scale, param)
     llm_named = [(n, p) for n, p in model.llm.named_parameters() if p.requires_grad]
-    if strategy.layerwise is None:
+    if strategy.layerwise_lr is None:
         for _, param in llm_named:
             add("llm", 1.0, param)
     else:
         num_layers = num_llm_layers(model.llm)
-        scales = strategy.layerwise.scales(num_layers)
-        per_module = strategy.layerwise.module_scales(num_layers)
+        scales = strategy.layerwise_lr.scales(num_layers)
+        per_module = strategy.layerwise_lr.module_scales(num_layers)
         for name, param in llm_named:
             index = decoder_layer_index(name)
             module = module_type(name)
             if index is None:
-                add("llm.other", strategy.layerwise.non_layer(num_layers), param)
+                add("llm.other", strategy.layerwise_lr.non_layer(num_layers), param)
             elif module in per_module:
                 add(f"llm.layer.{index:03d}.{module}", per_module[module][index], param)
             else:

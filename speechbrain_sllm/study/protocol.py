@@ -26,10 +26,10 @@ import speechbrain as sb
 
 from speechbrain_sllm.brains import SpeechLLMBrain
 from speechbrain_sllm.cascade import cascade_reference, transcribe_test_sets
-from speechbrain_sllm.checkpointing import AtomicCheckpointer, RNGState, WarmupDecaySchedule
+from speechbrain_sllm.checkpointing import AtomicCheckpointer, RNGState
 from speechbrain_sllm.data.dataio import make_qa_dataset
 from speechbrain_sllm.importance.aggregate import ScoreSet
-from speechbrain_sllm.importance.report import summarize_shift, write_json
+from speechbrain_sllm.importance.report import summarize_shift
 from speechbrain_sllm.importance.shift import spearman, topk_overlap
 from speechbrain_sllm.importance.stage import run_importance, zeroing_check
 from speechbrain_sllm.importance.structure import write_structure
@@ -38,6 +38,8 @@ from speechbrain_sllm.inference import (
     inference_settings,
     whole_trainable_state,
 )
+from speechbrain_sllm.outputs import write_json
+from speechbrain_sllm.schedules import WarmupDecaySchedule
 from speechbrain_sllm.strategies import apply_strategy, build_strategy
 from speechbrain_sllm.strategies.interpolation import interpolated, llm_weights
 from speechbrain_sllm.strategies.lora import merge_lora

@@ -19,10 +19,10 @@ from speechbrain_sllm.importance.report import (
     plot_layer_distributions,
     plot_module_heatmap,
     summarize_shift,
-    write_json,
 )
 from speechbrain_sllm.importance.shift import layer_shift, topk_overlap
 from speechbrain_sllm.metrics import paired_test, read_item_scores
+from speechbrain_sllm.outputs import write_json
 
 
 def layer_sums(profile):
@@ -282,7 +282,7 @@ def print_summary(markdown, zeroing, zeroing_label, results, timings):
     zeroing : dict
         The base model's zeroing check.
     zeroing_label : str
-        What was zeroed (e.g. "3% of the base LM's parameters").
+        What was zeroed (e.g. "3% of the base LLM's parameters").
     results : dict
         ``strategies`` (each with ``shift``), optional ``paired_t2t_vs_base``.
     timings : dict

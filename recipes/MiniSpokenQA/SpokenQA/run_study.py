@@ -3,7 +3,7 @@
 
 Pretrains a small LM on a synthetic knowledge base and a speech encoder on its
 spoken questions, then runs the package's study protocol (``StudyRunner``):
-base LM scores and importance, speech fine-tuning with each strategy, T2T / S2T
+base LLM scores and importance, speech fine-tuning with each strategy, T2T / S2T
 accuracy, importance shift, plots.
 
 To run it:
@@ -116,13 +116,13 @@ def main(argv):
         encoder_path = pretrain_encoder(
             hparams, run_opts, data, epochs=hparams["encoder_epochs"], lr=hparams["encoder_lr"]
         )
-    with clock.stage("base_lm_evaluation_and_importance"):
+    with clock.stage("base_llm_evaluation_and_importance"):
         base_model = SpeechLLM(load_causal_lm(source=lm_dir))
-        folder = os.path.join(hparams["output_folder"], "base_lm")
+        folder = os.path.join(hparams["output_folder"], "base_llm")
         base, base_profile, base_scores = runner.base_stage(base_model, folder)
 
     def build_model(strategy):
-        """The base LM with the pretrained (frozen) encoder and a fresh adaptor."""
+        """The base LLM with the pretrained (frozen) encoder and a fresh adaptor."""
         encoder, adaptor = hparams["encoder"](), hparams["adaptor"]()
         encoder.load_state_dict(torch.load(encoder_path, map_location="cpu", weights_only=True))
         return SpeechLLM(load_causal_lm(source=lm_dir), encoder, adaptor)
@@ -130,7 +130,7 @@ def main(argv):
     runs, profiles = runner.run_strategies(
         build_model, data["speech_train"], data["speech_valid"], base_profile, base_scores
     )
-    return report(hparams, base, runs, {"base LM": base_profile, **profiles}, clock)
+    return report(hparams, base, runs, {"base LLM": base_profile, **profiles}, clock)
 
 
 def report(hparams, base, runs, profiles, clock):
@@ -141,7 +141,7 @@ def report(hparams, base, runs, profiles, clock):
     timings = {"total": clock.total(), "stages": clock.seconds, "torch_threads": threads}
     timings["openmp_waiting"] = speechbrain_sllm.OPENMP_WAITING
     write_study_outputs(folder, results, timings, profiles, table)
-    print_summary(table, base["zeroing"], "3% of the base LM's parameters", results, timings)
+    print_summary(table, base["zeroing"], "3% of the base LLM's parameters", results, timings)
     print(
         f"Results: {folder}/results.json, "
         f"{folder}/results.md; plots: {folder}/plots/; importance profiles: "

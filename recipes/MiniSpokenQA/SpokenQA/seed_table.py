@@ -47,7 +47,7 @@ def seed_table(paths):
         f"| Method ({len(runs)} seeds: mean (min-max)) | T2T acc % | S2T acc % | text PPL "
         "| importance JS vs base (bits) | top-3% IoU vs base |",
         "|---|---|---|---|---|---|",
-        f"| no fine-tuning (base LM) | {cell([r['base']['t2t'] for r in runs], 1)} | - "
+        f"| no fine-tuning (base LLM) | {cell([r['base']['t2t'] for r in runs], 1)} | - "
         f"| {cell([r['base']['text_ppl'] for r in runs], 3)} | 0 | 1 |",
     ]
     for key, label in METHODS.items():

@@ -31,9 +31,9 @@ from speechbrain.utils.distributed import if_main_process, run_on_main
 from speechbrain_sllm.brains import SpeechLLMBrain
 from speechbrain_sllm.config import load_recipe_hparams
 from speechbrain_sllm.data.dataio import load_manifest, make_qa_dataset
-from speechbrain_sllm.importance.report import write_json
 from speechbrain_sllm.importance.stage import run_importance
 from speechbrain_sllm.inference import export_recipe_run
+from speechbrain_sllm.outputs import write_json
 from speechbrain_sllm.strategies import apply_strategy
 
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))
@@ -107,14 +107,14 @@ def base_importance(brain, hparams, text_set):
     exact no-op), sharded under ``parallelism: fsdp``.
     """
     strategy = hparams["training_strategy"]
-    if strategy.layerwise is None or strategy.layerwise.rule != "importance":
+    if strategy.layerwise_lr is None or strategy.layerwise_lr.rule != "importance":
         return
-    if os.path.isfile(strategy.layerwise.profile):
+    if os.path.isfile(strategy.layerwise_lr.profile):
         return
     run_importance(
         brain.evaluator(for_gradients=True),
         text_set,
-        os.path.dirname(strategy.layerwise.profile),
+        os.path.dirname(strategy.layerwise_lr.profile),
         mode="text",
         fraction=hparams["importance_fraction"],
         batch_size=hparams["batch_size"],

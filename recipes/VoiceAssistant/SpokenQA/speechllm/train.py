@@ -30,9 +30,10 @@ from speechbrain.utils.distributed import if_main_process, run_on_main
 from speechbrain_sllm.brains import MAX_METRICS, SpeechLLMBrain
 from speechbrain_sllm.config import load_recipe_hparams
 from speechbrain_sllm.data.dataio import make_qa_dataset
-from speechbrain_sllm.importance.report import compare_profiles, summarize_shift, write_json
+from speechbrain_sllm.importance.report import compare_profiles, summarize_shift
 from speechbrain_sllm.importance.stage import run_importance
 from speechbrain_sllm.inference import export_recipe_run
+from speechbrain_sllm.outputs import write_json
 from speechbrain_sllm.strategies import apply_strategy, merge_lora
 
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))

@@ -73,7 +73,7 @@ def main(argv):
     with clock.stage("data"):
         paths = prepare_study_manifests(
             hparams["data_folder"],
-            hparams["save_folder"],
+            hparams["manifest_folder"],
             hparams["llama_questions_folder"],
             hparams["num_finetune"],
             num_train=hparams["num_train"],
@@ -147,7 +147,7 @@ def report(hparams, run_opts, base, stage1, runs, profiles, clock):
         "llm": hparams["llm_source"],
         "encoder": hparams["encoder_source"],
         "targets": hparams["targets"],
-        "num_train": len(read_rows(os.path.join(hparams["save_folder"], "train.csv"))),
+        "num_train": len(read_rows(os.path.join(hparams["manifest_folder"], "train.csv"))),
         "num_finetune": min(hparams["num_finetune"], hparams["num_train"]),
         "seed": hparams["seed"],
         "torch_threads": torch.get_num_threads(),
