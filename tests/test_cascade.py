@@ -125,3 +125,18 @@ def test_an_empty_transcript_counts_as_a_wrong_answer(tmp_path):
     assert evaluator.scored == [(["q1", "q2", "q3"], "text")]
     assert results["set_s2t"] == pytest.approx(50.0 * 3 / 4) and results["set_unheard"] == 1
     assert results["set_wer"] == pytest.approx(100 * 2 / 8)  # q4's two words deleted
+
+
+def test_whisper_base_from_its_two_pypi_parts_transcribes_and_encodes(whisper_base, tmp_path):
+    """The stronger encoder option: Whisper base (6 layers, 512 dims) converted like tiny.en."""
+    from speechbrain_sllm.model.encoders import HFWhisperEncoder
+
+    wav_files, questions = spoken_questions(tmp_path)
+    transcriber = WhisperTranscriber(whisper_base)
+    texts = transcriber.transcribe(*padded(wav_files))
+    ids = [str(i) for i in range(len(texts))]
+    wer = transcript_wer(dict(zip(ids, texts)), dict(zip(ids, questions)))
+    assert wer < 15.0, list(zip(texts, questions))
+    encoder = HFWhisperEncoder(source=whisper_base, window="batch")
+    features, _ = encoder(*padded(wav_files[:1]))
+    assert features.shape[-1] == encoder.output_size == 512

@@ -183,3 +183,18 @@ def test_paired_test_counts_changed_items_and_gives_the_exact_binomial_p_value()
         result = paired_test(before, after)
         assert (result["lost"], result["gained"]) == (lost, gained)
         assert result["p"] == pytest.approx(exact_mcnemar_p(lost, gained), rel=1e-9)
+
+
+def test_rewriting_a_manifest_with_the_same_rows_keeps_the_file(tmp_path):
+    """Later stages record a manifest's size and mtime: an identical rewrite must not
+    make them redo their work (e.g. the study's self-distilled targets)."""
+    from speechbrain_sllm.data.dataio import write_csv_manifest
+
+    path = str(tmp_path / "train.csv")
+    rows = [{"ID": "a", "question": "q", "answer": "x"}]
+    write_csv_manifest(rows, ["ID", "question", "answer"], path)
+    os.utime(path, ns=(1, 1))
+    write_csv_manifest(rows, ["ID", "question", "answer"], path)
+    assert os.stat(path).st_mtime_ns == 1
+    write_csv_manifest(rows + rows, ["ID", "question", "answer"], path)
+    assert os.stat(path).st_mtime_ns != 1 and open(path).read().count("a,q,x") == 2

@@ -16,6 +16,7 @@ Authors
 """
 
 import csv
+import filecmp
 import logging
 import os
 from collections import Counter
@@ -149,7 +150,9 @@ def write_csv_manifest(rows, fields, path):
     fields : list of str
         Column names, ``ID`` first by SpeechBrain convention.
     path : str
-        Output CSV path; a reader never sees a half-written file.
+        Output CSV path; a reader never sees a half-written file. A file that
+        already holds the same bytes is left as it is (its modification time
+        too, which later stages' completion records compare).
     """
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
@@ -157,6 +160,9 @@ def write_csv_manifest(rows, fields, path):
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+    if os.path.isfile(path) and filecmp.cmp(tmp, path, shallow=False):
+        os.remove(tmp)
+        return
     os.replace(tmp, path)
 
 
