@@ -9,7 +9,9 @@ loop and hooks:
   ``param_groups[0]`` only);
 * ``ShardedTraining``: the yaml's ``parallelism`` (SpeechBrain's DDP, or FSDP2
   under torchrun) and the optimizer over the strategy's parameter groups, whose
-  checkpoint holds the shards under FSDP.
+  checkpoint holds the shards under FSDP;
+* ``MitigationTerms``: the hparams' ``mitigations`` (``speechbrain_sllm.mitigations``)
+  and the sum of their loss terms at a training step.
 
 The Brain using them sets ``skipped_steps``, ``dropped_items`` and ``batch_ids``.
 
@@ -167,3 +169,21 @@ class ShardedTraining:
         if self._parallelism() == "ddp" or not self.distributed_launch:
             return super()._wrap_distributed()
         self.shard_model()
+
+
+class MitigationTerms:
+    """``sb.Brain`` mixin: the hparams' ``mitigations`` and their training-loss terms."""
+
+    def mitigation_loss(self):
+        """The sum of the yaml's ``mitigations`` terms at this step (0 without any)."""
+        return sum(mitigation.extra_loss(self) for mitigation in self.mitigations())
+
+    def mitigations(self):
+        """The hparams' ``mitigations`` list (see ``speechbrain_sllm.mitigations``)."""
+        chosen = getattr(self.hparams, "mitigations", None) or []
+        if not isinstance(chosen, (list, tuple)):
+            raise ValueError(
+                f"`mitigations` must be a list of mitigation objects, got {type(chosen).__name__};"
+                " a study's named choices belong in `mitigation_choices`."
+            )
+        return chosen

@@ -15,7 +15,7 @@ import math
 import speechbrain as sb
 import torch
 
-from speechbrain_sllm.brain_steps import NonFiniteGuard, ShardedTraining
+from speechbrain_sllm.brain_steps import MitigationTerms, NonFiniteGuard, ShardedTraining
 from speechbrain_sllm.checkpointing import TrainableState
 from speechbrain_sllm.distributed import share_debug_checkpoint_folder, unwrap
 from speechbrain_sllm.evaluation import MAX_METRICS, QAEvaluator, StageMetrics, qa_forward
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["MAX_METRICS", "SpeechLLMBrain"]
 
 
-class SpeechLLMBrain(NonFiniteGuard, ShardedTraining, sb.Brain):
+class SpeechLLMBrain(NonFiniteGuard, ShardedTraining, MitigationTerms, sb.Brain):
     """Trains a ``SpeechLLM`` (module key ``model``) with the strategy in ``hparams``.
 
     Expected hparams (a recipe passes its whole yaml): ``prompt`` (ChatPrompt),
@@ -103,14 +103,10 @@ class SpeechLLMBrain(NonFiniteGuard, ShardedTraining, sb.Brain):
             return shifted_lm_loss(logits, labels, "mean")
         return shifted_lm_loss(logits, labels, "mean") + self.mitigation_loss()
 
-    def mitigation_loss(self):
-        """The sum of the yaml's ``mitigations`` terms at this step (0 without any)."""
-        return sum(m.extra_loss(self) for m in getattr(self.hparams, "mitigations", None) or [])
-
     def on_fit_start(self):
         """Starts the mitigations and registers the compact model state and the schedule,
         all before recovery (a mitigation keeps the base model, also on a resumed run)."""
-        for mitigation in getattr(self.hparams, "mitigations", None) or []:
+        for mitigation in self.mitigations():
             mitigation.on_fit_start(self)
         if self.checkpointer is not None:
             recoverables = self.checkpointer.recoverables

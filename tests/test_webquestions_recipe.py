@@ -185,7 +185,8 @@ def test_debug_run_of_every_strategy_on_real_models(real_models, study_data, tmp
     assert strategies["frozen_llm"]["text_ppl"] == pytest.approx(results["base"]["text_ppl"])
     assert strategies["full_ft"]["text_ppl"] != pytest.approx(results["base"]["text_ppl"])
     # stage 1a (CTC onto the LLM's input embeddings) ran and logged its epochs
-    assert 0.0 <= results["stage1"]["ctc_valid_wer"] and results["stage1"]["ctc_valid_loss"] > 0
+    ctc_keys = {"ctc_valid_loss", "ctc_valid_wer", "ctc_llamaq_wer", "ctc_webq_wer"}
+    assert ctc_keys <= set(results["stage1"])  # best-path WER on each test set too
     assert "WER" in (output / "align" / "ctc" / "train_log.txt").read_text()
     # the LLM trains in every strategy but frozen_llm: its importance moves, or not at all
     for name in ("full_ft", "layerwise_lr", "lora"):

@@ -226,7 +226,8 @@ def ctc_alignment(runner, train, valid, encoder, adaptor, embeddings):
     Returns
     -------
     dict
-        ``ctc_valid_loss`` and ``ctc_valid_wer`` (best-path decoding, %) of the restored epoch.
+        ``ctc_valid_loss`` and ``ctc_valid_wer`` (best-path decoding, %) of the
+        restored epoch, and ``ctc_<prefix>_wer`` on each spoken test set of the runner.
     """
     hparams = runner.hparams
     folder = os.path.join(hparams["output_folder"], "align", "ctc")
@@ -259,7 +260,11 @@ def ctc_alignment(runner, train, valid, encoder, adaptor, embeddings):
         valid_loader_kwargs=dict(loader),
     )
     brain.evaluate(valid, min_key="loss", test_loader_kwargs=dict(loader), progressbar=False)
-    return {"ctc_valid_loss": brain.last_stats["loss"], "ctc_valid_wer": brain.last_stats["WER"]}
+    results = {"ctc_valid_loss": brain.last_stats["loss"], "ctc_valid_wer": brain.last_stats["WER"]}
+    for prefix, sets in runner.test_sets.items():  # e.g. real recordings: the speech shift
+        brain.evaluate(sets["speech"], test_loader_kwargs=dict(loader), progressbar=False)
+        results[f"ctc_{prefix}_wer" if prefix else "ctc_test_wer"] = brain.last_stats["WER"]
+    return results
 
 
 def align_stage(runner, paths, data, llm, encoder, adaptor):

@@ -172,8 +172,9 @@ class StudyRunner:
                 os.path.join(folder, "train_log.txt")
             ),
             output_folder=folder,
-            **overrides,
+            mitigations=[],
         )
+        stage_hparams.update(overrides)
         checkpointer = AtomicCheckpointer(
             os.path.join(folder, "save"), recoverables={"counter": counter, "rng": RNGState()}
         )
@@ -407,7 +408,7 @@ class StudyRunner:
     def mitigations_of(self, name):
         """The yaml's mitigations a strategy name asks for (``full_ft+replay+anchor``).
 
-        Each named entry of the yaml's ``mitigations`` gets what the study
+        Each named entry of the yaml's ``mitigation_choices`` gets what the study
         knows: the written training questions (``replay_set``) and the base
         LLM's textual importance as anchor scores.
 
@@ -420,12 +421,12 @@ class StudyRunner:
         -------
         list
         """
-        available = self.hparams.get("mitigations") or {}
+        available = self.hparams.get("mitigation_choices") or {}
         chosen = []
         for part in name.split("+")[1:]:
             if part not in available:
                 raise ValueError(
-                    f"strategy {name!r}: no mitigation {part!r} in the yaml's `mitigations` "
+                    f"strategy {name!r}: no mitigation {part!r} in the yaml's `mitigation_choices` "
                     f"(it has {sorted(available)})."
                 )
             mitigation = available[part]
@@ -557,7 +558,8 @@ class StudyRunner:
             ``{strategy: profile}``.
         """
         runs, profiles = {}, {}
-        self.base_scores = dict(base_scores.items()) if self.hparams.get("mitigations") else None
+        wanted = any("+" in name for name in self.hparams["strategies"])
+        self.base_scores = dict(base_scores.items()) if wanted else None
         for name in self.hparams["strategies"]:
             with self.clock.stage(f"finetune_{name}"):
                 sb.utils.seed_everything(self.hparams["seed"])
