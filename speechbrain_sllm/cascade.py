@@ -17,6 +17,7 @@ import os
 import torch
 from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.dataio.dataloader import make_dataloader
+from transformers.utils import logging as transformers_logging
 
 from speechbrain_sllm.data.preparation import completion_record, is_prepared, staged_preparation
 from speechbrain_sllm.evaluation import write_stats
@@ -83,12 +84,17 @@ class WhisperTranscriber:
         clips = [wav[:length].cpu().numpy() for wav, length in zip(wavs, lengths)]
         rate = self.feature_extractor.sampling_rate
         features = self.feature_extractor(clips, sampling_rate=rate, return_tensors="pt")
-        generated = self.model.generate(
-            features.input_features.to(self.device),
-            max_new_tokens=self.max_new_tokens,
-            num_beams=1,
-            do_sample=False,
-        )
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # Whisper's generate warns on every call
+        try:
+            generated = self.model.generate(
+                features.input_features.to(self.device),
+                max_new_tokens=self.max_new_tokens,
+                num_beams=1,
+                do_sample=False,
+            )
+        finally:
+            transformers_logging.set_verbosity(verbosity)
         texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
         return [self.clean(text) for text in texts]
 
