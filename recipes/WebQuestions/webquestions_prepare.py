@@ -476,11 +476,11 @@ def prepare_study_manifests(
     Arguments
     ---------
     data_folder : str
-        WebQuestions ``main/`` folder.
+        Passed to ``prepare_webquestions`` (so are the next two).
     save_folder : str
-        Output folder (manifests, ``wav/``).
+        Where the manifests and audio go (the study's ``manifest_folder``).
     llama_questions_folder : str
-        LLaMA Questions folder.
+        The TSV and recordings of LLaMA Questions.
     num_finetune : int
         Training questions kept in ``train``.
     **options : dict

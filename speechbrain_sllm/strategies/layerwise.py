@@ -140,7 +140,7 @@ class LayerwiseLR:
         Arguments
         ---------
         num_layers : int
-            Decoder layers of the LLM.
+            How many decoder layers the LLM has (checked against the profile).
 
         Returns
         -------
