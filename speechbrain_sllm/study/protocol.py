@@ -433,7 +433,7 @@ class StudyRunner:
             if hasattr(mitigation, "dataset") and mitigation.dataset is None:
                 mitigation.dataset = self.replay_set
             if hasattr(mitigation, "scores") and mitigation.scores is None:
-                mitigation.scores = self.base_scores
+                mitigation.scores = dict(self.base_scores.items())
             chosen.append(mitigation)
         return chosen
 
@@ -558,8 +558,7 @@ class StudyRunner:
             ``{strategy: profile}``.
         """
         runs, profiles = {}, {}
-        wanted = any("+" in name for name in self.hparams["strategies"])
-        self.base_scores = dict(base_scores.items()) if wanted else None
+        self.base_scores = base_scores  # copied out only for a mitigation that needs them
         for name in self.hparams["strategies"]:
             with self.clock.stage(f"finetune_{name}"):
                 sb.utils.seed_everything(self.hparams["seed"])
