@@ -24,7 +24,6 @@ import logging
 import torch
 
 from speechbrain_sllm.fsdp import (
-    PARALLELISMS,
     FSDPSettings,
     ShardedState,
     full_tensor,
@@ -123,7 +122,8 @@ class NonFiniteGuard:
 
 
 class ShardedTraining:
-    """``sb.Brain`` mixin: DDP or FSDP2 by the yaml's ``parallelism``; the strategy's optimizer."""
+    """``sb.Brain`` mixin: DDP or FSDP2 by the Brain's ``parallelism`` (options: ``fsdp``);
+    the strategy's optimizer."""
 
     def init_optimizers(self):
         """Builds one optimizer over the strategy's parameter groups."""
@@ -142,16 +142,6 @@ class ShardedTraining:
         else:
             self.checkpointer.add_recoverable("optimizer", self.optimizer)
 
-    def _parallelism(self):
-        """The yaml's ``parallelism`` (``ddp`` or ``fsdp``), checked."""
-        mode = getattr(self.hparams, "parallelism", "ddp")
-        if mode not in PARALLELISMS:
-            raise ValueError(
-                f"parallelism {mode!r} unknown; use one of {PARALLELISMS} "
-                "(yaml key or --parallelism=...)."
-            )
-        return mode
-
     def shard_model(self):
         """Shards the model now under ``parallelism: fsdp`` and torchrun; else does nothing.
 
@@ -160,13 +150,13 @@ class ShardedTraining:
         that does not fit one device). Call it after ``apply_strategy``:
         LoRA cannot be added to a sharded LLM.
         """
-        if self._parallelism() == "fsdp" and self.distributed_launch:
+        if self.parallelism == "fsdp" and self.distributed_launch:
             if not is_sharded(self.model):
-                shard_speech_llm(self.model, getattr(self.hparams, "fsdp", None) or FSDPSettings())
+                shard_speech_llm(self.model, self.fsdp or FSDPSettings())
 
     def _wrap_distributed(self):
         """SpeechBrain's DDP, or FSDP2 sharding with ``parallelism: fsdp`` under torchrun."""
-        if self._parallelism() == "ddp" or not self.distributed_launch:
+        if self.parallelism == "ddp" or not self.distributed_launch:
             return super()._wrap_distributed()
         self.shard_model()
 

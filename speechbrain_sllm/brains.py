@@ -18,7 +18,14 @@ import torch
 from speechbrain_sllm.brain_steps import MitigationTerms, NonFiniteGuard, ShardedTraining
 from speechbrain_sllm.checkpointing import TrainableState
 from speechbrain_sllm.distributed import share_debug_checkpoint_folder, unwrap
-from speechbrain_sllm.evaluation import MAX_METRICS, QAEvaluator, StageMetrics, qa_forward
+from speechbrain_sllm.evaluation import (
+    MAX_METRICS,
+    EvaluationSettings,
+    QAEvaluator,
+    StageMetrics,
+    qa_forward,
+)
+from speechbrain_sllm.fsdp import check_parallelism
 from speechbrain_sllm.model.speech_llm import shifted_lm_loss
 
 logger = logging.getLogger(__name__)
@@ -28,26 +35,55 @@ __all__ = ["MAX_METRICS", "SpeechLLMBrain"]
 class SpeechLLMBrain(NonFiniteGuard, ShardedTraining, MitigationTerms, sb.Brain):
     """Trains a ``SpeechLLM`` (module key ``model``) with the strategy in ``hparams``.
 
-    Expected hparams (a recipe passes its whole yaml): ``prompt`` (ChatPrompt),
-    ``tokenizer``; for training also ``training_strategy`` (from
+    The hparams (a recipe passes its whole yaml) give ``prompt`` (ChatPrompt)
+    and ``tokenizer``; for training also ``training_strategy`` (from
     ``build_strategy``, applied to the model before the Brain is built) and
-    ``lr``. Optional: ``lr_schedule`` (WarmupDecaySchedule, set before each
-    optimizer step), ``input_mode`` (``speech`` or ``text``), ``train_logger``,
-    ``valid_metrics`` / ``test_metrics`` (see ``METRICS``, computed batch by
-    batch), ``ckpt_key``, ``text_valid_set`` (written QA for ``text_ppl``),
-    ``answer_match``, ``max_new_tokens``, ``num_beams``, ``output_folder``
-    (per-item test reports). SpeechBrain run options in the yaml
-    (``precision``, ``max_grad_norm``, ...) are read by ``sb.Brain``.
+    ``lr``; optionally ``ckpt_key`` (default ``loss``), ``input_mode``
+    (``speech`` or ``text``), ``text_valid_set`` (written QA for ``text_ppl``)
+    and ``output_folder`` (per-item test reports). SpeechBrain run options in
+    the yaml (``precision``, ``max_grad_norm``, ...) are read by ``sb.Brain``.
 
     Checkpoints hold only trainable tensors and all ranks share one
     checkpoint folder (also in ``--debug``). From its mixins
     (``speechbrain_sllm.brain_steps``): gradients clipped over ALL parameter
     groups, non-finite audio items dropped and non-finite steps skipped (both
     counted in the train log), DDP or FSDP2 by ``parallelism``.
+
+    Arguments
+    ---------
+    modules, opt_class, hparams, run_opts, checkpointer
+        As ``sb.Brain``.
+    evaluation : EvaluationSettings or None
+        Validation and test metrics and decoding (None: loss only, defaults).
+    lr_schedule : WarmupDecaySchedule or None
+        Sets the learning rates before each optimizer step (None: constant ``lr``).
+    train_logger : speechbrain.utils.train_logger.TrainLogger or None
+        Where each epoch's and test set's stats are logged.
+    parallelism : str
+        ``ddp`` or ``fsdp`` (FSDP2 sharding under torchrun).
+    fsdp : FSDPSettings or None
+        The sharding options of ``parallelism: fsdp``.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        modules=None,
+        opt_class=None,
+        hparams=None,
+        run_opts=None,
+        checkpointer=None,
+        evaluation=None,
+        lr_schedule=None,
+        train_logger=None,
+        parallelism="ddp",
+        fsdp=None,
+    ):
+        super().__init__(modules, opt_class, hparams, run_opts, checkpointer)
+        self.evaluation = evaluation or EvaluationSettings()
+        self.lr_schedule = lr_schedule
+        self.train_logger = train_logger
+        self.parallelism = check_parallelism(parallelism)
+        self.fsdp = fsdp
         share_debug_checkpoint_folder(self.checkpointer)
         self.skipped_steps = 0  # non-finite loss or gradient norm, this process
         self.dropped_items = 0  # items with non-finite audio, this process
@@ -79,10 +115,10 @@ class SpeechLLMBrain(NonFiniteGuard, ShardedTraining, MitigationTerms, sb.Brain)
             getattr(self.hparams, "tokenizer", None),
             device=self.device,
             autocast=self.training_ctx if for_gradients else self.evaluation_ctx,
-            batch_size=getattr(self.hparams, "eval_batch_size", 8),
-            max_new_tokens=getattr(self.hparams, "max_new_tokens", 32),
-            num_beams=getattr(self.hparams, "num_beams", 1),
-            answer_match=getattr(self.hparams, "answer_match", "contains"),
+            batch_size=self.evaluation.batch_size,
+            max_new_tokens=self.evaluation.max_new_tokens,
+            num_beams=self.evaluation.num_beams,
+            answer_match=self.evaluation.answer_match,
         )
 
     def compute_forward(self, batch, stage):
@@ -112,9 +148,8 @@ class SpeechLLMBrain(NonFiniteGuard, ShardedTraining, MitigationTerms, sb.Brain)
             recoverables = self.checkpointer.recoverables
             if "model" not in recoverables:
                 self.checkpointer.add_recoverable("model", TrainableState(self.modules.model))
-            schedule = getattr(self.hparams, "lr_schedule", None)
-            if schedule is not None and "lr_schedule" not in recoverables:
-                self.checkpointer.add_recoverable("lr_schedule", schedule)
+            if self.lr_schedule is not None and "lr_schedule" not in recoverables:
+                self.checkpointer.add_recoverable("lr_schedule", self.lr_schedule)
         super().on_fit_start()
 
     def fit(
@@ -136,11 +171,10 @@ class SpeechLLMBrain(NonFiniteGuard, ShardedTraining, MitigationTerms, sb.Brain)
         train_loader_kwargs = dict(train_loader_kwargs or {})
         if not isinstance(train_set, torch.utils.data.DataLoader):
             train_set = self.make_dataloader(train_set, sb.Stage.TRAIN, **train_loader_kwargs)
-        schedule = getattr(self.hparams, "lr_schedule", None)
-        if schedule is not None:
+        if self.lr_schedule is not None:
             epochs = getattr(epoch_counter, "limit", None) or len(epoch_counter)
             steps = len(train_set) * epochs // self.grad_accumulation_factor
-            schedule.set_total_steps(max(steps, 1))
+            self.lr_schedule.set_total_steps(max(steps, 1))
         valid_loader_kwargs = dict(valid_loader_kwargs or {})
         super().fit(
             epoch_counter,
@@ -192,12 +226,11 @@ class SpeechLLMBrain(NonFiniteGuard, ShardedTraining, MitigationTerms, sb.Brain)
         folder = getattr(self.hparams, "output_folder", None)
         if folder is not None:
             self.stage_metrics.write(folder, name)
-        train_logger = getattr(self.hparams, "train_logger", None)
-        if train_logger is not None:
+        if self.train_logger is not None:
             meta = {"Epoch loaded": getattr(self.hparams, "epoch_counter", None), "set": name}
             if meta["Epoch loaded"] is not None:
                 meta["Epoch loaded"] = meta["Epoch loaded"].current
-            train_logger.log_stats(stats_meta=meta, test_stats=self.test_stats)
+            self.train_logger.log_stats(stats_meta=meta, test_stats=self.test_stats)
         return self.test_stats
 
     def on_fit_batch_start(self, batch, should_step):
@@ -210,17 +243,20 @@ class SpeechLLMBrain(NonFiniteGuard, ShardedTraining, MitigationTerms, sb.Brain)
         rng = self.checkpointer.recoverables.get("rng") if self.checkpointer else None
         if rng is not None:
             rng.apply_pending()
-        schedule = getattr(self.hparams, "lr_schedule", None)
-        if should_step and schedule is not None and self.opt_class is not None:
-            schedule(self.optimizer)
+        if should_step and self.lr_schedule is not None and self.opt_class is not None:
+            self.lr_schedule(self.optimizer)
 
     def on_stage_start(self, stage, epoch=None):
-        """Fresh trackers of the stage's ``valid_metrics`` / ``test_metrics``."""
+        """Fresh trackers of the stage's metrics (``evaluation``'s valid or test ones)."""
         if stage != sb.Stage.TRAIN:
-            key = "valid_metrics" if stage == sb.Stage.VALID else "test_metrics"
+            metrics = (
+                self.evaluation.valid_metrics
+                if stage == sb.Stage.VALID
+                else self.evaluation.test_metrics
+            )
             self.stage_metrics = StageMetrics(
-                getattr(self.hparams, key, []),
-                getattr(self.hparams, "answer_match", "contains"),
+                metrics,
+                self.evaluation.answer_match,
                 getattr(self.hparams, "text_valid_set", None),
             )
 
@@ -239,9 +275,8 @@ class SpeechLLMBrain(NonFiniteGuard, ShardedTraining, MitigationTerms, sb.Brain)
             self.test_stats = stats  # logged by ``evaluate`` with the set's name
             return
         lr = self.optimizer.param_groups[0]["lr"] if self.opt_class else 0.0
-        train_logger = getattr(self.hparams, "train_logger", None)
-        if train_logger is not None:
-            train_logger.log_stats(
+        if self.train_logger is not None:
+            self.train_logger.log_stats(
                 stats_meta={"epoch": epoch, "lr": lr},
                 train_stats=getattr(self, "train_stats", None),
                 valid_stats=stats,
@@ -255,10 +290,10 @@ class SpeechLLMBrain(NonFiniteGuard, ShardedTraining, MitigationTerms, sb.Brain)
     def ckpt_key(self):
         """The checkpoint meta key that selects the best checkpoint (``ckpt_key`` hparam)."""
         key = getattr(self.hparams, "ckpt_key", "loss")
-        allowed = ["loss", *getattr(self.hparams, "valid_metrics", [])]
+        allowed = ["loss", *self.evaluation.valid_metrics]
         if key not in allowed:
             raise ValueError(
                 f"ckpt_key {key!r} is not computed at validation; use one of {allowed} "
-                "(add it to valid_metrics)."
+                "(add it to the evaluation's valid_metrics)."
             )
         return key

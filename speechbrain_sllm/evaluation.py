@@ -16,6 +16,7 @@ Authors
 import contextlib
 import math
 import os
+from dataclasses import dataclass, field
 
 import speechbrain as sb
 import torch
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from speechbrain_sllm.distributed import all_reduce_max, all_reduce_sum, gather_in_order, rank_shard
 from speechbrain_sllm.fsdp import is_sharded, root_gathered
 from speechbrain_sllm.inference import generated_texts, speech_inputs
-from speechbrain_sllm.metrics import QAAccuracyStats, wer_stats
+from speechbrain_sllm.metrics import QAAccuracyStats, check_answer_match, wer_stats
 from speechbrain_sllm.model.encoders import AudioTooLongError
 from speechbrain_sllm.model.padding import unpad
 from speechbrain_sllm.model.speech_llm import ContextLengthError, shifted_lm_loss
@@ -34,6 +35,53 @@ from speechbrain_sllm.model.speech_llm import ContextLengthError, shifted_lm_los
 INPUT_MODES = ("speech", "text")
 METRICS = ("WER", "S2T", "T2T", "text_ppl")
 MAX_METRICS = ("S2T", "T2T")  # higher is better
+
+
+@dataclass
+class EvaluationSettings:
+    """How a Brain scores its validation and test sets (the yaml's ``evaluation``).
+
+    Arguments
+    ---------
+    valid_metrics : list of str
+        Metrics of each validation pass (``METRICS``), besides the loss.
+    test_metrics : list of str
+        Metrics of each test pass.
+    batch_size : int
+        Batch size of scoring and decoding.
+    max_new_tokens : int
+        Decoding budget.
+    num_beams : int
+        Beam size (1: greedy).
+    answer_match : str
+        ``contains`` or ``exact`` (see ``QAAccuracyStats``).
+
+    Example
+    -------
+    >>> EvaluationSettings(valid_metrics=["S2T"]).max_new_tokens
+    32
+    >>> EvaluationSettings(test_metrics=["BLEU"])
+    Traceback (most recent call last):
+    ...
+    ValueError: evaluation: test_metrics has unknown metrics ['BLEU']; use some of ('WER', 'S2T', 'T2T', 'text_ppl').
+    """
+
+    valid_metrics: list = field(default_factory=list)
+    test_metrics: list = field(default_factory=list)
+    batch_size: int = 8
+    max_new_tokens: int = 32
+    num_beams: int = 1
+    answer_match: str = "contains"
+
+    def __post_init__(self):
+        """Checks the metric names and the answer matching."""
+        for name in ("valid_metrics", "test_metrics"):
+            unknown = [m for m in getattr(self, name) if m not in METRICS]
+            if unknown:
+                raise ValueError(
+                    f"evaluation: {name} has unknown metrics {unknown}; use some of {METRICS}."
+                )
+        check_answer_match(self.answer_match)
 
 
 def context_error(error, item_id, mode):

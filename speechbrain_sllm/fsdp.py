@@ -133,6 +133,31 @@ def sharding_units(model):
     return [*layers, *speech, model]
 
 
+def check_parallelism(parallelism):
+    """``parallelism`` if it is one of ``PARALLELISMS``, else a ``ValueError`` naming the key.
+
+    Arguments
+    ---------
+    parallelism : str
+        ``ddp`` or ``fsdp``.
+
+    Returns
+    -------
+    str
+
+    Example
+    -------
+    >>> check_parallelism("fsdp")
+    'fsdp'
+    """
+    if parallelism not in PARALLELISMS:
+        raise ValueError(
+            f"parallelism {parallelism!r} unknown; use one of {PARALLELISMS} "
+            "(yaml key or --parallelism=...)."
+        )
+    return parallelism
+
+
 def check_unit_dtypes(units):
     """Refuses a unit whose floating-point parameters mix dtypes.
 

@@ -4,7 +4,7 @@
 
 * ``model.ckpt``: the trainable tensors (adaptor, LoRA or the fine-tuned LLM);
 * ``strategy.json``: how the LLM was trained (LoRA settings are needed to rebuild it);
-* ``hyperparams.yaml``: the recipe's ``inference.yaml`` with the run's settings filled in;
+* ``hyperparams.yaml``: ``INFERENCE_TEMPLATE`` with the run's settings filled in;
 * ``lora_adapter/`` (LoRA runs): a standard peft adapter folder that plain
   ``transformers`` + ``peft`` load onto the base LLM.
 
@@ -34,6 +34,8 @@ from speechbrain_sllm.strategies.core import Strategy
 
 CHECKPOINT_FILE = "model.ckpt"
 STRATEGY_FILE = "strategy.json"
+# the hyperparams.yaml of every exported Whisper / wav2vec2 + HF causal LM model
+INFERENCE_TEMPLATE = os.path.join(os.path.dirname(__file__), "inference_hyperparams.yaml")
 ADAPTER_FOLDER = "lora_adapter"
 
 
@@ -198,7 +200,7 @@ def export_trained_model(model, strategy, inference_yaml, folder, settings, trai
     strategy : Strategy
         The strategy it was trained with.
     inference_yaml : str
-        The recipe's ``inference.yaml`` template.
+        The template of ``hyperparams.yaml`` (``INFERENCE_TEMPLATE``).
     folder : str
         Output folder: written in a staging folder, then renamed into place
         (an earlier export is replaced whole; see ``replace_folder``).
@@ -320,7 +322,7 @@ def inference_settings(hparams, model):
     }
 
 
-def export_recipe_run(hparams, inference_yaml):
+def export_recipe_run(hparams, inference_yaml=INFERENCE_TEMPLATE):
     """Exports a recipe's trained model to ``<output_folder>/inference``.
 
     Every rank calls it (an FSDP model is gathered); the main process writes.
@@ -332,7 +334,7 @@ def export_recipe_run(hparams, inference_yaml):
         ``encoder_source``, ``encoder_dim``, ``llm_dim``, ``prompt``, ``sample_rate``,
         ``max_new_tokens``, ``num_beams``).
     inference_yaml : str
-        The recipe's ``hparams/inference.yaml``.
+        The template of ``hyperparams.yaml`` (default: the package's).
 
     Returns
     -------

@@ -24,14 +24,20 @@ Authors
 import torch
 from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.dataio.dataloader import make_dataloader
+from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
 
 from speechbrain_sllm.distillation import TeacherCache, answer_logits, distillation_loss
 from speechbrain_sllm.evaluation import qa_forward
 from speechbrain_sllm.model.speech_llm import shifted_lm_loss
 
 
+@register_checkpoint_hooks
 class TextReplay:
     """Written questions with the base LLM's answers trained beside the speech batches.
+
+    The replay order is a seeded permutation per pass; how many batches were
+    drawn is saved in the Brain's checkpoints, so a resumed run replays what the
+    uninterrupted run would have.
 
     Arguments
     ---------
@@ -56,33 +62,58 @@ class TextReplay:
         self.weight = weight
         self.seed = seed
         self.batches = None
+        self.drawn = 0  # batches taken so far (checkpointed)
+        self.device, self.rank = "cpu", 0
 
     def on_fit_start(self, brain):
-        """Starts the endless replay iterator (text only: no audio is loaded)."""
+        """Starts the endless replay iterator (text only: no audio is loaded) and
+        registers its position with the Brain's checkpointer (before recovery)."""
         if self.dataset is None:
             raise ValueError(
                 f"{type(self).__name__}: no replay set; give `dataset` in the yaml or let "
                 "the study set it (its written training questions)."
             )
-        self.batches = self.endless_batches(brain)
+        self.device, self.rank = brain.device, getattr(brain, "rank", 0) or 0
+        self.drawn = 0
+        self.batches = self.endless_batches()
+        chosen = brain.mitigations()
+        if brain.checkpointer is not None and self in chosen:
+            name = f"mitigation_{chosen.index(self)}_{type(self).__name__}"
+            if name not in brain.checkpointer.recoverables:
+                brain.checkpointer.add_recoverable(name, self)
 
-    def endless_batches(self, brain):
-        """Replay batches, reshuffled every pass, on the Brain's device."""
-        generator = torch.Generator().manual_seed(self.seed + getattr(brain, "rank", 0))
+    def endless_batches(self):
+        """Replay batches on the Brain's device, a new seeded permutation every pass,
+        starting after the first ``drawn`` batches (skipped without loading them)."""
+        generator = torch.Generator().manual_seed(self.seed + self.rank)
+        size = len(self.dataset)
+        skip = self.drawn
         with self.dataset.output_keys_as(["id", "prompt_ids", "answer_ids"]):
             while True:
-                loader = make_dataloader(
-                    self.dataset,
-                    batch_size=self.batch_size,
-                    shuffle=True,
-                    generator=generator,
-                    collate_fn=PaddedBatch,
-                )
-                for batch in loader:
-                    yield batch.to(brain.device)
+                order = torch.randperm(size, generator=generator).tolist()
+                for start in range(0, size, self.batch_size):
+                    if skip > 0:
+                        skip -= 1
+                        continue
+                    items = [self.dataset[i] for i in order[start : start + self.batch_size]]
+                    yield PaddedBatch(items).to(self.device)
+
+    @mark_as_saver
+    def _save(self, path):
+        """Writes how many replay batches were drawn."""
+        with open(path, "w") as handle:
+            handle.write(str(self.drawn))
+
+    @mark_as_loader
+    def _recover(self, path, end_of_epoch=True):
+        """Continues the replay after the checkpoint's drawn batches."""
+        with open(path) as handle:
+            self.drawn = int(handle.read())
+        self.batches = self.endless_batches()
 
     def next_batch(self):
         """The next written batch."""
+        self.drawn += 1
         return next(self.batches)
 
     def extra_loss(self, brain):

@@ -13,6 +13,7 @@ from speechbrain.dataio.dataloader import make_dataloader
 from speechbrain_sllm.brains import SpeechLLMBrain
 from speechbrain_sllm.checkpointing import AtomicCheckpointer
 from speechbrain_sllm.data.dataio import make_qa_dataset
+from speechbrain_sllm.evaluation import EvaluationSettings
 from speechbrain_sllm.strategies import (
     LayerwiseLR,
     LoRASettings,
@@ -86,10 +87,10 @@ def make_brain(
             "lr": lr,
             "input_mode": mode,
             "epoch_counter": counter,
-            "max_new_tokens": 4,
         },
         run_opts=opts,
         checkpointer=checkpointer,
+        evaluation=EvaluationSettings(max_new_tokens=4),
     )
 
 

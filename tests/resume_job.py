@@ -2,8 +2,10 @@
 
 Usage: python resume_job.py STRATEGY FOLDER SPM_MODEL MANIFEST [KILL_AT_STEP [DISTRIBUTED]]
 (or under ``torchrun``: then DISTRIBUTED is ``ddp`` or ``fsdp``, gloo backend, and only
-rank 0 kills itself, as when one machine dies). Writes FOLDER/final.pt (whole trainable
-tensors + optimizer state) when it completes.
+rank 0 kills itself, as when one machine dies). STRATEGY may add mitigations as a study
+names them (``full_ft+replay``, ``+text_kd``, ``+anchor``). Writes FOLDER/final.pt (whole
+trainable tensors + optimizer state, and whether every rank holds the same weights) when
+it completes.
 """
 
 import os
@@ -27,8 +29,39 @@ from speechbrain_sllm.data.dataio import make_qa_dataset  # noqa: E402
 from speechbrain_sllm.data.prompts import ChatPrompt  # noqa: E402
 from speechbrain_sllm.data.tokenizers import SentencePieceTokenizer  # noqa: E402
 from speechbrain_sllm.fsdp import full_tensor  # noqa: E402
+from speechbrain_sllm.mitigations import (  # noqa: E402
+    ImportanceAnchor,
+    TextDistillation,
+    TextReplay,
+)
 from speechbrain_sllm.schedules import WarmupDecaySchedule  # noqa: E402
 from speechbrain_sllm.strategies import apply_strategy  # noqa: E402
+
+
+def mitigations_named(parts, model, written):
+    """The mitigations a strategy name adds, on the written questions ``written``."""
+    generator = torch.Generator().manual_seed(1)
+    scores = {  # made-up base importance of every LLM weight matrix
+        name: torch.rand(param.shape, generator=generator)
+        for name, param in model.named_parameters()
+        if name.startswith("llm.") and param.dim() == 2
+    }
+    choices = {
+        "replay": lambda: TextReplay(dataset=written, batch_size=2, weight=1.0),
+        "text_kd": lambda: TextDistillation(dataset=written, batch_size=2, topk=8),
+        "anchor": lambda: ImportanceAnchor(strength=1.0, scores=scores),
+    }
+    return [choices[part]() for part in parts]
+
+
+def ranks_agree(model):
+    """Whether every rank holds the same trainable weights (True without torchrun)."""
+    if not torch.distributed.is_initialized():
+        return True
+    total = torch.stack([p.detach().double().sum() for p in model.parameters() if p.requires_grad])
+    gathered = [torch.zeros_like(total) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, total)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
 def main(strategy_name, folder, spm_model, manifest, kill_at=None, distributed="ddp"):
@@ -41,6 +74,7 @@ def main(strategy_name, folder, spm_model, manifest, kill_at=None, distributed="
     prompt = ChatPrompt(tokenizer)
     dataset = make_qa_dataset(manifest, prompt)
     model = tiny_speech_llm(llama_config(vocab_size=len(tokenizer)), seed=0)
+    strategy_name, *mitigation_names = strategy_name.split("+")
     strategy = strategy_for(strategy_name, folder)
     if strategy.lora is not None:
         strategy.lora.dropout = 0.1  # randomness that an exact resume must replay
@@ -55,17 +89,18 @@ def main(strategy_name, folder, spm_model, manifest, kill_at=None, distributed="
             "tokenizer": tokenizer,
             "training_strategy": strategy,
             "lr": 3e-3,
-            "lr_schedule": WarmupDecaySchedule(3e-3, warmup_fraction=0.1),
             "epoch_counter": counter,
-            "train_logger": sb.utils.train_logger.FileTrainLogger(
-                os.path.join(folder, "train_log.txt")
+            "mitigations": mitigations_named(
+                mitigation_names, model, make_qa_dataset(manifest, prompt, with_audio=False)
             ),
-            "parallelism": distributed,
         },
         run_opts=run_opts,
         checkpointer=AtomicCheckpointer(
             os.path.join(folder, "save"), recoverables={"counter": counter, "rng": RNGState()}
         ),
+        lr_schedule=WarmupDecaySchedule(3e-3, warmup_fraction=0.1),
+        train_logger=sb.utils.train_logger.FileTrainLogger(os.path.join(folder, "train_log.txt")),
+        parallelism=distributed,
     )
     original = brain.on_fit_batch_end
 
@@ -88,6 +123,7 @@ def main(strategy_name, folder, spm_model, manifest, kill_at=None, distributed="
         dataset,
         train_loader_kwargs={"batch_size": batch, "shuffle": True},
     )
+    agree = ranks_agree(model) if distributed == "ddp" else True  # FSDP: one sharded copy
     names = {param: name for name, param in model.named_parameters()}
     final = {
         "model": {k: full_tensor(v) for k, v in TrainableState(model).state_dict().items()},
@@ -95,6 +131,7 @@ def main(strategy_name, folder, spm_model, manifest, kill_at=None, distributed="
             names[param]: {field: full_tensor(value) for field, value in state.items()}
             for param, state in brain.optimizer.state.items()
         },
+        "ranks_agree": agree,
     }
     if sb.utils.distributed.if_main_process():
         torch.save(final, os.path.join(folder, "final.pt"))

@@ -232,7 +232,7 @@ def _fsdp_training_worker(rank, world, init_file, manifest, spm_path, out, name)
     brain = text_brain_for_training(
         name, tokenizer, prompt, folder, {"distributed_backend": "gloo", **CLIPPED}
     )
-    brain.hparams.parallelism = "fsdp"
+    brain.parallelism = "fsdp"
     dataset = make_qa_dataset(manifest, prompt, with_audio=False)
     brain.fit(brain.hparams.epoch_counter, dataset, train_loader_kwargs={"batch_size": 2})
     assert is_sharded(brain.modules.model)

@@ -439,7 +439,7 @@ def test_skipped_steps_reach_the_train_log_and_name_the_batchs_items(
             brain.fit_batch(batch)
     assert f"(items {list(batch.id)})" in caplog.text
     log = tmp_path / "train_log.txt"
-    brain.hparams.train_logger = sb.utils.train_logger.FileTrainLogger(str(log))
+    brain.train_logger = sb.utils.train_logger.FileTrainLogger(str(log))
     brain.checkpointer = None
     brain.on_stage_end(sb.Stage.TRAIN, 1.0, epoch=1)
     brain.on_stage_end(sb.Stage.VALID, 1.0, epoch=1)
@@ -457,8 +457,7 @@ def test_an_export_killed_while_writing_leaves_the_previous_export_whole(
     from speechbrain_sllm import inference
     from speechbrain_sllm.strategies import apply_strategy
 
-    template = os.path.join(ROOT, "recipes", "VoiceAssistant", "SpokenQA", "speechllm")
-    template = os.path.join(template, "hparams", "inference.yaml")
+    template = inference.INFERENCE_TEMPLATE
     model = tiny_speech_llm(llama_config(vocab_size=len(tokenizer)))
     strategy = strategy_for("lora", str(tmp_path))
     apply_strategy(model, strategy)

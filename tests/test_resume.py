@@ -81,6 +81,32 @@ def test_two_process_run_killed_mid_epoch_resumes_like_an_uninterrupted_one(
     )
 
 
+@pytest.mark.parametrize("name", ["full_ft+replay", "full_ft+text_kd", "full_ft+anchor"])
+def test_each_mitigation_trains_under_torchrun_and_resumes_like_an_uninterrupted_run(
+    name, tokenizer, manifests, tmp_path
+):
+    """Two gloo processes (DDP): the ranks stay identical with the mitigation's extra
+    forward, and a run killed mid-epoch resumes to the uninterrupted run's weights and
+    optimizer state, bit for bit (replay's batch order and the anchor's base restored)."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight.mkdir(), killed.mkdir()
+    common = (tokenizer.model_path, manifests["speech"])
+    done = run_torchrun_job(name, straight, *common, "none", "ddp")
+    assert done.returncode == 0, done.stderr[-3000:]
+    died = run_torchrun_job(name, killed, *common, 5, "ddp")
+    assert died.returncode != 0 and not (killed / "final.pt").exists(), died.stderr[-3000:]
+    resumed = run_torchrun_job(name, killed, *common, "none", "ddp")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    started = {line for line in resumed.stderr.splitlines() if line.startswith("starting after")}
+    assert len(started) == 1 and started != {"starting after optimizer step 0"}, (
+        started
+    )  # both ranks
+    first = torch.load(straight / "final.pt", weights_only=True)
+    second = torch.load(killed / "final.pt", weights_only=True)
+    assert first["ranks_agree"] and second["ranks_agree"]
+    assert_same_final_state(first, second)
+
+
 def test_checkpoint_interrupted_while_saving_leaves_the_previous_one_loadable(tmp_path):
     net = torch.nn.Linear(3, 3)
     ckpt = AtomicCheckpointer(str(tmp_path), {"net": net})

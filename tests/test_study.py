@@ -1,16 +1,19 @@
 """The embedded study runs end to end from its tests/recipes/MiniSpokenQA.csv row
-(``--quick``), passes the row's checks, and its outputs are sane."""
+(the CSV row's smaller knowledge base), passes the row's checks, and its outputs are sane."""
 
 import json
+import os
+import sys
 
 import pytest
+from conftest import ROOT
 from helpers import accuracy_from_tsv
 from test_recipes import ROWS, check_files, check_performance, run_row
 
 from speechbrain_sllm.importance.shift import layer_shift
 from speechbrain_sllm.study.report import layer_sums
 
-# --quick: 12 entities x 4 relations x 3 templates written; the unseen voice speaks
+# the row: 12 entities x 4 relations x 3 templates written; the unseen voice speaks
 # the 2 training templates of each fact
 ITEMS = {"t2t": 144, "s2t": 96}
 
@@ -105,3 +108,25 @@ def test_quick_study_runs_each_mitigation_beside_full_ft(tmp_path):
         assert "train loss" in (out / "finetune" / name / "train_log.txt").read_text()
     for name in names[1:]:  # the same seed and data: only the mitigation differs
         assert runs[name]["text_ppl"] != pytest.approx(runs["full_ft"]["text_ppl"], rel=1e-6)
+
+
+def test_seed_table_gives_mean_and_range_per_method_and_draws_the_picture(tmp_path):
+    """Two synthetic runs: each cell is the written-out mean (min-max); a method missing
+    from one run is left out; interpolated weights get their own rows."""
+    sys.path.insert(0, os.path.join(ROOT, "recipes", "MiniSpokenQA", "SpokenQA"))
+    from seed_table import plot_t2t_vs_s2t, seed_table
+
+    def run(t2t, s2t, extra):
+        strategy = {"t2t": t2t, "s2t": s2t, "text_ppl": 1.5, "shift": {"js": 0.1}, "top3_iou": 0.5}
+        strategy["interpolation"] = {"0.5": {"t2t": t2t + 10, "s2t": s2t - 10, "text_ppl": 1.2}}
+        runs = {"full_ft": strategy, **extra}
+        return {"base": {"t2t": 100.0, "text_ppl": 1.0}, "strategies": runs}
+
+    replay = {"full_ft+replay": {"t2t": 90.0, "s2t": 50.0, "text_ppl": 1.1}}
+    runs = [run(50.0, 60.0, replay), run(70.0, 40.0, {})]
+    table = seed_table(runs)
+    assert "| full FT | 60.0 (50.0-70.0) | 50.0 (40.0-60.0) | 1.500 (1.500-1.500) |" in table
+    assert "| full FT, weights at alpha 0.5 | 70.0 (60.0-80.0) | 40.0 (30.0-50.0) |" in table
+    assert "replay" not in table  # only in one of the two runs
+    plot_t2t_vs_s2t(runs, str(tmp_path / "t2t_vs_s2t.png"))
+    assert (tmp_path / "t2t_vs_s2t.png").read_bytes()[:4] == b"\x89PNG"

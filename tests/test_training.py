@@ -34,7 +34,7 @@ def test_every_optimizer_step_uses_the_formulas_lr_from_step_one(
     brain = make_brain("layerwise_lr", tokenizer, prompt, tmp_path, lr=base, counter_limit=2)
     brain.__class__ = LRRecordingBrain
     brain.used_lrs = []
-    brain.hparams.lr_schedule = WarmupDecaySchedule(base, warmup_fraction=warmup_fraction)
+    brain.lr_schedule = WarmupDecaySchedule(base, warmup_fraction=warmup_fraction)
     dataset = make_qa_dataset(manifests["speech"], prompt)  # 12 items
     brain.fit(
         brain.hparams.epoch_counter,
@@ -44,7 +44,7 @@ def test_every_optimizer_step_uses_the_formulas_lr_from_step_one(
         valid_loader_kwargs={"batch_size": 6},
     )
     total, warmup = 8, 2  # 4 batches x 2 epochs; 25% warmup
-    assert brain.hparams.lr_schedule.total_steps == total
+    assert brain.lr_schedule.total_steps == total
     assert len(brain.used_lrs) == total
     scales = [group["lr_scale"] for group in brain.optimizer.param_groups]
     assert len(set(scales)) > 1  # layer-wise groups keep their own scales
@@ -57,8 +57,8 @@ def test_fit_takes_any_iterable_epoch_counter_as_sb_brain_fit_does(
     tokenizer, prompt, manifests, tmp_path
 ):
     brain = make_brain("frozen_llm", tokenizer, prompt, tmp_path)
-    brain.hparams.lr_schedule = WarmupDecaySchedule(1e-3, warmup_fraction=0.25)
+    brain.lr_schedule = WarmupDecaySchedule(1e-3, warmup_fraction=0.25)
     dataset = make_qa_dataset(manifests["speech"], prompt)  # 12 items
     brain.fit(range(1, 3), dataset, train_loader_kwargs={"batch_size": 4})
-    assert brain.hparams.lr_schedule.total_steps == 6  # 3 batches x 2 epochs
+    assert brain.lr_schedule.total_steps == 6  # 3 batches x 2 epochs
     assert brain.optimizer_step == 6

@@ -17,6 +17,7 @@ import pytest
 import soundfile
 from conftest import LLAMA_QUESTIONS, ROOT
 from helpers import accuracy_from_tsv, failure_report, tsv_rows
+from test_recipes import ROWS, check_files, row_command
 
 from speechbrain_sllm.data.tts import EspeakTTS
 from speechbrain_sllm.inference import SpeechLLMInference
@@ -74,31 +75,20 @@ def study_data(tmp_path_factory):
 
 
 def debug_command(output, webq, llamaq, llm, whisper):
-    """The recipe's ``--debug`` command on 8 training questions and 8 per test set.
+    """The recipe's CSV row (``--debug`` on 8 training questions and 8 per test set) with
+    the fixtures' data and models.
 
     Stage 1a reads all 8 training questions, the rest of the run the first 6.
     """
-    return [
-        sys.executable,
-        os.path.join(RECIPE, "run_study.py"),
-        os.path.join(RECIPE, "hparams", "study.yaml"),
-        "--debug",
-        f"--output_folder={output}",
+    row = next(r for r in ROWS if r["Dataset"] == "WebQuestions")
+    fixtures = [
         f"--data_folder={webq}",
         f"--llama_questions_folder={llamaq}",
         f"--llm_source={llm}",
         f"--encoder_source={whisper}",
-        "--num_train=8",
-        "--num_finetune=6",
-        "--num_valid=4",
-        "--num_test=8",
-        "--num_llamaq=8",
-        "--ft_batch_size=4",
-        "--eval_batch_size=8",
-        "--max_new_tokens=12",
-        "--target_max_new_tokens=12",
-        "--importance_batch_size=2",
     ]
+    script, arguments = row_command(row, output, fixtures)
+    return [sys.executable, script, *arguments]
 
 
 def test_prepare_adds_varied_renderings_in_unseen_voices(tmp_path):
@@ -157,6 +147,8 @@ def test_debug_run_of_every_strategy_on_real_models(real_models, study_data, tmp
     command = debug_command(output, webq, llamaq, real_models["llm"], real_models["whisper"])
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, failure_report(done)
+    row = next(r for r in ROWS if r["Dataset"] == "WebQuestions")
+    assert not check_files(row["test_debug_checks"], output)
     with open(output / "results.json") as handle:
         results = json.load(handle)
     strategies = results["strategies"]

@@ -26,9 +26,13 @@ from speechbrain_sllm.study.report import (
     write_study_outputs,
     zeroing_line,
 )
+from speechbrain_sllm.study.settings import AlignmentSettings, FinetuneSettings, ImportanceSettings
 
 __all__ = [
+    "AlignmentSettings",
     "EmbeddingCTCBrain",
+    "FinetuneSettings",
+    "ImportanceSettings",
     "StageClock",
     "StudyRunner",
     "align_stage",

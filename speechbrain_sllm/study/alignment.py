@@ -1,14 +1,15 @@
 """Stage 1 of a speech LLM: the adaptor aligned with the LLM frozen.
 
-The yaml's ``align_objectives``, in sequence, each skipped at 0 epochs:
+The runner's ``alignment`` (``AlignmentSettings``): its ``objectives`` in
+sequence, each skipped at 0 epochs:
 
-* ``ctc_embeddings`` (``align_ctc_epochs``): CTC of the adaptor's frames onto the
+* ``ctc_embeddings`` (``ctc_epochs``): CTC of the adaptor's frames onto the
   frozen LLM's input embeddings (``EmbeddingCTCBrain``; the LLM never runs, see
   ``model.embedding_ctc``);
-* ``lm_loss`` (``align_epochs``): the frozen LLM's own loss on ``align_targets``,
+* ``lm_loss`` (``epochs``): the frozen LLM's own loss on the ``targets``,
   ``answer`` (the training targets) or ``transcript`` (repeat the spoken
-  question, with ``align_prompt``);
-* ``distill`` (``align_epochs``): the frozen LLM given the spoken question
+  question, with ``transcript_prompt``);
+* ``distill`` (``epochs``): the frozen LLM given the spoken question
   matches its own next-token distributions given the written one
   (``speechbrain_sllm.distillation``).
 
@@ -34,9 +35,6 @@ from speechbrain_sllm.model.speech_llm import SpeechLLM
 from speechbrain_sllm.strategies import apply_strategy, build_strategy
 
 logger = logging.getLogger(__name__)
-ALIGN_TARGETS = ("answer", "transcript")
-ALIGN_OBJECTIVES = ("ctc_embeddings", "lm_loss", "distill")
-DEFAULT_OBJECTIVES = ("ctc_embeddings", "lm_loss")
 TARGETS = ("gold", "self_distilled")
 SPLITS = ("train", "valid")  # the manifests whose targets a study rewrites
 
@@ -126,7 +124,7 @@ def rewrite_answers(manifest, answers, path):
     write_csv_manifest(kept, fields, path)
 
 
-def self_distilled_targets(runner, paths, model):
+def self_distilled_targets(runner, paths, model, max_new_tokens):
     """Training / validation targets: the base LLM's answers to the written questions.
 
     Redone only when the manifests or the LLM change (completion record).
@@ -134,11 +132,13 @@ def self_distilled_targets(runner, paths, model):
     Arguments
     ---------
     runner : StudyRunner
-        The study (``hparams``: ``llm_source``, ``target_max_new_tokens``, ...).
+        The study (``hparams``: ``llm_source``, ``prepare_on_change``, ...).
     paths : dict
         Manifests from the preparation (``train``, ``valid``).
     model : SpeechLLM
         The base LLM.
+    max_new_tokens : int
+        Decoding budget of the base LLM's answers.
 
     Returns
     -------
@@ -148,7 +148,7 @@ def self_distilled_targets(runner, paths, model):
     hparams = runner.hparams
     folder = os.path.join(hparams["output_folder"], "targets")
     sources = [paths["train"], paths["valid"]]
-    options = {"llm_source": hparams["llm_source"], "tokens": hparams["target_max_new_tokens"]}
+    options = {"llm_source": hparams["llm_source"], "tokens": max_new_tokens}
     record = completion_record(sources, options)
     new_paths = dict(paths, **{split: os.path.join(folder, f"{split}.csv") for split in SPLITS})
     if is_prepared(folder, record, ["train.csv", "valid.csv"], hparams["prepare_on_change"]):
@@ -156,40 +156,43 @@ def self_distilled_targets(runner, paths, model):
     os.makedirs(folder, exist_ok=True)
     brain = runner.stage_brain(model, build_strategy("frozen_llm"), 0.0, "text", folder, 0)
     evaluator = brain.evaluator()
-    evaluator.max_new_tokens = hparams["target_max_new_tokens"]
+    evaluator.max_new_tokens = max_new_tokens
     with staged_preparation(folder, record) as staging:
         for split in SPLITS:
             dataset = runner.qa_dataset(paths[split])
             ids, predictions, _ = evaluator.decode(
-                dataset, "text", hparams["eval_batch_size"], progress=True
+                dataset, "text", runner.evaluation.batch_size, progress=True
             )
             answers = {i: p.strip().split("\n")[0] for i, p in zip(ids, predictions)}
             rewrite_answers(paths[split], answers, os.path.join(staging, f"{split}.csv"))
     return new_paths
 
 
-def training_targets(runner, paths, model):
+def training_targets(runner, paths, model, targets, max_new_tokens):
     """The training / validation manifests for the yaml's ``targets``.
 
     Arguments
     ---------
     runner : StudyRunner
-        The study (``targets``: ``gold`` or ``self_distilled``).
+        The study.
     paths : dict
         Manifests from the preparation.
     model : SpeechLLM
         The base LLM (answers the written questions for ``self_distilled``).
+    targets : str
+        ``gold`` (the dataset's answers) or ``self_distilled`` (the base LLM's).
+    max_new_tokens : int
+        Decoding budget of the base LLM's answers.
 
     Returns
     -------
     dict
         ``paths``, with ``train`` / ``valid`` replaced for ``self_distilled``.
     """
-    targets = runner.hparams["targets"]
     if targets not in TARGETS:
         raise ValueError(f"targets {targets!r} unknown; use one of {TARGETS}.")
     if targets == "self_distilled":
-        return self_distilled_targets(runner, paths, model)
+        return self_distilled_targets(runner, paths, model, max_new_tokens)
     return paths
 
 
@@ -211,7 +214,7 @@ def ctc_alignment(runner, train, valid, encoder, adaptor, embeddings):
     Arguments
     ---------
     runner : StudyRunner
-        The study (``align_ctc_*``, ``tokenizer``, ``ft_batch_size``).
+        The study (its ``alignment``'s ``ctc_*`` settings, ``tokenizer``).
     train : DynamicItemDataset
         Spoken training questions (their ``question`` is the transcript).
     valid : DynamicItemDataset
@@ -229,20 +232,20 @@ def ctc_alignment(runner, train, valid, encoder, adaptor, embeddings):
         ``ctc_valid_loss`` and ``ctc_valid_wer`` (best-path decoding, %) of the
         restored epoch, and ``ctc_<prefix>_wer`` on each spoken test set of the runner.
     """
-    hparams = runner.hparams
+    hparams, settings = runner.hparams, runner.alignment
     folder = os.path.join(hparams["output_folder"], "align", "ctc")
-    counter = sb.utils.epoch_loop.EpochCounter(limit=hparams["align_ctc_epochs"])
-    head = EmbeddingCTCHead(embeddings, scale=hparams["align_ctc_scale"])
+    counter = sb.utils.epoch_loop.EpochCounter(limit=settings.ctc_epochs)
+    head = EmbeddingCTCHead(embeddings, scale=settings.ctc_scale)
     checkpointer = AtomicCheckpointer(
         os.path.join(folder, "save"),
         recoverables={"adaptor": adaptor, "ctc_head": head, "counter": counter, "rng": RNGState()},
     )
     brain = EmbeddingCTCBrain(
         modules={"encoder": encoder, "adaptor": adaptor, "ctc_head": head},
-        opt_class=functools.partial(torch.optim.AdamW, lr=hparams["align_ctc_lr"]),
+        opt_class=functools.partial(torch.optim.AdamW, lr=settings.ctc_lr),
         hparams={
             "tokenizer": hparams["tokenizer"],
-            "norm_weight": hparams["align_ctc_norm_weight"],
+            "norm_weight": settings.ctc_norm_weight,
             "epoch_counter": counter,
             "train_logger": sb.utils.train_logger.FileTrainLogger(
                 os.path.join(folder, "train_log.txt")
@@ -251,7 +254,7 @@ def ctc_alignment(runner, train, valid, encoder, adaptor, embeddings):
         run_opts=runner.run_opts,
         checkpointer=checkpointer,
     )
-    loader = {"batch_size": hparams["ft_batch_size"]}
+    loader = {"batch_size": runner.finetune.batch_size}
     brain.fit(
         counter,
         train,
@@ -270,11 +273,11 @@ def ctc_alignment(runner, train, valid, encoder, adaptor, embeddings):
 def align_stage(runner, paths, data, llm, encoder, adaptor):
     """Stage 1: trains ``adaptor`` in place with the LLM frozen; returns its scores.
 
-    The yaml's ``align_objectives`` run in their order (default
-    ``[ctc_embeddings, lm_loss]``): ``ctc_embeddings`` for ``align_ctc_epochs``,
-    ``lm_loss`` (the LLM's loss on ``align_targets``) and ``distill`` (the LLM
-    given speech matches itself given text, ``align_distill_topk`` tokens
-    cached per position) for ``align_epochs`` each; 0 epochs skips one.
+    The runner's ``alignment.objectives`` run in their order (default
+    ``[ctc_embeddings, lm_loss]``): ``ctc_embeddings`` for ``ctc_epochs``,
+    ``lm_loss`` (the LLM's loss on the ``targets``) and ``distill`` (the LLM
+    given speech matches itself given text, ``distill_topk`` tokens cached per
+    position) for ``epochs`` each; 0 epochs skips one.
     The LLM is frozen: its text scores are the base LLM's, so only S2T is scored.
 
     Arguments
@@ -298,13 +301,12 @@ def align_stage(runner, paths, data, llm, encoder, adaptor):
     """
     hparams = runner.hparams
     folder = os.path.join(hparams["output_folder"], "align")
-    objectives = align_objectives(hparams)
     results, brain = {}, None
     model = SpeechLLM(llm, encoder, adaptor)
     strategy = build_strategy("frozen_llm")
     apply_strategy(model, strategy)
-    for objective in objectives:
-        if objective == "ctc_embeddings" and hparams["align_ctc_epochs"] > 0:
+    for objective in runner.alignment.objectives:
+        if objective == "ctc_embeddings" and runner.alignment.ctc_epochs > 0:
             embeddings = llm.get_input_embeddings().weight
             results.update(
                 ctc_alignment(runner, data["align"], data["valid"], encoder, adaptor, embeddings)
@@ -322,47 +324,33 @@ def align_stage(runner, paths, data, llm, encoder, adaptor):
     return results
 
 
-def align_objectives(hparams):
-    """The yaml's ``align_objectives``, checked (default ``[ctc_embeddings, lm_loss]``)."""
-    objectives = list(hparams.get("align_objectives") or DEFAULT_OBJECTIVES)
-    unknown = [name for name in objectives if name not in ALIGN_OBJECTIVES]
-    if unknown:
-        raise ValueError(
-            f"align_objectives: {unknown} unknown; use a list of {ALIGN_OBJECTIVES}, "
-            "e.g. --align_objectives=[ctc_embeddings,distill]."
-        )
-    return objectives
-
-
 def lm_loss_alignment(runner, paths, data, model, strategy, results):
-    """Stage 1b: the frozen LLM's own loss on ``align_targets``; returns the Brain."""
-    hparams = runner.hparams
+    """Stage 1b: the frozen LLM's own loss on the alignment's ``targets``; returns the Brain."""
+    hparams, settings = runner.hparams, runner.alignment
     folder = os.path.join(hparams["output_folder"], "align")
-    target = hparams["align_targets"]
-    if target not in ALIGN_TARGETS:
-        raise ValueError(f"align_targets {target!r} unknown; use one of {ALIGN_TARGETS}.")
-    prompt = hparams["align_prompt"] if target == "transcript" else hparams["prompt"]
+    target = settings.targets
+    prompt = settings.transcript_prompt if target == "transcript" else hparams["prompt"]
     train, valid = data["train"], data["valid"]
     if target == "transcript":
         aligned = transcript_targets(hparams, paths)
         train, valid = (runner.qa_dataset(aligned[s], prompt) for s in ("train", "valid"))
-    lr, epochs = hparams["align_lr"], hparams["align_epochs"]
+    lr, epochs = settings.lr, settings.epochs
     brain = runner.stage_brain(model, strategy, lr, "speech", folder, epochs, prompt=prompt)
     if epochs > 0:
         runner.fit_and_restore_best(brain, train, valid)
     if target == "transcript":
         results["valid_wer"] = brain.evaluator().word_error_rate(
-            valid, os.path.join(folder, "valid_wer.txt"), batch_size=hparams["eval_batch_size"]
+            valid, os.path.join(folder, "valid_wer.txt"), batch_size=runner.evaluation.batch_size
         )
     return brain
 
 
 def distill_alignment(runner, data, model, strategy):
     """Stage 1 by distillation from the same frozen LLM given text; returns the Brain."""
-    hparams = runner.hparams
-    folder = os.path.join(hparams["output_folder"], "align", "distill")
-    cache = TeacherCache(k=hparams.get("align_distill_topk", 64))
-    lr, epochs = hparams["align_lr"], hparams["align_epochs"]
+    settings = runner.alignment
+    folder = os.path.join(runner.hparams["output_folder"], "align", "distill")
+    cache = TeacherCache(k=settings.distill_topk)
+    lr, epochs = settings.lr, settings.epochs
     brain = runner.stage_brain(
         model,
         strategy,

@@ -28,6 +28,7 @@ from speechbrain_sllm.brains import SpeechLLMBrain
 from speechbrain_sllm.cascade import cascade_reference, transcribe_test_sets
 from speechbrain_sllm.checkpointing import AtomicCheckpointer, RNGState
 from speechbrain_sllm.data.dataio import make_qa_dataset
+from speechbrain_sllm.evaluation import EvaluationSettings  # noqa: F401  (docstring example)
 from speechbrain_sllm.importance.aggregate import ScoreSet
 from speechbrain_sllm.importance.report import summarize_shift
 from speechbrain_sllm.importance.shift import spearman, topk_overlap
@@ -40,10 +41,15 @@ from speechbrain_sllm.inference import (
 )
 from speechbrain_sllm.outputs import write_json
 from speechbrain_sllm.schedules import WarmupDecaySchedule
-from speechbrain_sllm.strategies import apply_strategy, build_strategy
+from speechbrain_sllm.strategies import LayerwiseLR, apply_strategy, build_strategy
 from speechbrain_sllm.strategies.interpolation import interpolated, llm_weights
 from speechbrain_sllm.strategies.lora import merge_lora
 from speechbrain_sllm.study.report import StageClock, importance_shift, layer_sums, peak_layer
+from speechbrain_sllm.study.settings import (
+    AlignmentSettings,
+    FinetuneSettings,  # noqa: F401  (the docstring example)
+    ImportanceSettings,  # noqa: F401
+)
 
 logger = logging.getLogger(__name__)
 BASE = "base"
@@ -55,28 +61,56 @@ class StudyRunner:
     Arguments
     ---------
     hparams : dict
-        The study's loaded yaml: ``output_folder``, ``prompt``, ``tokenizer``,
-        ``opt_class``, ``warmup_fraction``, ``ft_lr`` (per strategy),
-        ``ft_epochs``, ``ft_batch_size``, ``eval_batch_size``, ``strategies``,
-        ``lora``, ``layerwise_lr``, ``importance_*``, ``zeroing_fraction``,
-        ``seed``, ``sample_rate``, ``max_duration``; optional ``answer_match``,
-        ``importance_scope``, ``importance_batch_size``, ``train_encoder``.
+        The study's loaded yaml, also each stage Brain's hparams: the runner
+        reads ``output_folder``, ``seed``, ``prompt``, ``tokenizer``,
+        ``sample_rate`` and ``max_duration``.
     run_opts : dict
         SpeechBrain run options.
+    finetune : FinetuneSettings
+        The strategy loop.
+    importance : ImportanceSettings
+        The importance stage and zeroing check.
+    evaluation : EvaluationSettings
+        Decoding and scoring.
     clock : StageClock or None
         Times the stages (a new one if None).
     inference_hparams : str or None
-        The recipe's inference yaml: each trained stage is exported with it to
+        The inference template (``inference.INFERENCE_TEMPLATE`` for Whisper +
+        HF causal LM models): each trained stage is exported with it to
         ``<stage folder>/inference`` (None: no export).
+    alignment : AlignmentSettings or None
+        Stage 1 (``align_stage``), for studies that align an adaptor.
+    cascade_asr : callable or None
+        Builds the cascade reference's recogniser (``WhisperTranscriber``
+        partial) with the run's ``device``; None: no cascade reference.
 
     Example
     -------
-    >>> StudyRunner({"output_folder": "out"}, {}).column("", "text")
+    >>> settings = FinetuneSettings(["full_ft"], 1, 8, 1e-4, None)
+    >>> runner = StudyRunner({"output_folder": "out"}, {}, settings, ImportanceSettings(),
+    ...     EvaluationSettings())
+    >>> runner.column("", "text")
     't2t'
     """
 
-    def __init__(self, hparams, run_opts, clock=None, inference_hparams=None):
+    def __init__(
+        self,
+        hparams,
+        run_opts,
+        finetune,
+        importance,
+        evaluation,
+        clock=None,
+        inference_hparams=None,
+        alignment=None,
+        cascade_asr=None,
+    ):
         self.hparams = hparams
+        self.finetune = finetune
+        self.importance_settings = importance
+        self.evaluation = evaluation
+        self.alignment = alignment or AlignmentSettings()
+        self.cascade_asr = cascade_asr
         self.inference_hparams = inference_hparams
         self.run_opts = run_opts
         self.folder = hparams["output_folder"]
@@ -166,11 +200,7 @@ class StudyRunner:
             training_strategy=strategy,
             lr=lr,
             input_mode=input_mode,
-            lr_schedule=WarmupDecaySchedule(lr, warmup_fraction=self.hparams["warmup_fraction"]),
             epoch_counter=counter,
-            train_logger=sb.utils.train_logger.FileTrainLogger(
-                os.path.join(folder, "train_log.txt")
-            ),
             output_folder=folder,
             mitigations=[],
         )
@@ -180,10 +210,15 @@ class StudyRunner:
         )
         return (brain_class or SpeechLLMBrain)(
             modules={"model": model},
-            opt_class=self.hparams["opt_class"] if epochs else None,
+            opt_class=self.finetune.opt_class if epochs else None,
             hparams=stage_hparams,
             run_opts=self.run_opts,
             checkpointer=checkpointer if epochs else None,
+            evaluation=self.evaluation,
+            lr_schedule=WarmupDecaySchedule(lr, warmup_fraction=self.finetune.warmup_fraction),
+            train_logger=sb.utils.train_logger.FileTrainLogger(
+                os.path.join(folder, "train_log.txt")
+            ),
         )
 
     def fit_and_restore_best(self, brain, train_set, valid_set, batch_size=None):
@@ -198,9 +233,9 @@ class StudyRunner:
         valid_set : DynamicItemDataset
             Validation data (its loss picks the checkpoint).
         batch_size : int or None
-            Batch size of both loaders (None: ``ft_batch_size``).
+            Batch size of both loaders (None: the fine-tuning batch size).
         """
-        batch_size = batch_size or self.hparams["ft_batch_size"]
+        batch_size = batch_size or self.finetune.batch_size
         brain.fit(
             brain.hparams.epoch_counter,
             train_set,
@@ -233,7 +268,7 @@ class StudyRunner:
         dict
         """
         evaluator = brain.evaluator()
-        batch_size = self.hparams["eval_batch_size"]
+        batch_size = self.evaluation.batch_size
         results = {}
         for prefix, sets in self.test_sets.items():
             for mode in modes:
@@ -274,7 +309,7 @@ class StudyRunner:
         accumulator : ImportanceAccumulator
             For the zeroing check.
         """
-        hparams = self.hparams
+        settings = self.importance_settings
         folder = os.path.join(
             self.folder, "importance", name, *(["speech"] if mode == "speech" else [])
         )
@@ -283,13 +318,13 @@ class StudyRunner:
             brain.evaluator(for_gradients=True),
             dataset,
             folder,
-            topk_percents=tuple(hparams["importance_topk"]),
-            estimator=hparams["importance_estimator"],
+            topk_percents=settings.topk,
+            estimator=settings.estimator,
             mode=mode,
-            scope=hparams.get("importance_scope", "llm"),
-            fraction=hparams["importance_fraction"],
-            batch_size=hparams.get("importance_batch_size", hparams["eval_batch_size"]),
-            seed=hparams["seed"],
+            scope=settings.scope,
+            fraction=settings.fraction,
+            batch_size=settings.batch_size,
+            seed=self.hparams["seed"],
             progress=True,
         )
         scores = accumulator.scores()
@@ -322,7 +357,7 @@ class StudyRunner:
             brain.evaluator(),
             self.perplexity_set,
             accumulator,
-            self.hparams["zeroing_fraction"],
+            self.importance_settings.zeroing_fraction,
             "text",
             self.hparams["seed"],
         )
@@ -331,7 +366,7 @@ class StudyRunner:
         return results, profile, scores
 
     def cascade_stage(self, model, manifests):
-        """The cascade reference: the yaml's ``cascade_asr`` hears each spoken test set, ``model`` answers.
+        """The cascade reference: ``cascade_asr`` hears each spoken test set, ``model`` answers.
 
         Arguments
         ---------
@@ -348,11 +383,11 @@ class StudyRunner:
             when ``cascade_asr`` is None (a ``WhisperTranscriber`` class or partial,
             called with the run's ``device``).
         """
-        if self.hparams.get("cascade_asr") is None:
+        if self.cascade_asr is None:
             return None
-        transcriber = self.hparams["cascade_asr"](device=self.run_opts.get("device", "cpu"))
+        transcriber = self.cascade_asr(device=self.run_opts.get("device", "cpu"))
         folder = os.path.join(self.folder, "cascade")
-        batch_size = self.hparams.get("eval_batch_size", 16)
+        batch_size = self.evaluation.batch_size
         sb.utils.distributed.run_on_main(
             transcribe_test_sets,
             args=[transcriber, manifests, self.qa_dataset, folder, batch_size],
@@ -387,8 +422,8 @@ class StudyRunner:
         scores : dict
         """
         folder = os.path.join(self.folder, "finetune", name)
-        lr = self.hparams["ft_lr"].get(name, self.hparams["ft_lr"][strategy.name])
-        epochs = self.hparams["ft_epochs"]
+        lr = self.finetune.lr_of(name)
+        epochs = self.finetune.epochs
         mitigations = self.mitigations_of(name)
         brain = self.stage_brain(
             model, strategy, lr, "speech", folder, epochs, mitigations=mitigations
@@ -421,15 +456,10 @@ class StudyRunner:
         -------
         list
         """
-        available = self.hparams.get("mitigation_choices") or {}
         chosen = []
-        for part in name.split("+")[1:]:
-            if part not in available:
-                raise ValueError(
-                    f"strategy {name!r}: no mitigation {part!r} in the yaml's `mitigation_choices` "
-                    f"(it has {sorted(available)})."
-                )
-            mitigation = available[part]
+        for mitigation in self.named_choices(name):
+            if isinstance(mitigation, LayerwiseLR):
+                continue  # a learning-rate rule, taken by build_strategy
             if hasattr(mitigation, "dataset") and mitigation.dataset is None:
                 mitigation.dataset = self.replay_set
             if hasattr(mitigation, "scores") and mitigation.scores is None:
@@ -437,9 +467,31 @@ class StudyRunner:
             chosen.append(mitigation)
         return chosen
 
+    def named_choices(self, name):
+        """The yaml's ``mitigation_choices`` entries a strategy name adds (``+<choice>`` parts).
+
+        Arguments
+        ---------
+        name : str
+            A strategy name, optionally followed by ``+<choice>`` parts.
+
+        Returns
+        -------
+        list
+            The chosen objects, in the name's order.
+        """
+        available = self.finetune.mitigation_choices
+        missing = [part for part in name.split("+")[1:] if part not in available]
+        if missing:
+            raise ValueError(
+                f"strategy {name!r}: no mitigation {missing[0]!r} in the yaml's "
+                f"`mitigation_choices` (it has {sorted(available)})."
+            )
+        return [available[part] for part in name.split("+")[1:]]
+
     def interpolation_alphas(self):
-        """The yaml's ``interpolation_alphas`` (empty: no weight interpolation)."""
-        return list(self.hparams.get("interpolation_alphas") or [])
+        """The fine-tuning's ``interpolation_alphas`` (empty: no weight interpolation)."""
+        return self.finetune.interpolation_alphas
 
     def interpolation_scores(self, brain, base_weights, folder):
         """Both sides scored with the LLM at ``base + alpha (finetuned - base)`` per alpha.
@@ -559,10 +611,10 @@ class StudyRunner:
         """
         runs, profiles = {}, {}
         self.base_scores = base_scores  # copied out only for a mitigation that needs them
-        for name in self.hparams["strategies"]:
+        for name in self.finetune.strategies:
             with self.clock.stage(f"finetune_{name}"):
                 sb.utils.seed_everything(self.hparams["seed"])
-                strategy = self.build_strategy(name.split("+")[0])
+                strategy = self.build_strategy(name)
                 model = build_model(strategy)
                 base_weights = llm_weights(model) if self.interpolation_alphas() else None
                 apply_strategy(model, strategy)
@@ -583,13 +635,31 @@ class StudyRunner:
         """A strategy from the yaml's ``lora``, ``layerwise_lr`` and ``train_encoder``.
 
         The yaml's ``layerwise_lr`` reads the base profile this study writes
-        (``<output_folder>/importance/base/profile.json``).
+        (``<output_folder>/importance/base/profile.json``). A ``+<choice>`` part
+        naming a ``LayerwiseLR`` of ``mitigation_choices`` (e.g. the
+        module-granular rule, ``layerwise_lr+by_module``) replaces that rule.
+
+        Arguments
+        ---------
+        name : str
+            A strategy name, optionally followed by ``+<choice>`` parts.
+
+        Returns
+        -------
+        Strategy
         """
+        base_name = name.split("+")[0]
+        rules = [c for c in self.named_choices(name) if isinstance(c, LayerwiseLR)]
+        if rules and not base_name.endswith("layerwise_lr"):
+            raise ValueError(
+                f"strategy {name!r}: a layer-wise LR rule only applies to the layer-wise "
+                f"strategies (layerwise_lr, lora_layerwise_lr), not to {base_name!r}."
+            )
         return build_strategy(
-            name,
-            lora=self.hparams["lora"],
-            layerwise_lr=self.hparams["layerwise_lr"],
-            train_encoder=self.hparams.get("train_encoder", False),
+            base_name,
+            lora=self.finetune.lora,
+            layerwise_lr=rules[-1] if rules else self.finetune.layerwise_lr,
+            train_encoder=self.finetune.train_encoder,
         )
 
 

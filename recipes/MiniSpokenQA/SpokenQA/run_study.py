@@ -8,7 +8,8 @@ accuracy, importance shift, plots.
 
 To run it:
 > python run_study.py hparams/study.yaml            # about 10 min on 2 CPU cores
-> python run_study.py hparams/study.yaml --quick    # a few minutes (CI)
+> python run_study.py hparams/study.yaml --num_entities=12 --lm_hidden_size=96 --lm_layers=4 \
+>     --lm_epochs=30 --ft_epochs=5   # CI's smaller run
 
 Authors
  * speechbrain-sllm developers 2026
@@ -25,7 +26,6 @@ import sys
 
 import speechbrain as sb
 import torch
-from hyperpyyaml import load_hyperpyyaml
 
 from speechbrain_sllm.config import load_recipe_hparams
 from speechbrain_sllm.data.dataio import make_qa_dataset
@@ -76,21 +76,9 @@ def results_table(base, runs):
     return "\n".join(lines)
 
 
-def parse(argv):
-    """SpeechBrain argument parsing, with ``--quick`` mapped to ``hparams/quick.yaml``."""
-    quick = "--quick" in argv
-    hparams_file, run_opts, overrides = sb.parse_arguments([a for a in argv if a != "--quick"])
-    if quick:
-        with open(os.path.join(HERE, "hparams", "quick.yaml")) as handle:
-            quick_overrides = load_hyperpyyaml(handle)
-        quick_overrides.update((load_hyperpyyaml(overrides) if overrides else None) or {})
-        overrides = quick_overrides
-    return hparams_file, run_opts, overrides
-
-
 def main(argv):
     """Runs the study; returns the results dict."""
-    hparams_file, run_opts, overrides = parse(argv)
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     hparams = load_recipe_hparams(hparams_file, overrides, run_opts)
     sb.create_experiment_directory(
         hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides
@@ -98,7 +86,9 @@ def main(argv):
     clock = StageClock()
     with clock.stage("data"):
         data = dataio_prepare(hparams)
-    runner = StudyRunner(hparams, run_opts, clock)
+    runner = StudyRunner(
+        hparams, run_opts, hparams["finetune"], hparams["importance"], hparams["evaluation"], clock
+    )
     tests = {"": {"text": data["text_test"], "speech": data["speech_test"]}}
     runner.use_data(
         tests, data["text_test"], data["text_test"], data["speech_test"], data["text_train"]

@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""The study's table as mean and spread over several seeds.
+"""The study's table as mean and spread over several seeds, and its T2T-vs-S2T picture.
 
 > python seed_table.py results/MiniSpokenQA/1234/results.json results/MiniSpokenQA/1235/results.json ...
+> python seed_table.py --plot=t2t_vs_s2t.png results/MiniSpokenQA/*/results.json
 
-Prints one markdown row per method: ``mean (min-max)`` of T2T, S2T, text
-perplexity, importance JS vs base and top-3% IoU vs base over the given runs.
+Prints one markdown row per method found in every run (each strategy, each
+``+mitigation`` and, when the runs interpolated weights, each strategy at each
+alpha): ``mean (min-max)`` of T2T, S2T, text perplexity, importance JS vs base
+and top-3% IoU vs base. ``--plot`` also draws T2T against S2T, one point per
+method at its mean with its seed range as error bars.
 
 Authors
  * speechbrain-sllm developers 2026
@@ -13,11 +17,15 @@ Authors
 import json
 import sys
 
-METHODS = {
+LABELS = {
     "full_ft": "full FT",
     "layerwise_lr": "layer-wise LR (importance rule, lambda 0.4)",
     "lora": "LoRA (r 8, alpha 16)",
     "frozen_llm": "frozen LLM (adaptor only)",
+    "layerwise_lr+by_module": "layer-wise LR per (layer, module type)",
+    "full_ft+replay": "full FT + text replay",
+    "full_ft+text_kd": "full FT + text self-distillation",
+    "full_ft+anchor": "full FT + importance anchor",
 }
 
 
@@ -27,22 +35,43 @@ def cell(values, digits):
     return f"{mean:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
-def seed_table(paths):
-    """Markdown table over the ``results.json`` files in ``paths``.
+def method_rows(runs):
+    """``{label: [row per run]}`` for every method that all runs hold, in the first run's order.
 
     Arguments
     ---------
-    paths : list of str
-        One ``results.json`` per seed.
+    runs : list of dict
+        Loaded ``results.json`` files.
+
+    Returns
+    -------
+    dict
+    """
+    rows = {}
+    for name in runs[0]["strategies"]:
+        if all(name in run["strategies"] for run in runs):
+            rows[LABELS.get(name, name)] = [run["strategies"][name] for run in runs]
+    for name, first in runs[0]["strategies"].items():
+        for alpha in first.get("interpolation", {}):
+            per_run = [run["strategies"].get(name, {}).get("interpolation", {}) for run in runs]
+            if all(alpha in scores for scores in per_run):
+                label = f"{LABELS.get(name, name)}, weights at alpha {alpha}"
+                rows[label] = [scores[alpha] for scores in per_run]
+    return rows
+
+
+def seed_table(runs):
+    """Markdown table over the loaded ``results.json`` of several seeds.
+
+    Arguments
+    ---------
+    runs : list of dict
+        One loaded ``results.json`` per seed.
 
     Returns
     -------
     str
     """
-    runs = []
-    for path in paths:
-        with open(path) as handle:
-            runs.append(json.load(handle))
     lines = [
         f"| Method ({len(runs)} seeds: mean (min-max)) | T2T acc % | S2T acc % | text PPL "
         "| importance JS vs base (bits) | top-3% IoU vs base |",
@@ -50,16 +79,69 @@ def seed_table(paths):
         f"| no fine-tuning (base LLM) | {cell([r['base']['t2t'] for r in runs], 1)} | - "
         f"| {cell([r['base']['text_ppl'] for r in runs], 3)} | 0 | 1 |",
     ]
-    for key, label in METHODS.items():
-        rows = [run["strategies"][key] for run in runs]
+    for label, rows in method_rows(runs).items():
+        shift = (
+            f"{cell([r['shift']['js'] for r in rows], 4)} | {cell([r['top3_iou'] for r in rows], 3)}"
+            if all("shift" in r for r in rows)
+            else "- | -"
+        )
         lines.append(
             f"| {label} | {cell([r['t2t'] for r in rows], 1)} | {cell([r['s2t'] for r in rows], 1)} "
-            f"| {cell([r['text_ppl'] for r in rows], 3)} "
-            f"| {cell([r['shift']['js'] for r in rows], 4)} "
-            f"| {cell([r['top3_iou'] for r in rows], 3)} |"
+            f"| {cell([r['text_ppl'] for r in rows], 3)} | {shift} |"
         )
     return "\n".join(lines)
 
 
+def plot_t2t_vs_s2t(runs, path):
+    """T2T against S2T: each method at its mean, its seed range as error bars.
+
+    Arguments
+    ---------
+    runs : list of dict
+        One loaded ``results.json`` per seed.
+    path : str
+        The image file.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 6))
+    for label, rows in method_rows(runs).items():
+        if "alpha" in label:
+            continue  # the strategies' own points; interpolation stays in the table
+        s2t, t2t = [r["s2t"] for r in rows], [r["t2t"] for r in rows]
+        x, y = sum(s2t) / len(s2t), sum(t2t) / len(t2t)
+        axes.errorbar(
+            x,
+            y,
+            xerr=[[x - min(s2t)], [max(s2t) - x]],
+            yerr=[[y - min(t2t)], [max(t2t) - y]],
+            fmt="o",
+            capsize=3,
+            label=label,
+        )
+    axes.set_xlabel("S2T accuracy % (speech ability)")
+    axes.set_ylabel("T2T accuracy % (text ability kept)")
+    axes.set_title(f"MiniSpokenQA, {len(runs)} seeds: mean and range")
+    axes.legend(fontsize=7, loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv):
+    """Prints the table of the given ``results.json`` files; ``--plot=<png>`` also draws."""
+    plot = [a.split("=", 1)[1] for a in argv if a.startswith("--plot=")]
+    runs = []
+    for path in (a for a in argv if not a.startswith("--plot=")):
+        with open(path) as handle:
+            runs.append(json.load(handle))
+    print(seed_table(runs))
+    if plot:
+        plot_t2t_vs_s2t(runs, plot[0])
+
+
 if __name__ == "__main__":
-    print(seed_table(sys.argv[1:]))
+    main(sys.argv[1:])

@@ -151,6 +151,11 @@ if __name__ == "__main__":
         hparams=hparams,
         run_opts=run_opts,
         checkpointer=hparams["checkpointer"],
+        evaluation=hparams["evaluation"],
+        lr_schedule=hparams["lr_schedule"],
+        train_logger=hparams["train_logger"],
+        parallelism=hparams["parallelism"],
+        fsdp=hparams["fsdp"],
     )
     asr_brain.shard_model()  # parallelism: fsdp under torchrun
     base_importance(asr_brain, hparams, text_set)
@@ -170,7 +175,7 @@ if __name__ == "__main__":
         )
         for split, dataset in test_sets.items()
     }
-    export_recipe_run(hparams, os.path.join(os.path.dirname(hparams_file), "inference.yaml"))
+    export_recipe_run(hparams)
     if if_main_process():
         training = {
             "skipped_steps": asr_brain.skipped_steps,

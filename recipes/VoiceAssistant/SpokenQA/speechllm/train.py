@@ -106,6 +106,11 @@ if __name__ == "__main__":
         hparams=hparams,
         run_opts=run_opts,
         checkpointer=hparams["checkpointer"],
+        evaluation=hparams["evaluation"],
+        lr_schedule=hparams["lr_schedule"],
+        train_logger=hparams["train_logger"],
+        parallelism=hparams["parallelism"],
+        fsdp=hparams["fsdp"],
     )
     qa_brain.shard_model()  # parallelism: fsdp under torchrun
     base_profile = textual_importance(
@@ -130,8 +135,7 @@ if __name__ == "__main__":
         )
         for name, dataset in eval_sets.items()
     }
-    inference_yaml = os.path.join(os.path.dirname(hparams_file), "inference.yaml")
-    export_recipe_run(hparams, inference_yaml)  # the best checkpoint, before LoRA merging
+    export_recipe_run(hparams)  # the best checkpoint, before LoRA merging
     merge_lora(hparams["model"])  # under FSDP: merged into the shards in place
     after = textual_importance(
         qa_brain, text_set, os.path.join(importance_folder, "finetuned"), hparams

@@ -26,27 +26,23 @@ import os
 import sys
 
 import speechbrain as sb
-import torch
 
 from speechbrain_sllm.config import load_recipe_hparams
+from speechbrain_sllm.data.dataio import make_qa_dataset
+from speechbrain_sllm.inference import INFERENCE_TEMPLATE
 from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
 from speechbrain_sllm.study import (
     StageClock,
     StudyRunner,
     align_stage,
     free_finished_stage,
-    hardware,
-    paired_tests,
-    print_summary,
-    read_rows,
     training_targets,
     write_stage_one_results,
-    write_study_outputs,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.append(HERE)
-from tables import paper_table, results_table  # noqa: E402
+from tables import report  # noqa: E402
 from webquestions_prepare import prepare_study_manifests  # noqa: E402
 
 TEST_SETS = {"llamaq": "llamaq_test", "webq": "webq_test"}
@@ -60,6 +56,19 @@ def load_llm(hparams):
         dtype=hparams["llm_dtype"],
         gradient_checkpointing=hparams["gradient_checkpointing"],
     )
+
+
+def dataio_prepare(hparams, paths):
+    """Spoken QA datasets of the prepared manifests (their written questions too)."""
+    return {
+        split: make_qa_dataset(
+            path,
+            hparams["prompt"],
+            sample_rate=hparams["sample_rate"],
+            max_duration=hparams["max_duration"],
+        )
+        for split, path in paths.items()
+    }
 
 
 def main(argv):
@@ -87,15 +96,27 @@ def main(argv):
             skip_prep=hparams["skip_prep"],
             on_change=hparams["prepare_on_change"],
         )
-    runner = StudyRunner(hparams, run_opts, clock, os.path.join(HERE, "hparams", "inference.yaml"))
+    runner = StudyRunner(
+        hparams,
+        run_opts,
+        hparams["finetune"],
+        hparams["importance"],
+        hparams["evaluation"],
+        clock,
+        inference_hparams=INFERENCE_TEMPLATE,
+        alignment=hparams["alignment"],
+        cascade_asr=hparams["cascade_asr"],
+    )
     if hparams["stop_after"] not in STOP_AFTER:
         raise ValueError(f"stop_after {hparams['stop_after']!r} unknown; use one of {STOP_AFTER}.")
     full_study = hparams["stop_after"] == "strategies"
     with clock.stage("targets_and_base_llm"):
         folder = os.path.join(hparams["output_folder"], "base_llm")
         base_model = SpeechLLM(load_llm(hparams))
-        paths = training_targets(runner, paths, base_model)
-        data = {split: runner.qa_dataset(path) for split, path in paths.items()}
+        paths = training_targets(
+            runner, paths, base_model, hparams["targets"], hparams["target_max_new_tokens"]
+        )
+        data = dataio_prepare(hparams, paths)
         tests = {key: {"text": data[name], "speech": data[name]} for key, name in TEST_SETS.items()}
         train = data["train"]  # written: importance and replay; spoken: speech importance
         runner.use_data(tests, train, data["llamaq_test"], train, replay_set=train)
@@ -133,34 +154,6 @@ def main(argv):
     )
     profiles = {"base LLM": base_profile, **profiles}
     return report(hparams, run_opts, base, stage1, runs, profiles, clock)
-
-
-def report(hparams, run_opts, base, stage1, runs, profiles, clock):
-    """Tables, paired tests, results.json, timings.json and plots; returns the results."""
-    folder = hparams["output_folder"]
-    table, paper = results_table(base, stage1, runs), paper_table()
-    results = {
-        "base": base,
-        "stage1": stage1,
-        "strategies": runs,
-        "table": table,
-        "llm": hparams["llm_source"],
-        "encoder": hparams["encoder_source"],
-        "targets": hparams["targets"],
-        "num_train": len(read_rows(os.path.join(hparams["manifest_folder"], "train.csv"))),
-        "num_finetune": min(hparams["num_finetune"], hparams["num_train"]),
-        "seed": hparams["seed"],
-        "torch_threads": torch.get_num_threads(),
-    }
-    results["paired_t2t_vs_base"] = paired_tests(
-        folder, os.path.join(folder, "base_llm"), runs, ("llamaq_t2t", "webq_t2t")
-    )
-    machine = hardware(run_opts.get("device"))
-    timings = {"total": clock.total(), "stages": clock.seconds, "hardware": machine}
-    write_study_outputs(folder, results, timings, profiles, table + "\n\n" + paper)
-    scope = f"{hparams['zeroing_fraction']:.0%} of the base LLM's {hparams['importance_scope']}"
-    print_summary(table + "\n\n" + paper, base["zeroing"], scope, results, timings)
-    return results
 
 
 if __name__ == "__main__":

@@ -1,8 +1,21 @@
-"""The real-model study's tables: Table 2 of the paper as measured here, and the paper's.
+"""The real-model study's report: Table 2 of the paper as measured here, the paper's, and
+the study's outputs (results.json, timings.json, plots, paired tests).
 
 Authors
  * speechbrain-sllm developers 2026
 """
+
+import os
+
+import torch
+
+from speechbrain_sllm.study import (
+    hardware,
+    paired_tests,
+    print_summary,
+    read_rows,
+    write_study_outputs,
+)
 
 # The paper's Table 2 (Llama-3.2-1B-Instruct + Whisper, accuracy %), for comparison
 PAPER_1B = {
@@ -84,3 +97,31 @@ def paper_table():
     for name, values in PAPER_1B.items():
         lines.append(f"| {name} | " + " | ".join(cell(v) for v in values) + " |")
     return "\n".join(lines)
+
+
+def report(hparams, run_opts, base, stage1, runs, profiles, clock):
+    """Tables, paired tests, results.json, timings.json and plots; returns the results."""
+    folder = hparams["output_folder"]
+    table, paper = results_table(base, stage1, runs), paper_table()
+    results = {
+        "base": base,
+        "stage1": stage1,
+        "strategies": runs,
+        "table": table,
+        "llm": hparams["llm_source"],
+        "encoder": hparams["encoder_source"],
+        "targets": hparams["targets"],
+        "num_train": len(read_rows(os.path.join(hparams["manifest_folder"], "train.csv"))),
+        "num_finetune": min(hparams["num_finetune"], hparams["num_train"]),
+        "seed": hparams["seed"],
+        "torch_threads": torch.get_num_threads(),
+    }
+    results["paired_t2t_vs_base"] = paired_tests(
+        folder, os.path.join(folder, "base_llm"), runs, ("llamaq_t2t", "webq_t2t")
+    )
+    machine = hardware(run_opts.get("device"))
+    timings = {"total": clock.total(), "stages": clock.seconds, "hardware": machine}
+    write_study_outputs(folder, results, timings, profiles, table + "\n\n" + paper)
+    scope = f"{hparams['zeroing_fraction']:.0%} of the base LLM's {hparams['importance_scope']}"
+    print_summary(table + "\n\n" + paper, base["zeroing"], scope, results, timings)
+    return results

@@ -1,0 +1,1 @@
+"""Contributing recipes to SpeechBrain: upstream's consistency rules (``checks``)."""
