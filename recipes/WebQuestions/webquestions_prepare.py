@@ -164,13 +164,7 @@ def prepare_webquestions(
     paths = {split: os.path.join(save_folder, f"{split}.csv") for split in splits}
     if skip_prep:
         return paths
-    train_voices = voices_of_set(voice_set, [tuple(v) for v in train_voices])
-    test_voices = [tuple(v) for v in test_voices]
-    if set(train_voices) & set(test_voices):
-        raise ValueError(
-            f"prepare_webquestions: test voices {test_voices} overlap the training voices; "
-            "the WebQ test set must be spoken by an unseen voice."
-        )
+    train_voices, test_voices = checked_voices(voice_set, train_voices, test_voices)
     sources = source_files(data_folder, llama_questions_folder)
     counts = {"train": num_train, "valid": num_valid, "webq_test": num_test}
     options = {"counts": counts, "num_llamaq": num_llamaq, "seed": seed}
@@ -182,24 +176,47 @@ def prepare_webquestions(
     if is_prepared(save_folder, record, outputs, on_change):
         logger.info(f"WebQuestions / LLaMA Questions manifests in {save_folder} are up to date.")
         return paths
-    tts = Synthesisers(sample_rate=16000)  # one per engine, splits in a fixed order
+    variety = {
+        "renderings": varied_renderings,
+        "unseen_voices": test_voices,
+        "voice_set": voice_set,
+        "augment": augment_renderings,
+        "seed": seed,
+    }
     with staged_preparation(save_folder, record) as staging:
-        for split, file_name in WEBQ_FILES.items():
-            items = draw(
-                read_webquestions(os.path.join(data_folder, file_name)), counts[split], seed
-            )
-            voices = test_voices if split == "webq_test" else train_voices
-            variety = {
-                "renderings": varied_renderings,
-                "unseen_voices": test_voices,
-                "voice_set": voice_set,
-                "augment": augment_renderings,
-                "seed": seed,
-            }
-            speak_split(items, split, voices, tts, save_folder, staging, variety)
+        voices = (train_voices, test_voices)
+        speak_webquestions(data_folder, save_folder, counts, voices, variety, staging)
         rows = read_llama_questions(llama_questions_folder, num_llamaq)
         write_csv_manifest(rows, FIELDS, os.path.join(staging, "llamaq_test.csv"))
     return paths
+
+
+def checked_voices(voice_set, train_voices, test_voices):
+    """The training voices of ``voice_set`` and the test voices, as tuples; the test
+    voices must not be training voices (the WebQ test set is heard in an unseen voice)."""
+    train_voices = voices_of_set(voice_set, [tuple(v) for v in train_voices])
+    test_voices = [tuple(v) for v in test_voices]
+    if set(train_voices) & set(test_voices):
+        raise ValueError(
+            f"prepare_webquestions: test voices {test_voices} overlap the training voices; "
+            "the WebQ test set must be spoken by an unseen voice."
+        )
+    return train_voices, test_voices
+
+
+def speak_webquestions(data_folder, save_folder, counts, voices, variety, staging):
+    """Draws and synthesises each WebQ split: audio under ``save_folder``, manifests in
+    ``staging`` (one synthesiser per engine, splits in a fixed order); ``voices`` =
+    (training voices, test voices)."""
+    tts = Synthesisers(sample_rate=16000)
+    for split, file_name in WEBQ_FILES.items():
+        items = draw(
+            read_webquestions(os.path.join(data_folder, file_name)),
+            counts[split],
+            variety["seed"],
+        )
+        split_voices = voices[1] if split == "webq_test" else voices[0]
+        speak_split(items, split, split_voices, tts, save_folder, staging, variety)
 
 
 def speak_split(items, split, voices, tts, save_folder, staging, variety):

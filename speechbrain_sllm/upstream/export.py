@@ -96,10 +96,16 @@ def inlined_yaml(hparam_file):
 
 
 def copy_file(root, relative, destination):
-    """Copies ``root/relative`` to ``destination/relative`` (folders created)."""
-    target = os.path.join(destination, relative)
+    """Copies ``root/relative`` to ``destination/relative`` (folders created; a symbolic
+    link stays a link, as upstream links a dataset's preparation into its recipes)."""
+    source, target = os.path.join(root, relative), os.path.join(destination, relative)
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    shutil.copyfile(os.path.join(root, relative), target)
+    if os.path.islink(source):
+        if os.path.lexists(target):
+            os.remove(target)
+        os.symlink(os.readlink(source), target)
+    else:
+        shutil.copyfile(source, target)
 
 
 def export_recipe(recipe_folder, destination, root="."):

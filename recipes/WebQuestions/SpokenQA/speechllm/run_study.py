@@ -58,6 +58,26 @@ def load_llm(hparams):
     )
 
 
+def prepare(hparams):
+    """Spoken WebQuestions and LLaMA Questions manifests (``webquestions_prepare.py``)."""
+    return prepare_study_manifests(
+        hparams["data_folder"],
+        hparams["manifest_folder"],
+        hparams["llama_questions_folder"],
+        hparams["num_finetune"],
+        num_train=hparams["num_train"],
+        num_valid=hparams["num_valid"],
+        num_test=hparams["num_test"],
+        num_llamaq=hparams["num_llamaq"],
+        varied_renderings=hparams["varied_renderings"],
+        voice_set=hparams["voice_set"],
+        augment_renderings=hparams["augment_renderings"],
+        seed=hparams["seed"],
+        skip_prep=hparams["skip_prep"],
+        on_change=hparams["prepare_on_change"],
+    )
+
+
 def dataio_prepare(hparams, paths):
     """Spoken QA datasets of the prepared manifests (their written questions too)."""
     return {
@@ -80,22 +100,7 @@ def main(argv):
     )
     clock = StageClock()
     with clock.stage("data"):
-        paths = prepare_study_manifests(
-            hparams["data_folder"],
-            hparams["manifest_folder"],
-            hparams["llama_questions_folder"],
-            hparams["num_finetune"],
-            num_train=hparams["num_train"],
-            num_valid=hparams["num_valid"],
-            num_test=hparams["num_test"],
-            num_llamaq=hparams["num_llamaq"],
-            varied_renderings=hparams["varied_renderings"],
-            voice_set=hparams["voice_set"],
-            augment_renderings=hparams["augment_renderings"],
-            seed=hparams["seed"],
-            skip_prep=hparams["skip_prep"],
-            on_change=hparams["prepare_on_change"],
-        )
+        paths = prepare(hparams)
     runner = StudyRunner(
         hparams,
         run_opts,
