@@ -114,12 +114,12 @@ def test_seed_table_gives_mean_and_range_per_method_and_draws_the_picture(tmp_pa
     """Two synthetic runs: each cell is the written-out mean (min-max); a method missing
     from one run is left out; interpolated weights get their own rows."""
     sys.path.insert(0, os.path.join(ROOT, "recipes", "MiniSpokenQA", "SpokenQA"))
-    from seed_table import plot_t2t_vs_s2t, seed_table
+    from seed_table import plot_t2t_vs_s2t, plotted_methods, seed_table
 
     def run(t2t, s2t, extra):
         strategy = {"t2t": t2t, "s2t": s2t, "text_ppl": 1.5, "shift": {"js": 0.1}, "top3_iou": 0.5}
         strategy["interpolation"] = {"0.5": {"t2t": t2t + 10, "s2t": s2t - 10, "text_ppl": 1.2}}
-        runs = {"full_ft": strategy, **extra}
+        runs = {"full_ft": strategy, "lora": dict(strategy, interpolation={}), **extra}
         return {"base": {"t2t": 100.0, "text_ppl": 1.0}, "strategies": runs}
 
     replay = {"full_ft+replay": {"t2t": 90.0, "s2t": 50.0, "text_ppl": 1.1}}
@@ -128,5 +128,6 @@ def test_seed_table_gives_mean_and_range_per_method_and_draws_the_picture(tmp_pa
     assert "| full FT | 60.0 (50.0-70.0) | 50.0 (40.0-60.0) | 1.500 (1.500-1.500) |" in table
     assert "| full FT, weights at alpha 0.5 | 70.0 (60.0-80.0) | 40.0 (30.0-50.0) |" in table
     assert "replay" not in table  # only in one of the two runs
+    assert list(plotted_methods(runs)) == ["full FT", "LoRA (r 8, alpha 16)"]
     plot_t2t_vs_s2t(runs, str(tmp_path / "t2t_vs_s2t.png"))
     assert (tmp_path / "t2t_vs_s2t.png").read_bytes()[:4] == b"\x89PNG"

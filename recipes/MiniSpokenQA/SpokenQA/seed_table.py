@@ -92,6 +92,15 @@ def seed_table(runs):
     return "\n".join(lines)
 
 
+def plotted_methods(runs):
+    """``method_rows`` without the interpolation rows (those stay in the table)."""
+    return {
+        label: rows
+        for label, rows in method_rows(runs).items()
+        if ", weights at alpha " not in label
+    }
+
+
 def plot_t2t_vs_s2t(runs, path):
     """T2T against S2T: each method at its mean, its seed range as error bars.
 
@@ -108,9 +117,7 @@ def plot_t2t_vs_s2t(runs, path):
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(8, 6))
-    for label, rows in method_rows(runs).items():
-        if "alpha" in label:
-            continue  # the strategies' own points; interpolation stays in the table
+    for label, rows in plotted_methods(runs).items():
         s2t, t2t = [r["s2t"] for r in rows], [r["t2t"] for r in rows]
         x, y = sum(s2t) / len(s2t), sum(t2t) / len(t2t)
         axes.errorbar(
@@ -124,7 +131,7 @@ def plot_t2t_vs_s2t(runs, path):
         )
     axes.set_xlabel("S2T accuracy % (speech ability)")
     axes.set_ylabel("T2T accuracy % (text ability kept)")
-    axes.set_title(f"MiniSpokenQA, {len(runs)} seeds: mean and range")
+    axes.set_title(f"MiniSpokenQA, {len(runs)} seed(s): mean and range")
     axes.legend(fontsize=7, loc="lower left")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
