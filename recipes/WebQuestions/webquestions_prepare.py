@@ -135,15 +135,11 @@ def prepare_webquestions(
     test_voices : list of (str, int)
         Voices of the WebQ test set (none of them in ``train_voices``).
     varied_renderings : int
-        Extra renderings of each training question in ``align.csv``, in voices drawn
-        from ``VARIED_ACCENTS`` x ``VARIED_VARIANTS`` (never a test voice's variant),
-        rates ``VARIED_RATES`` and pitches ``VARIED_PITCHES``; 0: ``align.csv`` holds
-        the rows of ``train.csv`` only.
+        Extra renderings of each training question in ``align.csv`` (``speak_split``:
+        voices never a test voice's variant); 0: ``align.csv`` = ``train.csv``.
     voice_set : str
-        Voices of train / valid and of the varied renderings: ``espeak``
-        (``train_voices`` and eSpeak's accents), ``flite`` (``FLITE_TRAIN_VOICES``
-        and Flite's voices at random rates) or ``espeak+flite`` (both, in turn).
-        The WebQ test voice stays ``test_voices``.
+        Voices of train / valid and the varied renderings (``voices_of_set``):
+        ``espeak``, ``flite`` or ``espeak+flite``; WebQ test keeps ``test_voices``.
     augment_renderings : bool
         Pass each varied rendering through SpeechBrain's speed perturbation,
         reverberation and noise (``RenderingAugmenter``, seeded).
@@ -157,38 +153,36 @@ def prepare_webquestions(
     Returns
     -------
     dict
-        ``{split: manifest path}`` for ``train``, ``valid``, ``webq_test``, ``llamaq_test``
-        and ``align``.
+        ``{split: manifest path}`` (``train``, ``valid``, ``webq_test``, ``llamaq_test``, ``align``).
     """
     splits = (*WEBQ_FILES, "llamaq_test", "align")
     paths = {split: os.path.join(save_folder, f"{split}.csv") for split in splits}
     if skip_prep:
         return paths
     train_voices, test_voices = checked_voices(voice_set, train_voices, test_voices)
-    sources = source_files(data_folder, llama_questions_folder)
     counts = {"train": num_train, "valid": num_valid, "webq_test": num_test}
-    options = {"counts": counts, "num_llamaq": num_llamaq, "seed": seed}
-    options.update({"train_voices": train_voices, "test_voices": test_voices})
-    options.update(varied_renderings=varied_renderings, voice_set=voice_set)
-    options["augment_renderings"] = augment_renderings
-    record = completion_record(sources, json.loads(json.dumps(options)))
-    outputs = [os.path.basename(path) for path in paths.values()]
-    if is_prepared(save_folder, record, outputs, on_change):
+    options = dict(counts=counts, num_llamaq=num_llamaq, seed=seed, voice_set=voice_set)
+    options.update(train_voices=train_voices, test_voices=test_voices)
+    options.update(varied_renderings=varied_renderings, augment_renderings=augment_renderings)
+    record = preparation_record(data_folder, llama_questions_folder, options)
+    if is_prepared(save_folder, record, [f"{split}.csv" for split in splits], on_change):
         logger.info(f"WebQuestions / LLaMA Questions manifests in {save_folder} are up to date.")
         return paths
-    variety = {
-        "renderings": varied_renderings,
-        "unseen_voices": test_voices,
-        "voice_set": voice_set,
-        "augment": augment_renderings,
-        "seed": seed,
-    }
+    variety = dict(renderings=varied_renderings, unseen_voices=test_voices, voice_set=voice_set)
+    variety.update(augment=augment_renderings, seed=seed)
     with staged_preparation(save_folder, record) as staging:
-        voices = (train_voices, test_voices)
-        speak_webquestions(data_folder, save_folder, counts, voices, variety, staging)
+        speak_webquestions(
+            data_folder, save_folder, counts, train_voices, test_voices, variety, staging
+        )
         rows = read_llama_questions(llama_questions_folder, num_llamaq)
         write_csv_manifest(rows, FIELDS, os.path.join(staging, "llamaq_test.csv"))
     return paths
+
+
+def preparation_record(data_folder, llama_questions_folder, options):
+    """The completion record of the sources and the preparation's options."""
+    sources = source_files(data_folder, llama_questions_folder)
+    return completion_record(sources, json.loads(json.dumps(options)))
 
 
 def checked_voices(voice_set, train_voices, test_voices):
@@ -204,10 +198,12 @@ def checked_voices(voice_set, train_voices, test_voices):
     return train_voices, test_voices
 
 
-def speak_webquestions(data_folder, save_folder, counts, voices, variety, staging):
-    """Draws and synthesises each WebQ split: audio under ``save_folder``, manifests in
-    ``staging`` (one synthesiser per engine, splits in a fixed order); ``voices`` =
-    (training voices, test voices)."""
+def speak_webquestions(
+    data_folder, save_folder, counts, train_voices, test_voices, variety, staging
+):
+    """Draws and synthesises each WebQ split (train / valid in ``train_voices``, test in
+    ``test_voices``): audio under ``save_folder``, manifests in ``staging`` (one
+    synthesiser per engine, splits in a fixed order)."""
     tts = Synthesisers(sample_rate=16000)
     for split, file_name in WEBQ_FILES.items():
         items = draw(
@@ -215,7 +211,7 @@ def speak_webquestions(data_folder, save_folder, counts, voices, variety, stagin
             counts[split],
             variety["seed"],
         )
-        split_voices = voices[1] if split == "webq_test" else voices[0]
+        split_voices = test_voices if split == "webq_test" else train_voices
         speak_split(items, split, split_voices, tts, save_folder, staging, variety)
 
 
