@@ -115,10 +115,7 @@ class SpeechLLMBrain(NonFiniteGuard, ShardedTraining, MitigationTerms, sb.Brain)
             getattr(self.hparams, "tokenizer", None),
             device=self.device,
             autocast=self.training_ctx if for_gradients else self.evaluation_ctx,
-            batch_size=self.evaluation.batch_size,
-            max_new_tokens=self.evaluation.max_new_tokens,
-            num_beams=self.evaluation.num_beams,
-            answer_match=self.evaluation.answer_match,
+            settings=self.evaluation,
         )
 
     def compute_forward(self, batch, stage):
@@ -227,9 +224,8 @@ class SpeechLLMBrain(NonFiniteGuard, ShardedTraining, MitigationTerms, sb.Brain)
         if folder is not None:
             self.stage_metrics.write(folder, name)
         if self.train_logger is not None:
-            meta = {"Epoch loaded": getattr(self.hparams, "epoch_counter", None), "set": name}
-            if meta["Epoch loaded"] is not None:
-                meta["Epoch loaded"] = meta["Epoch loaded"].current
+            counter = getattr(self.hparams, "epoch_counter", None)
+            meta = {"Epoch loaded": getattr(counter, "current", None), "set": name}
             self.train_logger.log_stats(stats_meta=meta, test_stats=self.test_stats)
         return self.test_stats
 
@@ -289,11 +285,4 @@ class SpeechLLMBrain(NonFiniteGuard, ShardedTraining, MitigationTerms, sb.Brain)
     @property
     def ckpt_key(self):
         """The checkpoint meta key that selects the best checkpoint (``ckpt_key`` hparam)."""
-        key = getattr(self.hparams, "ckpt_key", "loss")
-        allowed = ["loss", *self.evaluation.valid_metrics]
-        if key not in allowed:
-            raise ValueError(
-                f"ckpt_key {key!r} is not computed at validation; use one of {allowed} "
-                "(add it to the evaluation's valid_metrics)."
-            )
-        return key
+        return self.evaluation.checkpoint_key(getattr(self.hparams, "ckpt_key", "loss"))

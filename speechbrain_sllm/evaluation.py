@@ -83,6 +83,32 @@ class EvaluationSettings:
                 )
         check_answer_match(self.answer_match)
 
+    def checkpoint_key(self, key):
+        """``key`` if validation computes it (the loss or a ``valid_metrics`` entry).
+
+        Arguments
+        ---------
+        key : str
+            The checkpoint meta key that selects the best checkpoint.
+
+        Returns
+        -------
+        str
+            ``key``.
+
+        Example
+        -------
+        >>> EvaluationSettings(valid_metrics=["S2T"]).checkpoint_key("S2T")
+        'S2T'
+        """
+        allowed = ["loss", *self.valid_metrics]
+        if key not in allowed:
+            raise ValueError(
+                f"ckpt_key {key!r} is not computed at validation; use one of {allowed} "
+                "(add it to the evaluation's valid_metrics)."
+            )
+        return key
+
 
 def context_error(error, item_id, mode):
     """A ``ContextLengthError`` that names the dataset item and the fix for its input mode.
@@ -170,43 +196,24 @@ class QAEvaluator:
     autocast : context manager or None
         The reusable context each forward runs in (a Brain's
         ``evaluation_ctx``, or ``training_ctx`` for gradients); None: none.
-    batch_size : int
-        Default batch size.
-    max_new_tokens : int
-        Decoding budget.
-    num_beams : int
-        Beam size (1: greedy).
-    answer_match : str
-        ``contains`` or ``exact`` (see ``QAAccuracyStats``).
+    settings : EvaluationSettings or None
+        Batch size, decoding budget, beam size and answer matching (None:
+        the defaults).
 
     Example
     -------
     >>> evaluator = QAEvaluator(torch.nn.Linear(1, 1), prompt=None, tokenizer=None)
-    >>> evaluator.batch_size, evaluator.answer_match
+    >>> evaluator.settings.batch_size, evaluator.settings.answer_match
     (8, 'contains')
     """
 
-    def __init__(
-        self,
-        model,
-        prompt,
-        tokenizer,
-        device="cpu",
-        autocast=None,
-        batch_size=8,
-        max_new_tokens=32,
-        num_beams=1,
-        answer_match="contains",
-    ):
+    def __init__(self, model, prompt, tokenizer, device="cpu", autocast=None, settings=None):
         self.model = model
         self.prompt = prompt
         self.tokenizer = tokenizer
         self.device = device
         self.autocast = autocast or contextlib.nullcontext()
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        self.num_beams = num_beams
-        self.answer_match = answer_match
+        self.settings = settings or EvaluationSettings()
 
     def forward(self, batch, mode):
         """``qa_forward`` of the model on ``batch`` (moved to the device), in ``autocast``."""
@@ -237,7 +244,10 @@ class QAEvaluator:
         """
         subset = torch.utils.data.Subset(dataset, rank_shard(range(len(dataset))))
         loader = make_dataloader(
-            subset, batch_size=batch_size or self.batch_size, shuffle=False, collate_fn=PaddedBatch
+            subset,
+            batch_size=batch_size or self.settings.batch_size,
+            shuffle=False,
+            collate_fn=PaddedBatch,
         )
         missing = 0
         if is_sharded(self.model):  # agreed before any forward: a collective of its own
@@ -296,7 +306,11 @@ class QAEvaluator:
                 prompts = [p.tolist() for p in unpad(batch.prompt_ids)]
                 inputs = self.model.build_batch(prompts, padding_side="left")
             return generated_texts(
-                self.model, self.tokenizer, inputs, self.max_new_tokens, self.num_beams
+                self.model,
+                self.tokenizer,
+                inputs,
+                self.settings.max_new_tokens,
+                self.settings.num_beams,
             )
 
     def decode(self, dataset, mode="speech", batch_size=None, progress=False):
@@ -349,7 +363,7 @@ class QAEvaluator:
         -------
         float
         """
-        stats = QAAccuracyStats(answer_match=self.answer_match)
+        stats = QAAccuracyStats(answer_match=self.settings.answer_match)
         stats.append(*self.decode(dataset, mode=mode, **kwargs))
         write_stats(stats, output_file)
         return stats.summarize("accuracy")

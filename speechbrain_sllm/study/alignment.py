@@ -18,6 +18,7 @@ Authors
 """
 
 import csv
+import dataclasses
 import functools
 import logging
 import os
@@ -156,7 +157,7 @@ def self_distilled_targets(runner, paths, model, max_new_tokens):
     os.makedirs(folder, exist_ok=True)
     brain = runner.stage_brain(model, build_strategy("frozen_llm"), 0.0, "text", folder, 0)
     evaluator = brain.evaluator()
-    evaluator.max_new_tokens = max_new_tokens
+    evaluator.settings = dataclasses.replace(evaluator.settings, max_new_tokens=max_new_tokens)
     with staged_preparation(folder, record) as staging:
         for split in SPLITS:
             dataset = runner.qa_dataset(paths[split])

@@ -1,12 +1,9 @@
 #!/usr/bin/env python3
-"""The paper's textual-degradation study on real pretrained models.
+"""The paper's textual-degradation study (its Table 2) on real pretrained models.
 
 Whisper encoder (frozen) -> adaptor -> instruct LLM, trained on spoken
-WebQuestions and scored on LLaMA Questions (real recordings) and WebQ test (a
-voice unseen in training), in the shape of the paper's Table 2, by the
-package's study protocol (``StudyRunner``): T2T and S2T accuracy per strategy,
-text perplexity, textual importance before / after and its layer-wise shift,
-the zeroing check, paired tests against the base LLM.
+WebQuestions, scored on LLaMA Questions' real recordings and WebQ test by the
+package's ``StudyRunner`` (T2T / S2T per strategy, perplexity, importance shift).
 
 To run it (hub ids by default; local folders work the same):
 > python run_study.py hparams/study.yaml \
@@ -101,17 +98,10 @@ def main(argv):
     clock = StageClock()
     with clock.stage("data"):
         paths = prepare(hparams)
-    runner = StudyRunner(
-        hparams,
-        run_opts,
-        hparams["finetune"],
-        hparams["importance"],
-        hparams["evaluation"],
-        clock,
-        inference_hparams=INFERENCE_TEMPLATE,
-        alignment=hparams["alignment"],
-        cascade_asr=hparams["cascade_asr"],
-    )
+    protocol = hparams["finetune"], hparams["importance"], hparams["evaluation"]
+    optional = {"alignment": hparams["alignment"], "cascade_asr": hparams["cascade_asr"]}
+    optional["inference_hparams"] = INFERENCE_TEMPLATE
+    runner = StudyRunner(hparams, run_opts, *protocol, clock, **optional)
     if hparams["stop_after"] not in STOP_AFTER:
         raise ValueError(f"stop_after {hparams['stop_after']!r} unknown; use one of {STOP_AFTER}.")
     full_study = hparams["stop_after"] == "strategies"
@@ -139,15 +129,9 @@ def main(argv):
         stage1 = align_stage(runner, paths, data, load_llm(hparams), encoder, adaptor)
     free_finished_stage()
     if not full_study:
-        settings = {"hparams": hparams_file, "overrides": overrides}
-        return write_stage_one_results(
-            hparams["output_folder"],
-            stage1,
-            base["cascade"],
-            settings,
-            clock,
-            run_opts.get("device"),
-        )
+        command = {"hparams": hparams_file, "overrides": overrides}
+        folder, device = hparams["output_folder"], run_opts.get("device")
+        return write_stage_one_results(folder, stage1, base["cascade"], command, clock, device)
     stage1.update({key: base[key] for key in ("llamaq_t2t", "webq_t2t", "text_ppl")})
 
     def build_model(strategy):
