@@ -135,14 +135,11 @@ def prepare_webquestions(
     test_voices : list of (str, int)
         Voices of the WebQ test set (none of them in ``train_voices``).
     varied_renderings : int
-        Extra renderings of each training question in ``align.csv`` (``speak_split``:
-        voices never a test voice's variant); 0: ``align.csv`` = ``train.csv``.
+        Extra renderings of each training question in ``align.csv``, in no test voice (0: none).
     voice_set : str
-        Voices of train / valid and the varied renderings (``voices_of_set``):
-        ``espeak``, ``flite`` or ``espeak+flite``; WebQ test keeps ``test_voices``.
+        Voices of train / valid / renderings: ``espeak``, ``flite`` or ``espeak+flite``.
     augment_renderings : bool
-        Pass each varied rendering through SpeechBrain's speed perturbation,
-        reverberation and noise (``RenderingAugmenter``, seeded).
+        Speed perturbation, reverberation and noise on each varied rendering (seeded).
     seed : int
         Seed of the question and voice draws.
     skip_prep : bool
