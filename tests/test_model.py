@@ -1,9 +1,12 @@
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import HIDDEN, llama_config, tiny_speech_llm, tiny_whisper_config
+from hyperpyyaml import load_hyperpyyaml
 from transformers import WavLMConfig
 
-from speechbrain_sllm.model.adaptors import ConvDownsampler, FrameStackAdaptor
+from speechbrain_sllm.model.adaptors import ConvDownsampler, FrameStackAdaptor, WhisperQueryAdaptor
 from speechbrain_sllm.model.encoders import (
     FbankTransformerEncoder,
     HFWav2Vec2Encoder,
@@ -99,6 +102,47 @@ def test_whisper_and_wavlm_encoders_feed_the_llm():
         speech = model.speech_embeddings(torch.randn(2, 8000), torch.tensor([1.0, 0.5]))
         assert speech[0].shape[1] == HIDDEN and speech[1].shape[0] < speech[0].shape[0]
         assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_whisper_query_adaptor_is_the_checkpoints_decoder_read_by_learned_queries(tmp_path):
+    from transformers import WhisperFeatureExtractor, WhisperModel
+
+    torch.manual_seed(0)
+    whisper = WhisperModel(tiny_whisper_config())
+    whisper.save_pretrained(tmp_path / "whisper")
+    WhisperFeatureExtractor(feature_size=20).save_pretrained(tmp_path / "whisper")
+    adaptor = WhisperQueryAdaptor(HIDDEN, source=str(tmp_path / "whisper"), num_queries=5)
+    tokens = torch.tensor([[whisper.config.decoder_start_token_id, 7, 8, 9, 10]])
+    frames = torch.randn(1, 12, 16)
+    # queries set to these tokens' embeddings: the decoder's hidden states on the tokens
+    with torch.no_grad():
+        adaptor.queries.copy_(whisper.decoder.embed_tokens(tokens)[0])
+        hidden = adaptor.decoder(
+            inputs_embeds=adaptor.queries[None], encoder_hidden_states=frames
+        ).last_hidden_state
+        reference = whisper.decoder(input_ids=tokens, encoder_hidden_states=frames)
+    assert torch.allclose(hidden, reference.last_hidden_state, atol=1e-6)
+    # the start-of-transcript embedding at every query; no token table kept
+    fresh = WhisperQueryAdaptor(HIDDEN, source=str(tmp_path / "whisper"), num_queries=5)
+    start = whisper.decoder.embed_tokens.weight[whisper.config.decoder_start_token_id]
+    assert torch.equal(fresh.queries, start.expand(5, -1))
+    assert not any("embed_tokens" in name for name, _ in fresh.named_parameters())
+    embeds, lengths = fresh(frames.expand(2, -1, -1), torch.tensor([1.0, 0.4]))
+    assert embeds.shape == (2, 5, HIDDEN) and torch.equal(lengths, torch.ones(2))
+    embeds.sum().backward()  # the queries and the decoder train
+    assert fresh.queries.grad.abs().sum() > 0
+    assert fresh.decoder.layers[0].encoder_attn.q_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="num_queries must be in"):
+        WhisperQueryAdaptor(HIDDEN, source=str(tmp_path / "whisper"), num_queries=10_000)
+    fragment = Path(__file__).parents[1] / "hparams" / "adaptors" / "whisper_query.yaml"
+    recipe = f"adaptor: !include:{fragment}\n    output_size: {HIDDEN}\n"
+    recipe += f"    source: {tmp_path / 'whisper'}\n"
+    built = load_hyperpyyaml(recipe)["adaptor"]
+    assert built.queries.shape == (64, 16) and torch.equal(built.queries[0], start)
+    encoder = HFWhisperEncoder(source=str(tmp_path / "whisper"))  # its frames feed the LLM
+    model = SpeechLLM(load_causal_lm(config=llama_config()), encoder, fresh)
+    speech = model.speech_embeddings(torch.randn(2, 8000), torch.tensor([1.0, 0.5]))
+    assert [item.shape for item in speech] == [(5, HIDDEN), (5, HIDDEN)]
 
 
 def test_whisper_rejects_audio_longer_than_its_window():

@@ -5,8 +5,10 @@ Two families are provided:
 * :class:`FrameStackAdaptor`: LLaMA-Omni style, concatenate ``k`` consecutive
   frames then a two-layer MLP (``Linear -> ReLU -> Linear``).
 * :class:`ConvDownsampler`: strided 1-D convolutions followed by a projection.
+* :class:`WhisperQueryAdaptor`: DiVA style, a querying transformer initialised
+  from Whisper's decoder: learned queries cross-attend to the encoder frames.
 
-Both take ``(B, T, D_enc)`` features with relative lengths and return
+All take ``(B, T, D_enc)`` features with relative lengths and return
 ``(B, T', D_llm)`` embeddings with updated relative lengths.
 
 Authors
@@ -144,6 +146,98 @@ class ConvDownsampler(nn.Module):
         time = feats.shape[1]
         hidden = self.convs(feats.transpose(1, 2)).transpose(1, 2)  # (B, T', C)
         return self.proj(hidden), output_lengths(lengths, time, hidden.shape[1], self.factor)
+
+
+class WhisperQueryAdaptor(nn.Module):
+    """Learned queries read the encoder frames through Whisper's decoder (DiVA's Q-Former).
+
+    The decoder of the same Whisper checkpoint as the encoder, which already
+    turns those frames into text, is the querying transformer: ``num_queries``
+    learned vectors pass through its layers (self-attention among the queries,
+    cross-attention to every encoder frame, Whisper's own position embeddings),
+    then a linear projection into the LLM's embedding space. The queries start
+    as the decoder's embedding of its start-of-transcript token (each position
+    then differs by its position embedding). The decoder's token embedding table
+    is not kept (the queries replace it), so the adaptor holds the decoder's
+    layers, its position embeddings, the queries and the projection.
+
+    The output has ``num_queries`` embeddings for every clip, whatever its
+    length (relative lengths all 1). Cross-attention reads every frame of the
+    batch's encoder output: use the encoder's ``full`` window (Whisper was
+    trained on padded 30 s windows) so that a clip's frames do not depend on
+    its batch.
+
+    Arguments
+    ---------
+    output_size : int
+        LLM hidden size ``D_llm``.
+    source : str or None
+        Local folder or hub id of the Whisper checkpoint (the encoder's).
+    config : transformers.WhisperConfig or None
+        A randomly initialised decoder of this shape instead of ``source``.
+    num_queries : int
+        Output embeddings per clip (at most the decoder's
+        ``max_target_positions``; enough for the longest question's tokens when
+        stage 1a's CTC reads them).
+    cache_dir : str or None
+        HF cache folder.
+
+    Example
+    -------
+    >>> from transformers import WhisperConfig
+    >>> cfg = WhisperConfig(d_model=16, encoder_layers=1, encoder_attention_heads=2,
+    ...     encoder_ffn_dim=32, decoder_layers=1, decoder_attention_heads=2,
+    ...     decoder_ffn_dim=32, max_target_positions=20)
+    >>> adaptor = WhisperQueryAdaptor(output_size=24, config=cfg, num_queries=6)
+    >>> out, lens = adaptor(torch.randn(2, 10, 16), torch.tensor([1.0, 0.5]))
+    >>> out.shape, lens
+    (torch.Size([2, 6, 24]), tensor([1., 1.]))
+    """
+
+    def __init__(self, output_size, source=None, config=None, num_queries=64, cache_dir=None):
+        super().__init__()
+        from transformers import WhisperModel
+
+        if (source is None) == (config is None):
+            raise ValueError("WhisperQueryAdaptor: give exactly one of `source` or `config`.")
+        if source is not None:
+            model = WhisperModel.from_pretrained(source, cache_dir=cache_dir)
+        else:
+            model = WhisperModel(config)
+        config = model.config
+        if not 1 <= num_queries <= config.max_target_positions:
+            raise ValueError(
+                f"WhisperQueryAdaptor: num_queries must be in [1, {config.max_target_positions}] "
+                f"(the decoder's max_target_positions), got {num_queries}."
+            )
+        self.decoder = model.decoder
+        start = self.decoder.embed_tokens.weight[config.decoder_start_token_id].detach()
+        self.queries = nn.Parameter(start.repeat(num_queries, 1).clone())
+        self.decoder.embed_tokens = None  # the queries are the decoder's inputs
+        self.proj = nn.Linear(config.d_model, output_size)
+
+    def forward(self, feats, lengths):
+        """Runs the queries through the decoder over the frames, then projects them.
+
+        Arguments
+        ---------
+        feats : torch.Tensor
+            Encoder output ``(B, T, D_enc)`` (``D_enc`` = the decoder's ``d_model``).
+        lengths : torch.Tensor
+            Relative lengths ``(B,)`` (every frame is read; see the class notes).
+
+        Returns
+        -------
+        embeds : torch.Tensor
+            ``(B, num_queries, D_llm)``.
+        lengths : torch.Tensor
+            Ones ``(B,)``.
+        """
+        queries = self.queries.unsqueeze(0).expand(feats.shape[0], -1, -1).to(feats.dtype)
+        hidden = self.decoder(
+            inputs_embeds=queries, encoder_hidden_states=feats, use_cache=False
+        ).last_hidden_state
+        return self.proj(hidden), torch.ones_like(lengths)
 
 
 def output_lengths(lengths, in_time, out_time, factor):
