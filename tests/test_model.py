@@ -127,8 +127,12 @@ def test_whisper_query_adaptor_is_the_checkpoints_decoder_read_by_learned_querie
     start = whisper.decoder.embed_tokens.weight[whisper.config.decoder_start_token_id]
     assert torch.equal(fresh.queries, start.expand(5, -1))
     assert not any("embed_tokens" in name for name, _ in fresh.named_parameters())
-    embeds, lengths = fresh(frames.expand(2, -1, -1), torch.tensor([1.0, 0.4]))
-    assert embeds.shape == (2, 5, HIDDEN) and torch.equal(lengths, torch.ones(2))
+    batch = torch.randn(3, 12, 16)
+    embeds, lengths = fresh(batch, torch.tensor([1.0, 0.5, 0.5]))
+    assert embeds.shape == (3, 5, HIDDEN) and torch.equal(lengths, torch.ones(3))
+    alone, _ = fresh(batch[1:2, :6], torch.ones(1))  # padding is never read
+    assert torch.allclose(embeds[1], alone[0], atol=1e-6)
+    assert not torch.allclose(embeds[1], fresh(batch[1:2], torch.ones(1))[0][0], atol=1e-3)
     embeds.sum().backward()  # the queries and the decoder train
     assert fresh.queries.grad.abs().sum() > 0
     assert fresh.decoder.layers[0].encoder_attn.q_proj.weight.grad.abs().sum() > 0

@@ -15,6 +15,8 @@ Authors
  * speechbrain-sllm developers 2026
 """
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -162,10 +164,9 @@ class WhisperQueryAdaptor(nn.Module):
     layers, its position embeddings, the queries and the projection.
 
     The output has ``num_queries`` embeddings for every clip, whatever its
-    length (relative lengths all 1). Cross-attention reads every frame of the
-    batch's encoder output: use the encoder's ``full`` window (Whisper was
-    trained on padded 30 s windows) so that a clip's frames do not depend on
-    its batch.
+    length (relative lengths all 1). Cross-attention reads each clip's valid
+    frames only (Whisper's decoder takes no encoder mask, so clips of unequal
+    length run one by one): a clip's output does not depend on its batch.
 
     Arguments
     ---------
@@ -224,7 +225,7 @@ class WhisperQueryAdaptor(nn.Module):
         feats : torch.Tensor
             Encoder output ``(B, T, D_enc)`` (``D_enc`` = the decoder's ``d_model``).
         lengths : torch.Tensor
-            Relative lengths ``(B,)`` (every frame is read; see the class notes).
+            Relative lengths ``(B,)``: frames past an item's length are not read.
 
         Returns
         -------
@@ -233,11 +234,20 @@ class WhisperQueryAdaptor(nn.Module):
         lengths : torch.Tensor
             Ones ``(B,)``.
         """
-        queries = self.queries.unsqueeze(0).expand(feats.shape[0], -1, -1).to(feats.dtype)
-        hidden = self.decoder(
-            inputs_embeds=queries, encoder_hidden_states=feats, use_cache=False
-        ).last_hidden_state
-        return self.proj(hidden), torch.ones_like(lengths)
+        valid = torch.round(lengths * feats.shape[1]).clamp(min=1).long().tolist()
+        queries = self.queries.unsqueeze(0).to(feats.dtype)
+        hidden, start = [], 0
+        for length, group in itertools.groupby(valid):  # neighbours of one length together
+            count = len(list(group))
+            frames = feats[start : start + count, :length]
+            outputs = self.decoder(
+                inputs_embeds=queries.expand(count, -1, -1),
+                encoder_hidden_states=frames,
+                use_cache=False,
+            )
+            hidden.append(outputs.last_hidden_state)
+            start += count
+        return self.proj(torch.cat(hidden)), torch.ones_like(lengths)
 
 
 def output_lengths(lengths, in_time, out_time, factor):
