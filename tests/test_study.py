@@ -114,7 +114,7 @@ def test_seed_table_gives_mean_and_range_per_method_and_draws_the_picture(tmp_pa
     """Two synthetic runs: each cell is the written-out mean (min-max); a method missing
     from one run is left out; interpolated weights get their own rows."""
     sys.path.insert(0, os.path.join(ROOT, "recipes", "MiniSpokenQA", "SpokenQA"))
-    from seed_table import plot_t2t_vs_s2t, plotted_methods, seed_table
+    from seed_table import goal_seeds, plot_t2t_vs_s2t, plotted_methods, seed_table
 
     def run(t2t, s2t, extra):
         strategy = {"t2t": t2t, "s2t": s2t, "text_ppl": 1.5, "shift": {"js": 0.1}, "top3_iou": 0.5}
@@ -129,5 +129,11 @@ def test_seed_table_gives_mean_and_range_per_method_and_draws_the_picture(tmp_pa
     assert "| full FT, weights at alpha 0.5 | 70.0 (60.0-80.0) | 40.0 (30.0-50.0) |" in table
     assert "replay" not in table  # only in one of the two runs
     assert list(plotted_methods(runs)) == ["full FT", "LoRA (r 8, alpha 16)"]
+    # the goal, per seed: T2T >= that seed's layer-wise LR, S2T >= that seed's full FT
+    for index, (t2t, s2t) in enumerate([(80.0, 45.0), (90.0, 70.0)]):
+        runs[index]["strategies"]["layerwise_lr"] = {"t2t": t2t, "s2t": s2t, "text_ppl": 1.3}
+    runs[0]["strategies"]["lora"] = dict(runs[0]["strategies"]["lora"], t2t=80.0, s2t=60.0)
+    runs[1]["strategies"]["lora"] = dict(runs[1]["strategies"]["lora"], t2t=95.0, s2t=39.0)
+    assert goal_seeds(runs) == {"LoRA (r 8, alpha 16)": 1, "full FT, weights at alpha 0.5": 0}
     plot_t2t_vs_s2t(runs, str(tmp_path / "t2t_vs_s2t.png"))
     assert (tmp_path / "t2t_vs_s2t.png").read_bytes()[:4] == b"\x89PNG"

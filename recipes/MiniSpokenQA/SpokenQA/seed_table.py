@@ -7,7 +7,8 @@
 Prints one markdown row per method found in every run (each strategy, each
 ``+mitigation`` and, when the runs interpolated weights, each strategy at each
 alpha): ``mean (min-max)`` of T2T, S2T, text perplexity, importance JS vs base
-and top-3% IoU vs base. ``--plot`` also draws T2T against S2T, one point per
+and top-3% IoU vs base; then, per method, in how many seeds it keeps at least
+layer-wise LR's T2T with at least full FT's S2T. ``--plot`` also draws T2T against S2T, one point per
 method at its mean with its seed range as error bars.
 
 Authors
@@ -92,6 +93,31 @@ def seed_table(runs):
     return "\n".join(lines)
 
 
+def goal_seeds(runs):
+    """Per method, the seeds in which it keeps at least layer-wise LR's T2T with at least
+    full FT's S2T (both of the same seed): issue 24's goal.
+
+    Arguments
+    ---------
+    runs : list of dict
+        One loaded ``results.json`` per seed (each with ``full_ft`` and ``layerwise_lr``).
+
+    Returns
+    -------
+    dict
+        ``{label: number of seeds that meet the goal}`` for every other method.
+    """
+    references = [
+        (r["strategies"]["layerwise_lr"]["t2t"], r["strategies"]["full_ft"]["s2t"]) for r in runs
+    ]
+    met = {}
+    for label, rows in method_rows(runs).items():
+        if label not in (LABELS["full_ft"], LABELS["layerwise_lr"]):
+            pairs = zip(rows, references)
+            met[label] = sum(row["t2t"] >= t2t and row["s2t"] >= s2t for row, (t2t, s2t) in pairs)
+    return met
+
+
 def plotted_methods(runs):
     """``method_rows`` without the interpolation rows (those stay in the table)."""
     return {
@@ -146,6 +172,10 @@ def main(argv):
         with open(path) as handle:
             runs.append(json.load(handle))
     print(seed_table(runs))
+    if all({"full_ft", "layerwise_lr"} <= set(run["strategies"]) for run in runs):
+        print("\nSeeds with at least layer-wise LR's T2T and full FT's S2T (same seed):")
+        for label, count in goal_seeds(runs).items():
+            print(f"* {label}: {count} of {len(runs)}")
     if plot:
         plot_t2t_vs_s2t(runs, plot[0])
 
