@@ -135,5 +135,5 @@ def test_seed_table_gives_mean_and_range_per_method_and_draws_the_picture(tmp_pa
     runs[0]["strategies"]["lora"] = dict(runs[0]["strategies"]["lora"], t2t=80.0, s2t=60.0)
     runs[1]["strategies"]["lora"] = dict(runs[1]["strategies"]["lora"], t2t=95.0, s2t=39.0)
     assert goal_seeds(runs) == {"LoRA (r 8, alpha 16)": 1, "full FT, weights at alpha 0.5": 0}
-    plot_t2t_vs_s2t(runs, str(tmp_path / "t2t_vs_s2t.png"))
+    plot_t2t_vs_s2t(runs, str(tmp_path / "t2t_vs_s2t.png"), "a 2-core CPU")
     assert (tmp_path / "t2t_vs_s2t.png").read_bytes()[:4] == b"\x89PNG"

@@ -2,7 +2,7 @@
 """The study's table as mean and spread over several seeds, and its T2T-vs-S2T picture.
 
 > python seed_table.py results/MiniSpokenQA/1234/results.json results/MiniSpokenQA/1235/results.json ...
-> python seed_table.py --plot=t2t_vs_s2t.png results/MiniSpokenQA/*/results.json
+> python seed_table.py --plot=t2t_vs_s2t.png --hardware="AMD EPYC, 2 cores" results/MiniSpokenQA/*/results.json
 
 Prints one markdown row per method found in every run (each strategy, each
 ``+mitigation`` and, when the runs interpolated weights, each strategy at each
@@ -127,7 +127,7 @@ def plotted_methods(runs):
     }
 
 
-def plot_t2t_vs_s2t(runs, path):
+def plot_t2t_vs_s2t(runs, path, hardware=None):
     """T2T against S2T: each method at its mean, its seed range as error bars.
 
     Arguments
@@ -136,6 +136,8 @@ def plot_t2t_vs_s2t(runs, path):
         One loaded ``results.json`` per seed.
     path : str
         The image file.
+    hardware : str or None
+        The machine the runs were measured on, named in the title.
     """
     import matplotlib
 
@@ -157,7 +159,8 @@ def plot_t2t_vs_s2t(runs, path):
         )
     axes.set_xlabel("S2T accuracy % (speech ability)")
     axes.set_ylabel("T2T accuracy % (text ability kept)")
-    axes.set_title(f"MiniSpokenQA, {len(runs)} seed(s): mean and range")
+    title = f"MiniSpokenQA, {len(runs)} seed(s): mean and range"
+    axes.set_title(f"{title}\n{hardware}" if hardware else title, fontsize=10)
     axes.legend(fontsize=7, loc="lower left")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -165,10 +168,12 @@ def plot_t2t_vs_s2t(runs, path):
 
 
 def main(argv):
-    """Prints the table of the given ``results.json`` files; ``--plot=<png>`` also draws."""
-    plot = [a.split("=", 1)[1] for a in argv if a.startswith("--plot=")]
+    """Prints the table of the given ``results.json`` files; ``--plot=<png>`` also draws
+    (``--hardware="<machine>"`` names the machine in its title)."""
+    options = {a[2:].split("=", 1)[0]: a.split("=", 1)[1] for a in argv if a.startswith("--")}
+    plot = [options["plot"]] if "plot" in options else []
     runs = []
-    for path in (a for a in argv if not a.startswith("--plot=")):
+    for path in (a for a in argv if not a.startswith("--")):
         with open(path) as handle:
             runs.append(json.load(handle))
     print(seed_table(runs))
@@ -177,7 +182,7 @@ def main(argv):
         for label, count in goal_seeds(runs).items():
             print(f"* {label}: {count} of {len(runs)}")
     if plot:
-        plot_t2t_vs_s2t(runs, plot[0])
+        plot_t2t_vs_s2t(runs, plot[0], options.get("hardware"))
 
 
 if __name__ == "__main__":
