@@ -140,3 +140,50 @@ def test_whisper_base_from_its_two_pypi_parts_transcribes_and_encodes(whisper_ba
     encoder = HFWhisperEncoder(source=whisper_base, window="batch")
     features, _ = encoder(*padded(wav_files[:1]))
     assert features.shape[-1] == encoder.output_size == 512
+
+
+def test_transcript_adaptor_reads_the_decoders_states_of_its_own_transcript(real_models, tmp_path):
+    from hyperpyyaml import load_hyperpyyaml
+    from transformers import AutoTokenizer
+
+    from speechbrain_sllm.model.adaptors import WhisperTranscriptAdaptor
+    from speechbrain_sllm.model.encoders import HFWhisperEncoder
+
+    wav_files, questions = spoken_questions(tmp_path)
+    encoder = HFWhisperEncoder(source=real_models["whisper"], window="batch").eval()
+    adaptor = WhisperTranscriptAdaptor(24, source=real_models["whisper"], upsample=2)
+    tokenizer = AutoTokenizer.from_pretrained(real_models["whisper"])
+    wavs, lens = padded(wav_files)
+    with torch.no_grad():
+        frames, frame_lens = encoder(wavs, lens)
+    valid = torch.round(frame_lens * frames.shape[1]).long().tolist()
+    alone = [adaptor.transcribe(frames[i : i + 1, : valid[i]]) for i in range(len(valid))]
+    texts = {str(i): tokenizer.decode(tokens[0][0]) for i, tokens in enumerate(alone)}
+    # frames trimmed to the clip: the transcript ends where the decoder starts over
+    assert transcript_wer(texts, dict(zip(texts, questions))) < 15.0, texts
+    # each state is the decoder's, teacher-forced on the prompt and the transcript
+    tokens, states = alone[0][0][0], alone[0][1][0]
+    ids = torch.tensor([adaptor.prompt + tokens])
+    with torch.no_grad():
+        forced = adaptor.decoder(input_ids=ids, encoder_hidden_states=frames[:1, : valid[0]])
+    start = len(adaptor.prompt) - 1
+    expected = forced.last_hidden_state[0, start : start + len(tokens)]
+    assert torch.allclose(states, expected, atol=1e-4)
+    # the batch: each clip its own transcript, padding never read, upsampled lengths
+    embeds, out_lens = adaptor(frames, frame_lens)
+    sizes = [len(tokens[0][0]) for tokens in alone]
+    assert embeds.shape == (len(sizes), 2 * max(sizes), 24)
+    assert torch.allclose(out_lens, torch.tensor(sizes) / max(sizes))
+    first = adaptor.proj(alone[0][1][0]).reshape(-1, 24)
+    assert torch.allclose(embeds[0, : 2 * sizes[0]], first, atol=1e-5)
+    # seen frames are not decoded again; only the projection trains
+    adaptor.transcribe = None  # a second decoding would fail
+    again, _ = adaptor(frames, frame_lens)
+    assert torch.equal(again, embeds)
+    again.sum().backward()
+    assert adaptor.proj[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in adaptor.decoder.parameters())
+    fragment = os.path.join(os.path.dirname(__file__), "..", "hparams", "adaptors")
+    recipe = f"adaptor: !include:{fragment}/whisper_transcript.yaml\n    output_size: 24\n"
+    built = load_hyperpyyaml(recipe + f"    source: {real_models['whisper']}\n")["adaptor"]
+    assert built.prompt == adaptor.prompt and built.upsample == 2

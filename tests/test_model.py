@@ -229,3 +229,24 @@ def test_fbank_feature_cache_gives_the_uncached_outputs_and_gradients():
     assert len(cached.feature_cache.memory) == 3
     ours.sum().backward()  # the encoder still trains on cached features
     assert cached.subsample[0].weight.grad is not None
+
+
+def test_transcript_adaptor_ends_a_transcript_at_its_end_or_where_it_starts_over():
+    from transformers import WhisperConfig
+
+    from speechbrain_sllm.model.adaptors import WhisperTranscriptAdaptor
+
+    config = WhisperConfig(
+        vocab_size=60, d_model=16, encoder_layers=1, encoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_layers=1, decoder_attention_heads=2,
+        decoder_ffn_dim=32, max_target_positions=20, decoder_start_token_id=1,
+        eos_token_id=2, pad_token_id=2,
+    )  # fmt: skip
+    adaptor = WhisperTranscriptAdaptor(HIDDEN, config=config, restart_ngram=2)
+    assert adaptor.transcript_end([5, 6, 7, 2]) == 3
+    assert adaptor.transcript_end([5, 6, 7, 5, 6]) == 3  # started over: cut there
+    assert adaptor.transcript_end([5, 6, 7, 6, 5]) is None
+    assert adaptor.transcript_end([5, 6, 5]) is None  # too short to have started over
+    adaptor.token_keys = {5: "what", 8: "what"}  # " What" and "what" read alike
+    assert adaptor.transcript_end([5, 6, 7, 8, 6]) == 3
+    assert adaptor.prompt == [1] and adaptor.max_tokens == 19

@@ -7,6 +7,10 @@ Two families are provided:
 * :class:`ConvDownsampler`: strided 1-D convolutions followed by a projection.
 * :class:`WhisperQueryAdaptor`: DiVA style, a querying transformer initialised
   from Whisper's decoder: learned queries cross-attend to the encoder frames.
+* :class:`WhisperTranscriptAdaptor`: the checkpoint's own (frozen) decoder
+  transcribes the frames greedily; its states at the transcript's tokens are
+  projected into the LLM's embedding space (a soft cascade, trained end to end
+  from the projection on).
 
 All take ``(B, T, D_enc)`` features with relative lengths and return
 ``(B, T', D_llm)`` embeddings with updated relative lengths.
@@ -15,6 +19,8 @@ Authors
  * speechbrain-sllm developers 2026
 """
 
+import collections
+import hashlib
 import itertools
 
 import torch
@@ -248,6 +254,267 @@ class WhisperQueryAdaptor(nn.Module):
             hidden.append(outputs.last_hidden_state)
             start += count
         return self.proj(torch.cat(hidden)), torch.ones_like(lengths)
+
+
+class WhisperTranscriptAdaptor(nn.Module):
+    """Whisper's own decoder transcribes the frames; its token states, projected, feed the LLM.
+
+    The decoder of the same Whisper checkpoint as the encoder is kept frozen and
+    decodes each clip greedily (its prompt: start of transcript, then for a
+    multilingual checkpoint English and transcribe, then no timestamps; its
+    ``suppress_tokens`` masked), up to its end-of-text token, the point where
+    it starts the transcript over, or ``max_tokens``.
+    The decoder's final states at the positions that predict the transcript's
+    tokens (each one the state whose output head gives that token) are the
+    adaptor's input: they carry the words the decoder heard, largely
+    independent of the voice. A trainable two-layer MLP maps each state to
+    ``upsample`` LLM input embeddings (upsampling leaves stage 1a's CTC room
+    when the LLM's tokenizer needs more tokens than Whisper's). No gradient
+    reaches the decoder; the projection is the only trained part. As the
+    decoder is frozen, a clip's states depend on its frames only: they are
+    kept in memory (up to ``memo_clips`` clips, least recently used dropped),
+    so that an epoch after the first decodes nothing it has seen.
+
+    The output length is ``upsample`` times the clip's transcript length (the
+    padded batch: the longest); relative lengths mark each clip's own.
+
+    Arguments
+    ---------
+    output_size : int
+        LLM hidden size ``D_llm``.
+    source : str or None
+        Local folder or hub id of the Whisper checkpoint (the encoder's).
+    config : transformers.WhisperConfig or None
+        A randomly initialised decoder of this shape instead of ``source``.
+    max_tokens : int
+        Greedy decoding budget per clip (Whisper tokens).
+    restart_ngram : int
+        A transcript whose last ``restart_ngram`` tokens repeat its first ones
+        ends there (the decoder starts over on frames trimmed to the clip).
+    memo_clips : int
+        Clips whose decoder states are kept (0: none).
+    upsample : int
+        LLM embeddings per decoder state.
+    hidden_size : int
+        Width of the projection MLP.
+    cache_dir : str or None
+        HF cache folder.
+
+    Example
+    -------
+    >>> from transformers import WhisperConfig
+    >>> cfg = WhisperConfig(vocab_size=60, d_model=16, encoder_layers=1,
+    ...     encoder_attention_heads=2, encoder_ffn_dim=32, decoder_layers=1,
+    ...     decoder_attention_heads=2, decoder_ffn_dim=32, max_target_positions=20,
+    ...     decoder_start_token_id=1, eos_token_id=2, pad_token_id=2)
+    >>> adaptor = WhisperTranscriptAdaptor(output_size=24, config=cfg, max_tokens=5)
+    >>> out, lens = adaptor(torch.randn(2, 10, 16), torch.tensor([1.0, 0.5]))
+    >>> out.shape[0], out.shape[2], out.shape[1] <= 10
+    (2, 24, True)
+    """
+
+    def __init__(
+        self,
+        output_size,
+        source=None,
+        config=None,
+        max_tokens=64,
+        restart_ngram=3,
+        memo_clips=20000,
+        upsample=2,
+        hidden_size=1024,
+        cache_dir=None,
+    ):
+        super().__init__()
+        from transformers import WhisperModel
+
+        if (source is None) == (config is None):
+            raise ValueError("WhisperTranscriptAdaptor: give exactly one of `source` or `config`.")
+        model = (
+            WhisperModel.from_pretrained(source, cache_dir=cache_dir)
+            if source is not None
+            else WhisperModel(config)
+        )
+        self.decoder = model.decoder.eval().requires_grad_(False)
+        self.prompt, self.suppress, self.token_keys = _transcription_prompt(
+            model.config, source, cache_dir
+        )
+        self.eos = model.config.eos_token_id
+        self.max_tokens = min(max_tokens, model.config.max_target_positions - len(self.prompt))
+        self.restart_ngram = restart_ngram
+        self.memo_clips = memo_clips
+        self.memo = collections.OrderedDict()
+        self.upsample = upsample
+        self.output_size = output_size
+        self.proj = nn.Sequential(
+            nn.Linear(model.config.d_model, hidden_size),
+            nn.GELU(),
+            nn.Linear(hidden_size, upsample * output_size),
+        )
+
+    def train(self, mode=True):
+        """Sets the projection's mode; the frozen decoder stays in eval mode."""
+        super().train(mode)
+        self.decoder.eval()
+        return self
+
+    @torch.no_grad()
+    def transcribe(self, frames):
+        """Greedy transcription of clips of one length, with the decoder's token states.
+
+        Arguments
+        ---------
+        frames : torch.Tensor
+            Encoder output ``(N, T, D)`` of ``N`` clips, every frame valid.
+
+        Returns
+        -------
+        tokens : list of list of int
+            Each clip's transcript tokens (without the prompt and end of text).
+        states : list of torch.Tensor
+            Each clip's decoder states, the one predicting each token (an empty
+            transcript keeps the one that predicted its end: one state).
+        """
+        count = frames.shape[0]
+        ids = torch.tensor(self.prompt, device=frames.device).repeat(count, 1)
+        states, ends = [], [None] * count
+        for _ in range(self.max_tokens):
+            hidden = self.decoder(
+                input_ids=ids, encoder_hidden_states=frames, use_cache=False
+            ).last_hidden_state[:, -1]
+            logits = hidden @ self.decoder.embed_tokens.weight.T
+            logits[:, self.suppress] = float("-inf")
+            states.append(hidden)
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+            generated = ids[:, len(self.prompt) :].tolist()
+            ends = [end if end is not None else self.transcript_end(row) for end, row in zip(ends, generated)]
+            if all(end is not None for end in ends):
+                break
+        lengths = [len(row) if end is None else end for end, row in zip(ends, generated)]
+        stacked = torch.stack(states, dim=1)
+        return (
+            [row[:length] for row, length in zip(generated, lengths)],
+            [clip[: max(length, 1)] for clip, length in zip(stacked, lengths)],
+        )
+
+    def transcript_end(self, tokens):
+        """Where a transcript ends: its end-of-text token, or where it starts over.
+
+        Whisper's decoder reading frames trimmed to the clip (not its 30 s
+        window) repeats the transcript from its beginning instead of ending it;
+        a transcript whose last ``restart_ngram`` tokens equal its first ones
+        (compared without case or leading space) ends before them.
+
+        Arguments
+        ---------
+        tokens : list of int
+            Tokens generated so far.
+
+        Returns
+        -------
+        int or None
+            The transcript's length, or None while it goes on.
+        """
+        if tokens and tokens[-1] == self.eos:
+            return len(tokens) - 1
+        size = self.restart_ngram
+        keys = [self.token_keys.get(token, token) for token in tokens[:size] + tokens[-size:]]
+        if len(tokens) >= 2 * size and keys[:size] == keys[size:]:
+            return len(tokens) - size
+        return None
+
+    def remember(self, key, clip_states):
+        """Keeps one clip's decoder states under its frames' key."""
+        self.memo[key] = clip_states.detach()
+
+    def forward(self, feats, lengths):
+        """Transcribes each clip's valid frames, then projects the token states.
+
+        Arguments
+        ---------
+        feats : torch.Tensor
+            Encoder output ``(B, T, D_enc)`` (``D_enc`` = the decoder's ``d_model``).
+        lengths : torch.Tensor
+            Relative lengths ``(B,)``: frames past an item's length are not read.
+
+        Returns
+        -------
+        embeds : torch.Tensor
+            ``(B, upsample * longest transcript, D_llm)`` (at least one state
+            per clip: an empty transcript keeps the state that predicted its end).
+        lengths : torch.Tensor
+            Relative output lengths ``(B,)``.
+        """
+        valid = torch.round(lengths * feats.shape[1]).clamp(min=1).long().tolist()
+        clips = [clip[:length] for clip, length in zip(feats, valid)]
+        keys = [frames_key(clip) for clip in clips]
+        unseen = [index for index, key in enumerate(keys) if key not in self.memo]
+        unseen.sort(key=lambda index: valid[index])  # clips of one length decode together
+        for length, group in itertools.groupby(unseen, key=lambda index: valid[index]):
+            group = list(group)
+            decoded = self.transcribe(torch.stack([clips[index] for index in group]))[1]
+            for index, clip_states in zip(group, decoded):
+                self.remember(keys[index], clip_states)
+        states = [self.memo[key].to(feats.device) for key in keys]
+        for key in keys:
+            self.memo.move_to_end(key)
+        if len(self.memo) > self.memo_clips:
+            for key in list(self.memo)[: len(self.memo) - self.memo_clips]:
+                del self.memo[key]
+        sizes = torch.tensor([len(clip) for clip in states], device=feats.device)
+        padded = nn.utils.rnn.pad_sequence(states, batch_first=True)
+        embeds = self.proj(padded.to(self.proj[0].weight.dtype))
+        embeds = embeds.reshape(len(states), -1, self.output_size)
+        return embeds, sizes / sizes.max()
+
+
+def frames_key(frames):
+    """A digest of a clip's encoder frames (their shape, dtype and values).
+
+    Arguments
+    ---------
+    frames : torch.Tensor
+        ``(T, D)`` frames.
+
+    Returns
+    -------
+    str
+
+    Example
+    -------
+    >>> frames_key(torch.zeros(2, 3)) == frames_key(torch.zeros(2, 3))
+    True
+    >>> frames_key(torch.zeros(2, 3)) == frames_key(torch.zeros(3, 2))
+    False
+    """
+    values = frames.detach().to("cpu").contiguous()
+    digest = hashlib.blake2b(values.view(torch.uint8).numpy().tobytes(), digest_size=16)
+    digest.update(f"{tuple(values.shape)}{values.dtype}".encode())
+    return digest.hexdigest()
+
+
+def _transcription_prompt(config, source, cache_dir):
+    """Whisper's English transcription prompt, its suppressed tokens, and token keys.
+
+    The special tokens are read from the checkpoint's tokenizer (a multilingual
+    checkpoint, 51,865 tokens or more as in Whisper's own convention, also gets
+    the language and task tokens); the suppressed tokens from its generation
+    config. The keys map a token id to its text in lower case without its
+    leading space (a randomly initialised decoder: no keys, ids compare as is).
+    """
+    from transformers import AutoTokenizer, GenerationConfig
+
+    prompt, suppress = [config.decoder_start_token_id], list(config.suppress_tokens or [])
+    if source is None:
+        return prompt, suppress, {}
+    tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=cache_dir)
+    vocabulary = tokenizer.get_vocab()
+    if config.vocab_size >= 51865:  # multilingual (the English-only models have 51,864)
+        prompt += [vocabulary["<|en|>"], vocabulary["<|transcribe|>"]]
+    prompt.append(vocabulary["<|notimestamps|>"])
+    generation = GenerationConfig.from_pretrained(source, cache_dir=cache_dir)
+    keys = {index: token.lstrip("\u0120").lower() for token, index in vocabulary.items()}
+    return prompt, list(generation.suppress_tokens or suppress), keys
 
 
 def output_lengths(lengths, in_time, out_time, factor):
