@@ -450,7 +450,7 @@ class WhisperTranscriptAdaptor(nn.Module):
         keys = [frames_key(clip) for clip in clips]
         unseen = [index for index, key in enumerate(keys) if key not in self.memo]
         unseen.sort(key=lambda index: valid[index])  # clips of one length decode together
-        for length, group in itertools.groupby(unseen, key=lambda index: valid[index]):
+        for _, group in itertools.groupby(unseen, key=lambda index: valid[index]):
             group = list(group)
             decoded = self.transcribe(torch.stack([clips[index] for index in group]))[1]
             for index, clip_states in zip(group, decoded):
