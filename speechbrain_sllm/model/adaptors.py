@@ -387,7 +387,10 @@ class WhisperTranscriptAdaptor(nn.Module):
             states.append(hidden)
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
             generated = ids[:, len(self.prompt) :].tolist()
-            ends = [end if end is not None else self.transcript_end(row) for end, row in zip(ends, generated)]
+            ends = [
+                end if end is not None else self.transcript_end(row)
+                for end, row in zip(ends, generated)
+            ]
             if all(end is not None for end in ends):
                 break
         lengths = [len(row) if end is None else end for end, row in zip(ends, generated)]
