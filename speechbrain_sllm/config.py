@@ -35,6 +35,8 @@ SHAPING_KEYS = (
     "llm_dim",
     "lora",
     "adaptor",
+    "adaptor_type",
+    "adaptor_choices",
 )
 RUN_RECORD = "run.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
@@ -193,19 +195,25 @@ def shaping_settings(settings):
     -------
     dict
         ``{key: value}``; mapping-valued keys (``lora``, ``adaptor``) hold their
-        scalar children.
+        scalar children; ``adaptor_choices`` only the chosen ``adaptor_type``'s.
 
     Example
     -------
     >>> shaping_settings({"strategy": "full_ft", "lora": {"rank": 8}, "llm_dim": 32})
     {'strategy': 'full_ft', 'llm_dim': 32}
+    >>> shaping_settings({"adaptor_type": "A", "adaptor_choices": {"A": {"size": 2}, "B": {}}})
+    {'adaptor_type': 'A', 'adaptor_choices': {'A': {'size': 2}}}
     """
     shaping = {}
     for key in SHAPING_KEYS:
         if key not in settings or (key == "lora" and "lora" not in str(settings.get("strategy"))):
             continue
         value = settings[key]
-        if hasattr(value, "items"):
+        if key == "adaptor_choices":
+            chosen = settings.get("adaptor_type")
+            arguments = value.get(chosen, {}) if hasattr(value, "get") else {}
+            value = {chosen: {name: child for name, child in arguments.items() if is_plain(child)}}
+        elif hasattr(value, "items"):
             value = {name: child for name, child in value.items() if is_plain(child)}
         elif not is_plain(value):
             continue

@@ -28,6 +28,7 @@ from speechbrain.utils.distributed import ddp_barrier, if_main_process
 from speechbrain_sllm.checkpointing import TrainableState
 from speechbrain_sllm.data.dataio import load_audio
 from speechbrain_sllm.fsdp import is_sharded
+from speechbrain_sllm.model.adaptors import ADAPTOR_TYPES
 from speechbrain_sllm.model.speech_llm import SpeechLLM
 from speechbrain_sllm.strategies import LoRASettings, apply_strategy
 from speechbrain_sllm.strategies.core import Strategy
@@ -205,8 +206,8 @@ def export_trained_model(model, strategy, inference_yaml, folder, settings, trai
         Output folder: written in a staging folder, then renamed into place
         (an earlier export is replaced whole; see ``replace_folder``).
     settings : dict
-        Top-level scalar keys of the template to fill in (``llm_source``,
-        ``encoder_source``, ``encoder_dim``, ``llm_dim``, ``instruction``, ...).
+        Top-level keys of the template to fill in (``llm_source``,
+        ``encoder_source``, ``adaptor_type``, ``adaptor_arguments``, ``instruction``, ...).
     trainable : dict or None
         The trainable tensors, whole (``whole_trainable_state``; None: read
         from ``model``, which must then not be sharded).
@@ -292,10 +293,10 @@ def inference_settings(hparams, model):
     Arguments
     ---------
     hparams : dict
-        The run's yaml (``llm_source``, ``encoder_source``, ``encoder_dim``,
-        ``llm_dim``, ``prompt``, ``sample_rate``, ``max_new_tokens``, ``num_beams``).
+        The run's yaml (``llm_source``, ``encoder_source``, ``prompt``,
+        ``sample_rate``, ``max_new_tokens``, ``num_beams``).
     model : SpeechLLM
-        The trained model (its encoder window, LLM dtype and adaptor shape).
+        The trained model (its encoder window, LLM dtype and adaptor).
 
     Returns
     -------
@@ -311,15 +312,43 @@ def inference_settings(hparams, model):
         "encoder_source": source(hparams["encoder_source"]),
         "encoder_window": getattr(model.encoder, "window", "full"),
         "llm_dtype": str(model.llm.dtype).replace("torch.", ""),
-        "encoder_dim": hparams["encoder_dim"],
-        "llm_dim": hparams["llm_dim"],
-        "adaptor_stack": model.adaptor.stack,
-        "adaptor_hidden_size": model.adaptor.mlp[0].out_features,
+        "adaptor_type": type(model.adaptor).__name__,
+        "adaptor_arguments": adaptor_arguments(model.adaptor, source),
         "instruction": hparams["prompt"].instruction,
         "sample_rate": hparams["sample_rate"],
         "max_new_tokens": hparams["max_new_tokens"],
         "num_beams": hparams["num_beams"],
     }
+
+
+def adaptor_arguments(adaptor, source):
+    """The arguments that rebuild ``adaptor`` (its checkpoint folder made absolute).
+
+    Arguments
+    ---------
+    adaptor : torch.nn.Module
+        An adaptor of ``speechbrain_sllm.model.adaptors``.
+    source : callable
+        Maps a ``source`` argument to the path an export records.
+
+    Returns
+    -------
+    dict
+    """
+    if type(adaptor).__name__ not in ADAPTOR_TYPES or not hasattr(adaptor, "arguments"):
+        raise TypeError(
+            f"{type(adaptor).__name__} cannot be exported: the inference yaml rebuilds "
+            f"one of speechbrain_sllm.model.adaptors' {list(ADAPTOR_TYPES)}."
+        )
+    arguments = dict(adaptor.arguments)
+    if arguments.get("source") is None and "source" in arguments:
+        raise TypeError(
+            f"{type(adaptor).__name__} built from a config (no `source`) cannot be "
+            "exported: the inference yaml loads the decoder from its checkpoint."
+        )
+    if "source" in arguments:
+        arguments["source"] = source(arguments["source"])
+    return arguments
 
 
 def export_recipe_run(hparams, inference_yaml=INFERENCE_TEMPLATE):
@@ -331,8 +360,8 @@ def export_recipe_run(hparams, inference_yaml=INFERENCE_TEMPLATE):
     ---------
     hparams : dict
         The recipe's loaded yaml (``model``, ``training_strategy``, ``llm_source``,
-        ``encoder_source``, ``encoder_dim``, ``llm_dim``, ``prompt``, ``sample_rate``,
-        ``max_new_tokens``, ``num_beams``).
+        ``encoder_source``, ``prompt``, ``sample_rate``, ``max_new_tokens``,
+        ``num_beams``).
     inference_yaml : str
         The template of ``hyperparams.yaml`` (default: the package's).
 

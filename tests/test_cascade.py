@@ -187,3 +187,49 @@ def test_transcript_adaptor_reads_the_decoders_states_of_its_own_transcript(real
     recipe = f"adaptor: !include:{fragment}/whisper_transcript.yaml\n    output_size: 24\n"
     built = load_hyperpyyaml(recipe + f"    source: {real_models['whisper']}\n")["adaptor"]
     assert built.prompt == adaptor.prompt and built.upsample == 2
+
+
+def test_a_speech_llm_with_the_transcript_adaptor_is_exported_and_loads_back(real_models, tmp_path):
+    from speechbrain_sllm.data.prompts import ChatPrompt
+    from speechbrain_sllm.data.tokenizers import HFTokenizer
+    from speechbrain_sllm.inference import (
+        INFERENCE_TEMPLATE,
+        SpeechLLMInference,
+        export_trained_model,
+        inference_settings,
+    )
+    from speechbrain_sllm.model.adaptors import WhisperTranscriptAdaptor
+    from speechbrain_sllm.model.encoders import HFWhisperEncoder
+    from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
+    from speechbrain_sllm.strategies import apply_strategy, build_strategy
+
+    torch.manual_seed(0)
+    encoder = HFWhisperEncoder(source=real_models["whisper"], window="batch")
+    adaptor = WhisperTranscriptAdaptor(576, source=real_models["whisper"], hidden_size=64)
+    model = SpeechLLM(load_causal_lm(real_models["llm"]), encoder, adaptor)
+    strategy = build_strategy("frozen_llm")
+    apply_strategy(model, strategy)  # stage 1: the LLM frozen, the adaptor trained
+    assert not any(p.requires_grad for p in adaptor.decoder.parameters())
+    assert all(p.requires_grad for p in adaptor.proj.parameters())
+    hparams = {
+        "llm_source": real_models["llm"],
+        "encoder_source": real_models["whisper"],
+        "prompt": ChatPrompt(HFTokenizer(real_models["llm"]), instruction="{question}"),
+        "sample_rate": 16000,
+        "max_new_tokens": 8,
+        "num_beams": 1,
+    }
+    folder = str(tmp_path / "inference")
+    settings = inference_settings(hparams, model)
+    assert settings["adaptor_type"] == "WhisperTranscriptAdaptor"
+    assert settings["adaptor_arguments"]["hidden_size"] == 64
+    export_trained_model(model, strategy, INFERENCE_TEMPLATE, folder, settings)
+    assistant = SpeechLLMInference.from_hparams(source=folder)
+    rebuilt = assistant.mods.model.adaptor
+    assert isinstance(rebuilt, WhisperTranscriptAdaptor)
+    exported = torch.load(os.path.join(folder, "model.ckpt"), weights_only=True)
+    assert exported and not any("decoder" in name for name in exported)
+    for name, tensor in adaptor.proj.state_dict().items():  # the trained projection, loaded
+        assert torch.equal(rebuilt.proj.state_dict()[name], tensor), name
+    wav_files, _ = spoken_questions(tmp_path)
+    assert isinstance(assistant.answer_file(wav_files[0]), str)

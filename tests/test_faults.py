@@ -504,3 +504,24 @@ def test_an_override_with_a_renamed_key_names_the_new_key(tmp_path):
         plain_settings(str(hparams_file), "save_folder: other")
     hparams_file.write_text("seed: 1\nsave_folder: data\n")  # a yaml that keeps the key
     assert plain_settings(str(hparams_file), "save_folder: other")["save_folder"] == "other"
+
+
+def test_resuming_with_another_adaptor_type_or_its_arguments_is_refused(tmp_path):
+    from speechbrain_sllm.config import RUN_RECORD, check_existing_run, shaping_settings
+
+    choices = {
+        "FrameStackAdaptor": {"input_size": 16, "output_size": 32, "stack": 5},
+        "WhisperTranscriptAdaptor": {"output_size": 32, "upsample": 2},
+    }
+    trained = {"output_folder": str(tmp_path), "adaptor_type": "FrameStackAdaptor"}
+    trained["adaptor_choices"] = choices
+    (tmp_path / "save" / "CKPT+1").mkdir(parents=True)
+    (tmp_path / RUN_RECORD).write_text(json.dumps(shaping_settings(trained)))
+    check_existing_run(trained)  # the same settings resume
+    other_choice = {**choices, "WhisperTranscriptAdaptor": {"output_size": 32, "upsample": 3}}
+    check_existing_run({**trained, "adaptor_choices": other_choice})  # not the chosen one
+    with pytest.raises(ValueError, match="resume with --adaptor_type=FrameStackAdaptor"):
+        check_existing_run({**trained, "adaptor_type": "WhisperTranscriptAdaptor"})
+    other_stack = {**choices, "FrameStackAdaptor": {**choices["FrameStackAdaptor"], "stack": 4}}
+    with pytest.raises(ValueError, match="adaptor_choices: .*'stack': 5.* in the folder"):
+        check_existing_run({**trained, "adaptor_choices": other_stack})

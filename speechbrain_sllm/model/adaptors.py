@@ -13,7 +13,9 @@ Two families are provided:
   from the projection on).
 
 All take ``(B, T, D_enc)`` features with relative lengths and return
-``(B, T', D_llm)`` embeddings with updated relative lengths.
+``(B, T', D_llm)`` embeddings with updated relative lengths. Each keeps the
+arguments it was built with (``arguments``), so that an exported model
+rebuilds it (:func:`build_adaptor`).
 
 Authors
  * speechbrain-sllm developers 2026
@@ -59,6 +61,9 @@ class FrameStackAdaptor(nn.Module):
         if stack < 1:
             raise ValueError(f"FrameStackAdaptor: stack must be >= 1, got {stack}.")
         self.stack = stack
+        self.arguments = dict(
+            input_size=input_size, output_size=output_size, stack=stack, hidden_size=hidden_size
+        )
         self.mlp = nn.Sequential(
             nn.Linear(input_size * stack, hidden_size),
             nn.ReLU(),
@@ -122,6 +127,13 @@ class ConvDownsampler(nn.Module):
                 "ConvDownsampler: num_layers and stride must be >= 1, "
                 f"got num_layers={num_layers}, stride={stride}."
             )
+        self.arguments = dict(
+            input_size=input_size,
+            output_size=output_size,
+            num_layers=num_layers,
+            stride=stride,
+            channels=channels,
+        )
         layers = []
         in_channels = input_size
         for _ in range(num_layers):
@@ -217,6 +229,7 @@ class WhisperQueryAdaptor(nn.Module):
                 f"WhisperQueryAdaptor: num_queries must be in [1, {config.max_target_positions}] "
                 f"(the decoder's max_target_positions), got {num_queries}."
             )
+        self.arguments = dict(output_size=output_size, source=source, num_queries=num_queries)
         self.decoder = model.decoder
         start = self.decoder.embed_tokens.weight[config.decoder_start_token_id].detach()
         self.queries = nn.Parameter(start.repeat(num_queries, 1).clone())
@@ -335,6 +348,14 @@ class WhisperTranscriptAdaptor(nn.Module):
             if source is not None
             else WhisperModel(config)
         )
+        self.arguments = dict(
+            output_size=output_size,
+            source=source,
+            max_tokens=max_tokens,
+            restart_ngram=restart_ngram,
+            upsample=upsample,
+            hidden_size=hidden_size,
+        )
         self.decoder = model.decoder.eval().requires_grad_(False)
         self.prompt, self.suppress, self.token_keys = _transcription_prompt(
             model.config, source, cache_dir
@@ -356,6 +377,16 @@ class WhisperTranscriptAdaptor(nn.Module):
         """Sets the projection's mode; the frozen decoder stays in eval mode."""
         super().train(mode)
         self.decoder.eval()
+        return self
+
+    def requires_grad_(self, requires_grad=True):
+        """Sets the projection's ``requires_grad``; the decoder stays frozen.
+
+        Training strategies set a whole adaptor trainable; the decoder only
+        transcribes (no gradient reaches it), so it never joins an optimiser
+        or a checkpoint of trained tensors.
+        """
+        self.proj.requires_grad_(requires_grad)
         return self
 
     @torch.no_grad()
@@ -469,6 +500,79 @@ class WhisperTranscriptAdaptor(nn.Module):
         embeds = self.proj(padded.to(self.proj[0].weight.dtype))
         embeds = embeds.reshape(len(states), -1, self.output_size)
         return embeds, sizes / sizes.max()
+
+
+ADAPTOR_TYPES = (
+    "FrameStackAdaptor",
+    "ConvDownsampler",
+    "WhisperQueryAdaptor",
+    "WhisperTranscriptAdaptor",
+)
+
+
+def build_adaptor(adaptor_type, arguments):
+    """An adaptor of this module rebuilt by class name from its ``arguments``.
+
+    Arguments
+    ---------
+    adaptor_type : str
+        One of ``ADAPTOR_TYPES``.
+    arguments : dict
+        Its constructor's arguments (an adaptor's ``arguments`` attribute).
+
+    Returns
+    -------
+    torch.nn.Module
+
+    Example
+    -------
+    >>> adaptor = FrameStackAdaptor(input_size=8, output_size=16, stack=3, hidden_size=32)
+    >>> rebuilt = build_adaptor("FrameStackAdaptor", adaptor.arguments)
+    >>> rebuilt.stack, rebuilt.mlp[0].out_features
+    (3, 32)
+    """
+    if adaptor_type not in ADAPTOR_TYPES:
+        raise ValueError(
+            f"adaptor_type {adaptor_type!r} unknown; use one of {list(ADAPTOR_TYPES)}."
+        )
+    return globals()[adaptor_type](**arguments)
+
+
+def choose_adaptor(adaptor_type, choices):
+    """The adaptor named by ``adaptor_type``, built from its entry in ``choices``.
+
+    A recipe yaml lists each adaptor's arguments under its class name, so that
+    ``--adaptor_type=...`` on the command line swaps the class (an override of
+    an ``!include``d node merges into it and cannot).
+
+    Arguments
+    ---------
+    adaptor_type : str
+        One of ``ADAPTOR_TYPES``, a key of ``choices``.
+    choices : dict
+        ``{adaptor_type: arguments}``.
+
+    Returns
+    -------
+    torch.nn.Module
+
+    Example
+    -------
+    >>> choices = {"FrameStackAdaptor": {"input_size": 8, "output_size": 16, "stack": 2}}
+    >>> choose_adaptor("FrameStackAdaptor", choices).stack
+    2
+    >>> try:
+    ...     choose_adaptor("ConvDownsampler", choices)
+    ... except KeyError as error:
+    ...     print(error.args[0][:60])
+    adaptor_type 'ConvDownsampler' has no entry in adaptor_choic
+    """
+    if adaptor_type not in choices:
+        raise KeyError(
+            f"adaptor_type {adaptor_type!r} has no entry in adaptor_choices; give its "
+            f"arguments there or use one of {list(choices)}."
+        )
+    return build_adaptor(adaptor_type, choices[adaptor_type])
 
 
 def frames_key(frames):
