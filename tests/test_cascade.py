@@ -168,7 +168,7 @@ def test_transcript_adaptor_reads_the_decoders_states_of_its_own_transcript(real
         forced = adaptor.decoder(input_ids=ids, encoder_hidden_states=frames[:1, : valid[0]])
     start = len(adaptor.prompt) - 1
     expected = forced.last_hidden_state[0, start : start + len(tokens)]
-    assert torch.allclose(states, expected, atol=1e-4)
+    assert torch.allclose(states, expected, atol=5e-4)  # cached decoding: float error only
     # the batch: each clip its own transcript, padding never read, upsampled lengths
     embeds, out_lens = adaptor(frames, frame_lens)
     sizes = [len(tokens[0][0]) for tokens in alone]

@@ -23,6 +23,7 @@ Authors
 
 import collections
 import hashlib
+import inspect
 import itertools
 
 import torch
@@ -357,6 +358,10 @@ class WhisperTranscriptAdaptor(nn.Module):
             hidden_size=hidden_size,
         )
         self.decoder = model.decoder.eval().requires_grad_(False)
+        # the decoder's key-value cache argument: ``cache`` from transformers 5, before it
+        # ``past_key_values``
+        parameters = inspect.signature(self.decoder.forward).parameters
+        self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self.prompt, self.suppress, self.token_keys = _transcription_prompt(
             model.config, source, cache_dir
         )
@@ -408,11 +413,15 @@ class WhisperTranscriptAdaptor(nn.Module):
         """
         count = frames.shape[0]
         ids = torch.tensor(self.prompt, device=frames.device).repeat(count, 1)
-        states, ends = [], [None] * count
+        states, ends, cache = [], [None] * count, None
         for _ in range(self.max_tokens):
-            hidden = self.decoder(
-                input_ids=ids, encoder_hidden_states=frames, use_cache=False
-            ).last_hidden_state[:, -1]
+            step = self.decoder(
+                input_ids=ids if cache is None else ids[:, -1:],
+                encoder_hidden_states=frames,
+                use_cache=True,
+                **{self.cache_argument: cache},
+            )
+            hidden, cache = step.last_hidden_state[:, -1], step.past_key_values
             logits = hidden @ self.decoder.embed_tokens.weight.T
             logits[:, self.suppress] = float("-inf")
             states.append(hidden)
