@@ -233,3 +233,49 @@ def test_a_speech_llm_with_the_transcript_adaptor_is_exported_and_loads_back(rea
         assert torch.equal(rebuilt.proj.state_dict()[name], tensor), name
     wav_files, _ = spoken_questions(tmp_path)
     assert isinstance(assistant.answer_file(wav_files[0]), str)
+
+
+def test_bridge_adaptor_hands_the_llm_the_embeddings_of_what_whisper_heard(real_models, tmp_path):
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from speechbrain_sllm.model.adaptors import WhisperBridgeAdaptor
+    from speechbrain_sllm.model.encoders import HFWhisperEncoder
+
+    adaptor = WhisperBridgeAdaptor(
+        576, source=real_models["whisper"], llm_source=real_models["llm"]
+    )
+    llm_tokenizer = AutoTokenizer.from_pretrained(real_models["llm"])
+    embeddings = AutoModelForCausalLM.from_pretrained(real_models["llm"]).get_input_embeddings()
+    # the table: a Whisper token's text as the mean of the LLM's embeddings of that text
+    whisper_tokenizer = AutoTokenizer.from_pretrained(real_models["whisper"])
+    split = next(  # a Whisper token whose text the LLM splits in two or more
+        token
+        for token in range(1000, adaptor.eos)
+        if len(llm_tokenizer(whisper_tokenizer.decode([token]), add_special_tokens=False).input_ids)
+        > 1
+    )
+    single = whisper_tokenizer.convert_tokens_to_ids(whisper_tokenizer.tokenize(" France"))[0]
+    for token in (single, split):
+        text = whisper_tokenizer.decode([token])
+        expected = embeddings.weight[llm_tokenizer(text, add_special_tokens=False).input_ids]
+        assert torch.allclose(adaptor.bridge[token], expected.mean(0), atol=1e-6), text
+    assert adaptor.bridge.shape == (adaptor.eos, 576)  # the text tokens only
+    # untrained, the nearest LLM tokens of its outputs spell the spoken question
+    wav_files, questions = spoken_questions(tmp_path)
+    encoder = HFWhisperEncoder(source=real_models["whisper"], window="batch").eval()
+    wavs, lens = padded(wav_files[:1])
+    with torch.no_grad():
+        frames, frame_lens = encoder(wavs, lens)
+        out, _ = adaptor(frames, frame_lens)
+    nearest = (F.normalize(out[0], dim=-1) @ F.normalize(embeddings.weight, dim=-1).T).argmax(-1)
+    heard = {"0": llm_tokenizer.decode(nearest)}
+    assert transcript_wer(heard, {"0": questions[0]}) < 15.0, heard
+    # the bridge and the residual train (the residual from zero); the decoder does not
+    adaptor.requires_grad_(True)
+    adaptor(frames, frame_lens)[0].sum().backward()
+    assert adaptor.bridge.grad.abs().sum() > 0 and adaptor.proj[2].weight.grad.abs().sum() > 0
+    assert torch.equal(adaptor.proj[2].weight, torch.zeros_like(adaptor.proj[2].weight))
+    assert not any(p.requires_grad for p in adaptor.decoder.parameters())
+    with pytest.raises(ValueError, match="set output_size to the LLM's width"):
+        WhisperBridgeAdaptor(64, source=real_models["whisper"], llm_source=real_models["llm"])

@@ -506,9 +506,138 @@ class WhisperTranscriptAdaptor(nn.Module):
                 del self.memo[key]
         sizes = torch.tensor([len(clip) for clip in states], device=feats.device)
         padded = nn.utils.rnn.pad_sequence(states, batch_first=True)
-        embeds = self.proj(padded.to(self.proj[0].weight.dtype))
-        embeds = embeds.reshape(len(states), -1, self.output_size)
-        return embeds, sizes / sizes.max()
+        return self.project(padded), sizes / sizes.max()
+
+    def project(self, states):
+        """``(B, N, D)`` decoder states to ``(B, upsample * N, D_llm)`` LLM embeddings."""
+        embeds = self.proj(states.to(self.proj[0].weight.dtype))
+        return embeds.reshape(states.shape[0], -1, self.output_size)
+
+
+class WhisperBridgeAdaptor(WhisperTranscriptAdaptor):
+    """The transcript adaptor read through a vocabulary bridge into the LLM's embeddings.
+
+    A decoder state gives Whisper's distribution over its text tokens (its
+    output head, at ``temperature``); a table maps each Whisper token to the
+    LLM's input embedding of the same text (the mean of the embeddings of the
+    LLM's tokens for that string), so the expected row is an LLM embedding of
+    what Whisper heard, for every word of the vocabulary from the first step
+    (LegoSLM's posterior-weighted embeddings, with Whisper's decoder as the
+    recogniser). The table is trained, and a residual MLP on the state
+    (its output layer starting at zero) adds what the table cannot say. One
+    LLM embedding per Whisper token.
+
+    Arguments
+    ---------
+    output_size : int
+        LLM hidden size ``D_llm``.
+    source : str
+        Local folder or hub id of the Whisper checkpoint (the encoder's).
+    llm_source : str
+        Local folder or hub id of the LLM (its tokenizer and input embeddings).
+    temperature : float
+        Divides Whisper's logits before the softmax.
+    max_tokens : int
+        Greedy decoding budget per clip (Whisper tokens).
+    restart_ngram : int
+        As in :class:`WhisperTranscriptAdaptor`.
+    memo_clips : int
+        As in :class:`WhisperTranscriptAdaptor`.
+    hidden_size : int
+        Width of the residual MLP.
+    cache_dir : str or None
+        HF cache folder.
+    """
+
+    def __init__(
+        self,
+        output_size,
+        source,
+        llm_source,
+        temperature=1.0,
+        max_tokens=64,
+        restart_ngram=3,
+        memo_clips=20000,
+        hidden_size=1024,
+        cache_dir=None,
+    ):
+        super().__init__(
+            output_size,
+            source=source,
+            max_tokens=max_tokens,
+            restart_ngram=restart_ngram,
+            memo_clips=memo_clips,
+            upsample=1,
+            hidden_size=hidden_size,
+            cache_dir=cache_dir,
+        )
+        self.arguments = dict(
+            output_size=output_size,
+            source=source,
+            llm_source=llm_source,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            restart_ngram=restart_ngram,
+            hidden_size=hidden_size,
+        )
+        self.temperature = temperature
+        self.text_tokens = min(self.eos, self.decoder.embed_tokens.num_embeddings)
+        table = bridge_table(source, llm_source, self.text_tokens, cache_dir)
+        if table.shape[1] != output_size:
+            raise ValueError(
+                f"WhisperBridgeAdaptor: the LLM {llm_source!r} has {table.shape[1]}-wide "
+                f"embeddings, output_size is {output_size}; set output_size to the LLM's width."
+            )
+        self.bridge = nn.Parameter(table)
+        nn.init.zeros_(self.proj[2].weight)
+        nn.init.zeros_(self.proj[2].bias)
+
+    def requires_grad_(self, requires_grad=True):
+        """Sets the bridge's and the residual MLP's ``requires_grad``; the decoder stays frozen."""
+        self.bridge.requires_grad_(requires_grad)
+        return super().requires_grad_(requires_grad)
+
+    def project(self, states):
+        """``(B, N, D)`` decoder states to ``(B, N, D_llm)``: bridge rows plus the residual."""
+        states = states.to(self.bridge.dtype)
+        head = self.decoder.embed_tokens.weight[: self.text_tokens].to(self.bridge.dtype)
+        posterior = torch.softmax(states @ head.T / self.temperature, dim=-1)
+        return posterior @ self.bridge + self.proj(states)
+
+
+def bridge_table(source, llm_source, text_tokens, cache_dir=None):
+    """Each Whisper text token's string as the mean of the LLM's input embeddings of it.
+
+    Arguments
+    ---------
+    source : str
+        The Whisper checkpoint (its tokenizer).
+    llm_source : str
+        The LLM (its tokenizer and input embeddings).
+    text_tokens : int
+        Whisper's text vocabulary (the ids below its first special token).
+    cache_dir : str or None
+        HF cache folder.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(text_tokens, D_llm)``; a token whose string the LLM tokenizes to
+        nothing gets zeros.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    whisper_tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=cache_dir)
+    llm_tokenizer = AutoTokenizer.from_pretrained(llm_source, cache_dir=cache_dir)
+    llm = AutoModelForCausalLM.from_pretrained(llm_source, cache_dir=cache_dir)
+    embeddings = llm.get_input_embeddings().weight.detach().float()
+    strings = [whisper_tokenizer.decode([token]) for token in range(text_tokens)]
+    encoded = llm_tokenizer(strings, add_special_tokens=False)["input_ids"]
+    table = torch.zeros(text_tokens, embeddings.shape[1])
+    for token, ids in enumerate(encoded):
+        if ids:
+            table[token] = embeddings[ids].mean(0)
+    return table
 
 
 ADAPTOR_TYPES = (
@@ -516,6 +645,7 @@ ADAPTOR_TYPES = (
     "ConvDownsampler",
     "WhisperQueryAdaptor",
     "WhisperTranscriptAdaptor",
+    "WhisperBridgeAdaptor",
 )
 
 
