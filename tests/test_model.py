@@ -247,6 +247,9 @@ def test_transcript_adaptor_ends_a_transcript_at_its_end_or_where_it_starts_over
     assert adaptor.transcript_end([5, 6, 7, 5, 6]) == 3  # started over: cut there
     assert adaptor.transcript_end([5, 6, 7, 6, 5]) is None
     assert adaptor.transcript_end([5, 6, 5]) is None  # too short to have started over
+    assert adaptor.transcript_end([5, 9, 9, 9]) == 2  # a one-token loop keeps one
+    assert adaptor.transcript_end([5, 6, 7, 8, 7, 8, 7, 8]) == 4  # "called, called, called,"
+    assert adaptor.transcript_end([5, 6, 7, 8, 7, 8]) is None  # twice may be speech
     adaptor.token_keys = {5: "what", 8: "what"}  # " What" and "what" read alike
     assert adaptor.transcript_end([5, 6, 7, 8, 6]) == 3
     assert adaptor.prompt == [1] and adaptor.max_tokens == 19

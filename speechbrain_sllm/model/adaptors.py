@@ -378,6 +378,8 @@ class WhisperTranscriptAdaptor(nn.Module):
             nn.Linear(hidden_size, upsample * output_size),
         )
 
+    LOOP_PERIOD = 4  # longest run of tokens whose third repeat ends a transcript
+
     def train(self, mode=True):
         """Sets the projection's mode; the frozen decoder stays in eval mode."""
         super().train(mode)
@@ -441,12 +443,14 @@ class WhisperTranscriptAdaptor(nn.Module):
         )
 
     def transcript_end(self, tokens):
-        """Where a transcript ends: its end-of-text token, or where it starts over.
+        """Where a transcript ends: its end-of-text token, or where it starts over or loops.
 
         Whisper's decoder reading frames trimmed to the clip (not its 30 s
-        window) repeats the transcript from its beginning instead of ending it;
-        a transcript whose last ``restart_ngram`` tokens equal its first ones
-        (compared without case or leading space) ends before them.
+        window) repeats the transcript from its beginning instead of ending it,
+        or, on speech it hears badly, loops on a few tokens. A transcript whose
+        last ``restart_ngram`` tokens equal its first ones (compared without
+        case or leading space) ends before them; one whose last tokens are the
+        third repeat of a run of at most ``LOOP_PERIOD`` tokens keeps the first.
 
         Arguments
         ---------
@@ -460,10 +464,14 @@ class WhisperTranscriptAdaptor(nn.Module):
         """
         if tokens and tokens[-1] == self.eos:
             return len(tokens) - 1
+        keys = [self.token_keys.get(token, token) for token in tokens]
         size = self.restart_ngram
-        keys = [self.token_keys.get(token, token) for token in tokens[:size] + tokens[-size:]]
-        if len(tokens) >= 2 * size and keys[:size] == keys[size:]:
-            return len(tokens) - size
+        if len(keys) >= 2 * size and keys[:size] == keys[-size:]:
+            return len(keys) - size
+        for period in range(1, self.LOOP_PERIOD + 1):
+            run = keys[-period:]
+            if len(keys) >= 3 * period and keys[-3 * period : -period] == run + run:
+                return len(keys) - 2 * period
         return None
 
     def remember(self, key, clip_states):
