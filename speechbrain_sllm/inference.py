@@ -28,7 +28,7 @@ from speechbrain.utils.distributed import ddp_barrier, if_main_process
 from speechbrain_sllm.checkpointing import TrainableState
 from speechbrain_sllm.data.dataio import load_audio
 from speechbrain_sllm.fsdp import is_sharded
-from speechbrain_sllm.model.adaptors import ADAPTOR_TYPES
+from speechbrain_sllm.model.adaptors import ADAPTOR_TYPES, adaptor_type_of
 from speechbrain_sllm.model.speech_llm import SpeechLLM
 from speechbrain_sllm.strategies import LoRASettings, apply_strategy
 from speechbrain_sllm.strategies.core import Strategy
@@ -312,7 +312,7 @@ def inference_settings(hparams, model):
         "encoder_source": source(hparams["encoder_source"]),
         "encoder_window": getattr(model.encoder, "window", "full"),
         "llm_dtype": str(model.llm.dtype).replace("torch.", ""),
-        "adaptor_type": type(model.adaptor).__name__,
+        "adaptor_type": adaptor_type_of(model.adaptor),
         "adaptor_arguments": adaptor_arguments(model.adaptor, source),
         "instruction": hparams["prompt"].instruction,
         "sample_rate": hparams["sample_rate"],
@@ -335,7 +335,7 @@ def adaptor_arguments(adaptor, source):
     -------
     dict
     """
-    if type(adaptor).__name__ not in ADAPTOR_TYPES or not hasattr(adaptor, "arguments"):
+    if adaptor_type_of(adaptor) is None or not hasattr(adaptor, "arguments"):
         raise TypeError(
             f"{type(adaptor).__name__} cannot be exported: the inference yaml rebuilds "
             f"one of speechbrain_sllm.model.adaptors' {list(ADAPTOR_TYPES)}."

@@ -685,6 +685,34 @@ def build_adaptor(adaptor_type, arguments):
     return globals()[adaptor_type](**arguments)
 
 
+def adaptor_type_of(adaptor):
+    """The class name an export records for ``adaptor`` (FSDP2's wrapper class looked through).
+
+    Arguments
+    ---------
+    adaptor : torch.nn.Module
+        An adaptor of this module, possibly sharded (FSDP2 subclasses it as
+        ``FSDP<name>``).
+
+    Returns
+    -------
+    str or None
+        One of ``ADAPTOR_TYPES``, or None for another module.
+
+    Example
+    -------
+    >>> adaptor_type_of(FrameStackAdaptor(input_size=8, output_size=16, stack=2))
+    'FrameStackAdaptor'
+    >>> adaptor_type_of(type("FSDPFrameStackAdaptor", (FrameStackAdaptor,), {})(8, 16))
+    'FrameStackAdaptor'
+    >>> adaptor_type_of(nn.Linear(2, 2)) is None
+    True
+    """
+    return next(
+        (cls.__name__ for cls in type(adaptor).__mro__ if cls.__name__ in ADAPTOR_TYPES), None
+    )
+
+
 def choose_adaptor(adaptor_type, choices):
     """The adaptor named by ``adaptor_type``, built from its entry in ``choices``.
 
