@@ -29,6 +29,8 @@ import itertools
 import torch
 from torch import nn
 
+from speechbrain_sllm.model.padding import absolute_lengths
+
 
 class FrameStackAdaptor(nn.Module):
     """Stacks ``stack`` consecutive frames and projects them with a 2-layer MLP.
@@ -254,7 +256,7 @@ class WhisperQueryAdaptor(nn.Module):
         lengths : torch.Tensor
             Ones ``(B,)``.
         """
-        valid = torch.round(lengths * feats.shape[1]).clamp(min=1).long().tolist()
+        valid = absolute_lengths(lengths, feats.shape[1]).tolist()
         queries = self.queries.unsqueeze(0).to(feats.dtype)
         hidden, start = [], 0
         for length, group in itertools.groupby(valid):  # neighbours of one length together
@@ -496,7 +498,7 @@ class WhisperTranscriptAdaptor(nn.Module):
         lengths : torch.Tensor
             Relative output lengths ``(B,)``.
         """
-        valid = torch.round(lengths * feats.shape[1]).clamp(min=1).long().tolist()
+        valid = absolute_lengths(lengths, feats.shape[1]).tolist()
         clips = [clip[:length] for clip, length in zip(feats, valid)]
         keys = [frames_key(clip) for clip in clips]
         unseen = [index for index, key in enumerate(keys) if key not in self.memo]
