@@ -277,5 +277,13 @@ def test_bridge_adaptor_hands_the_llm_the_embeddings_of_what_whisper_heard(real_
     assert adaptor.bridge.grad.abs().sum() > 0 and adaptor.proj[2].weight.grad.abs().sum() > 0
     assert torch.equal(adaptor.proj[2].weight, torch.zeros_like(adaptor.proj[2].weight))
     assert not any(p.requires_grad for p in adaptor.decoder.parameters())
+    # train_table=False: the same table, only the residual trains
+    kept = WhisperBridgeAdaptor(
+        576, source=real_models["whisper"], llm_source=real_models["llm"], train_table=False
+    )
+    kept.requires_grad_(True)
+    assert torch.equal(kept.bridge, adaptor.bridge) and not kept.bridge.requires_grad
+    kept(frames, frame_lens)[0].sum().backward()
+    assert kept.bridge.grad is None and kept.proj[2].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="set output_size to the LLM's width"):
         WhisperBridgeAdaptor(64, source=real_models["whisper"], llm_source=real_models["llm"])
