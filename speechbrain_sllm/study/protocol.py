@@ -632,7 +632,7 @@ class StudyRunner:
         return runs, profiles
 
     def build_strategy(self, name):
-        """A strategy from the yaml's ``lora``, ``layerwise_lr`` and ``train_encoder``.
+        """A strategy from the yaml's ``lora``, ``layerwise_lr``, ``train_encoder`` and ``ft_adaptor_lr``.
 
         The yaml's ``layerwise_lr`` reads the base profile this study writes
         (``<output_folder>/importance/base/profile.json``). A ``+<choice>`` part
@@ -660,6 +660,7 @@ class StudyRunner:
             lora=self.finetune.lora,
             layerwise_lr=rules[-1] if rules else self.finetune.layerwise_lr,
             train_encoder=self.finetune.train_encoder,
+            adaptor_lr_scale=self.finetune.adaptor_lr_scale(name),
         )
 
 

@@ -47,6 +47,9 @@ class FinetuneSettings:
         Rule of the layer-wise strategies.
     train_encoder : bool
         Whether the speech encoder trains too.
+    adaptor_lr : float or None
+        Rate of the adaptor (and a trained encoder) in every strategy; None:
+        the strategy's own rate.
     mitigation_choices : dict
         ``{name: mitigation}`` a strategy name can add (``TextReplay``,
         ``TextDistillation``, ``ImportanceAnchor``, or a ``LayerwiseLR`` that
@@ -64,6 +67,8 @@ class FinetuneSettings:
     Traceback (most recent call last):
     ...
     ValueError: ft_lr has no rate for 'full_ft' (nor 'full_ft'); it has ['lora'].
+    >>> FinetuneSettings(["lora"], 1, 8, {"lora": 2e-4}, None, adaptor_lr=2e-5).adaptor_lr_scale("lora")
+    0.1
     """
 
     strategies: list
@@ -75,6 +80,7 @@ class FinetuneSettings:
     lora: object = None
     layerwise_lr: object = None
     train_encoder: bool = False
+    adaptor_lr: object = None
     mitigation_choices: dict = field(default_factory=dict)
     interpolation_alphas: list = field(default_factory=list)
 
@@ -104,6 +110,23 @@ class FinetuneSettings:
         raise ValueError(
             f"ft_lr has no rate for {name!r} (nor {strategy!r}); it has {sorted(self.lr)}."
         )
+
+    def adaptor_lr_scale(self, name):
+        """The adaptor's rate relative to a strategy's (``adaptor_lr / lr_of(name)``).
+
+        Arguments
+        ---------
+        name : str
+            A strategy name, optionally with ``+<choice>`` parts.
+
+        Returns
+        -------
+        float
+            1.0 when ``adaptor_lr`` is None.
+        """
+        if self.adaptor_lr is None:
+            return 1.0
+        return float(self.adaptor_lr) / self.lr_of(name)
 
 
 @dataclass
