@@ -617,7 +617,7 @@ class WhisperBridgeAdaptor(WhisperTranscriptAdaptor):
         nn.init.zeros_(self.proj[2].bias)
 
     def requires_grad_(self, requires_grad=True):
-        """Sets the bridge's and the residual MLP's ``requires_grad``; the decoder stays frozen."""
+        """Sets the residual MLP's (and a trained table's) ``requires_grad``; the decoder stays frozen."""
         self.bridge.requires_grad_(requires_grad and self.train_table)
         return super().requires_grad_(requires_grad)
 

@@ -69,6 +69,10 @@ class FinetuneSettings:
     ValueError: ft_lr has no rate for 'full_ft' (nor 'full_ft'); it has ['lora'].
     >>> FinetuneSettings(["lora"], 1, 8, {"lora": 2e-4}, None, adaptor_lr=2e-5).adaptor_lr_scale("lora")
     0.1
+    >>> FinetuneSettings(["lora"], 1, 8, 2e-4, None, adaptor_lr=-1)
+    Traceback (most recent call last):
+    ...
+    ValueError: ft_adaptor_lr is -1; give a rate >= 0, or null for each strategy's own rate.
     """
 
     strategies: list
@@ -85,9 +89,14 @@ class FinetuneSettings:
     interpolation_alphas: list = field(default_factory=list)
 
     def __post_init__(self):
-        """Empty choices and alphas from the yaml (``null``) become empty containers."""
+        """Empty choices and alphas from the yaml (``null``) become empty containers; checks ``adaptor_lr``."""
         self.mitigation_choices = dict(self.mitigation_choices or {})
         self.interpolation_alphas = [float(alpha) for alpha in self.interpolation_alphas or []]
+        if self.adaptor_lr is not None and float(self.adaptor_lr) < 0:
+            raise ValueError(
+                f"ft_adaptor_lr is {self.adaptor_lr}; give a rate >= 0, or null for each "
+                "strategy's own rate."
+            )
 
     def lr_of(self, name):
         """The base learning rate of a strategy name.
