@@ -137,3 +137,32 @@ def test_seed_table_gives_mean_and_range_per_method_and_draws_the_picture(tmp_pa
     assert goal_seeds(runs) == {"LoRA (r 8, alpha 16)": 1, "full FT, weights at alpha 0.5": 0}
     plot_t2t_vs_s2t(runs, str(tmp_path / "t2t_vs_s2t.png"), "a 2-core CPU")
     assert (tmp_path / "t2t_vs_s2t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_real_model_picture_merges_runs_and_keeps_the_last_value(tmp_path):
+    """Two runs from one stage 1: a strategy in both takes the later run's scores; the
+    base LLM's T2T, stage 1 and the cascade are placed at the base T2T."""
+    sys.path.insert(0, os.path.join(ROOT, "recipes", "WebQuestions", "SpokenQA", "speechllm"))
+    from t2t_vs_s2t import merged_points, plot
+
+    def run(strategies):
+        base = {"llamaq_t2t": 30.0, "cascade": {"llamaq_s2t": 29.5}}
+        return {"base": base, "stage1": {"llamaq_s2t": 28.0}, "strategies": strategies}
+
+    first = run(
+        {
+            "full_ft": {"llamaq_s2t": 24.0, "llamaq_t2t": 31.0},
+            "lora": {"llamaq_s2t": 0.5, "llamaq_t2t": 31.5},
+        }
+    )
+    second = run({"lora": {"llamaq_s2t": 20.0, "llamaq_t2t": 30.5}})
+    base_t2t, points = merged_points([first, second])
+    assert base_t2t == 30.0
+    assert points == {
+        "cascade (Whisper decoder -> base LLM)": (29.5, 30.0),
+        "stage 1 (LLM frozen)": (28.0, 30.0),
+        "full FT": (24.0, 31.0),
+        "LoRA": (20.0, 30.5),
+    }
+    plot(base_t2t, points, str(tmp_path / "points.png"), "a 2-core CPU")
+    assert (tmp_path / "points.png").read_bytes()[:4] == b"\x89PNG"
