@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -198,3 +199,32 @@ def test_rewriting_a_manifest_with_the_same_rows_keeps_the_file(tmp_path):
     assert os.stat(path).st_mtime_ns == 1
     write_csv_manifest(rows + rows, ["ID", "question", "answer"], path)
     assert os.stat(path).st_mtime_ns != 1 and open(path).read().count("a,q,x") == 2
+
+
+def test_a_source_copied_with_new_times_is_still_prepared_and_new_content_is_not(tmp_path):
+    """The record keeps each source's digest: a copy (same bytes, new modification
+    time, as on another machine) counts as prepared; the same size with other bytes
+    does not; a record written before digests still matches by size and time."""
+    from speechbrain_sllm.data.preparation import completion_record, is_prepared, staged_preparation
+
+    source, folder = tmp_path / "questions.json", str(tmp_path / "prepared")
+    source.write_text('["what is it"]')
+    os.makedirs(folder)
+    with staged_preparation(folder, completion_record([str(source)], {"n": 1})) as staging:
+        open(os.path.join(staging, "train.csv"), "w").write("ID\n")
+    os.utime(source, ns=(5, 5))  # a copy: the same bytes, another time
+    assert is_prepared(folder, completion_record([str(source)], {"n": 1}), ["train.csv"])
+    assert not is_prepared(folder, completion_record([str(source)], {"n": 2}), ["train.csv"])
+    source.write_text('["what is ot"]')  # same size, other bytes
+    os.utime(source, ns=(5, 5))
+    assert not is_prepared(folder, completion_record([str(source)], {"n": 1}), ["train.csv"])
+    record = completion_record([str(source)], {"n": 1})
+    legacy = {
+        path: {"size": e["size"], "mtime_ns": e["mtime_ns"]}
+        for path, e in record["sources"].items()
+    }
+    with open(os.path.join(folder, "preparation.json"), "w") as handle:
+        json.dump({"sources": legacy, "options": {"n": 1}}, handle)
+    assert is_prepared(folder, record, ["train.csv"])
+    os.utime(source, ns=(6, 6))
+    assert not is_prepared(folder, completion_record([str(source)], {"n": 1}), ["train.csv"])

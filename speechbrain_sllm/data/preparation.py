@@ -2,15 +2,19 @@
 
 A recipe's preparation writes its manifests into a staging folder, moves them
 into place, and writes a completion record LAST: the source files (path, size,
-modification time) and the preparation options. A later run skips the work
-only when the record matches; a run killed at any point leaves either the
-previous complete set (with its record) or no valid record, and is redone.
+modification time and, up to ``DIGEST_LIMIT`` bytes, a SHA-256 of the content)
+and the preparation options. A later run skips the work only when the record
+matches: a source is the same when its size and modification time are, or, when
+they differ only in time, when its digest is (data copied to another machine
+keeps its content and gets new times). A run killed at any point leaves either
+the previous complete set (with its record) or no valid record, and is redone.
 
 Authors
  * speechbrain-sllm developers 2026
 """
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -19,10 +23,33 @@ import shutil
 logger = logging.getLogger(__name__)
 RECORD = "preparation.json"
 ON_CHANGE = ("redo", "stop")
+DIGEST_LIMIT = 256 * 2**20  # larger sources are recorded by size and time only
+
+
+def file_digest(path):
+    """SHA-256 of a file's content, read in 1 MiB blocks.
+
+    Arguments
+    ---------
+    path : str
+        The file.
+
+    Returns
+    -------
+    str
+        The hex digest.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def source_record(paths):
-    """Path, size and modification time of each source file (missing ones included).
+    """Path, size, modification time and content digest of each source file.
+
+    Missing files are recorded as None; files over ``DIGEST_LIMIT`` bytes get no digest.
 
     Arguments
     ---------
@@ -44,9 +71,66 @@ def source_record(paths):
         if os.path.isfile(path):
             stat = os.stat(path)
             record[path] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            if stat.st_size <= DIGEST_LIMIT:
+                record[path]["sha256"] = file_digest(path)
         else:
             record[path] = None
     return record
+
+
+def same_source(before, after):
+    """Whether two records of one source file describe the same content.
+
+    Arguments
+    ---------
+    before : dict or None
+        The recorded entry (a record written before digests has none).
+    after : dict or None
+        The entry now.
+
+    Returns
+    -------
+    bool
+
+    Example
+    -------
+    >>> old = {"size": 3, "mtime_ns": 1, "sha256": "ab"}
+    >>> same_source(old, {"size": 3, "mtime_ns": 2, "sha256": "ab"})  # copied: new time
+    True
+    >>> same_source(old, {"size": 3, "mtime_ns": 2, "sha256": "cd"})
+    False
+    >>> same_source({"size": 3, "mtime_ns": 1}, {"size": 3, "mtime_ns": 1, "sha256": "cd"})
+    True
+    """
+    if before is None or after is None:
+        return before is after
+    if before["size"] != after["size"]:
+        return False
+    if "sha256" in before and "sha256" in after:
+        return before["sha256"] == after["sha256"]
+    return before["mtime_ns"] == after["mtime_ns"]
+
+
+def same_record(previous, record):
+    """Whether a stored completion record matches the one made now.
+
+    Arguments
+    ---------
+    previous : dict
+        The stored record.
+    record : dict
+        From ``completion_record``.
+
+    Returns
+    -------
+    bool
+    """
+    before, after = previous.get("sources", {}), record["sources"]
+    return (
+        previous.get("options") == record["options"]
+        and set(before) == set(after)
+        and all(same_source(before[path], after[path]) for path in after)
+    )
 
 
 def completion_record(sources, options):
@@ -94,7 +178,7 @@ def is_prepared(save_folder, record, outputs, on_change="redo"):
         previous = json.load(handle)
     if not all(os.path.isfile(os.path.join(save_folder, name)) for name in outputs):
         return False
-    if previous == record:
+    if same_record(previous, record):
         return True
     changed = describe_change(previous, record)
     if on_change == "stop":
@@ -110,7 +194,7 @@ def describe_change(previous, record):
     """A short description of what differs between two completion records."""
     before, after = previous.get("sources", {}), record["sources"]
     changed = sorted(set(before) ^ set(after)) + [
-        path for path in after if path in before and before[path] != after[path]
+        path for path in after if path in before and not same_source(before[path], after[path])
     ]
     if changed:
         return f"changed sources: {changed[:3]}"
