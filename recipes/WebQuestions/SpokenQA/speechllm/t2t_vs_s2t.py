@@ -92,11 +92,11 @@ def plot(base_t2t, points, path, hardware=None):
     axes.axhline(base_t2t, color="grey", linestyle="--", label="base LLM's T2T")
     for label, (s2t, t2t) in points.items():
         axes.plot(s2t, t2t, "s" if "stage 1" in label or "cascade" in label else "o", label=label)
-    axes.set_xlabel("LLaMA Questions S2T accuracy % (300 real recordings)")
-    axes.set_ylabel("LLaMA Questions T2T accuracy % (text ability kept)")
+    axes.set_xlabel("LLaMA Questions S2T accuracy % (300 real recordings; one item 0.33)")
+    axes.set_ylabel("LLaMA Questions T2T accuracy % (text ability kept; one item 0.33)")
     title = "SmolLM2-135M-Instruct + Whisper tiny.en, one seed"
     axes.set_title(f"{title}\n{hardware}" if hardware else title, fontsize=10)
-    axes.legend(fontsize=7, loc="lower left")
+    axes.legend(fontsize=7, loc="best")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
