@@ -84,19 +84,23 @@ class TextReplay:
 
     def endless_batches(self):
         """Replay batches on the Brain's device, a new seeded permutation every pass,
-        starting after the first ``drawn`` batches (skipped without loading them)."""
+        starting after the first ``drawn`` batches (skipped without loading them).
+
+        The dataset gives its written keys only while a batch is read, never across
+        a ``yield``: it may be the spoken training set itself, whose speech batches
+        need their audio between replay batches."""
         generator = torch.Generator().manual_seed(self.seed + self.rank)
         size = len(self.dataset)
         skip = self.drawn
-        with self.dataset.output_keys_as(["id", "prompt_ids", "answer_ids"]):
-            while True:
-                order = torch.randperm(size, generator=generator).tolist()
-                for start in range(0, size, self.batch_size):
-                    if skip > 0:
-                        skip -= 1
-                        continue
+        while True:
+            order = torch.randperm(size, generator=generator).tolist()
+            for start in range(0, size, self.batch_size):
+                if skip > 0:
+                    skip -= 1
+                    continue
+                with self.dataset.output_keys_as(["id", "prompt_ids", "answer_ids"]):
                     items = [self.dataset[i] for i in order[start : start + self.batch_size]]
-                    yield PaddedBatch(items).to(self.device)
+                yield PaddedBatch(items).to(self.device)
 
     @mark_as_saver
     def _save(self, path):

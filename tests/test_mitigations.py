@@ -210,3 +210,18 @@ def test_module_granular_rates_follow_the_rule_per_module_type(tmp_path):
         assert groups[f"llm.layer.{layer:03d}"]["lr"] == pytest.approx(1e-3 * scale)
     with pytest.raises(ValueError, match="granularity 'module' needs rule 'importance'"):
         LayerwiseLR(rule="depth", granularity="module")
+
+
+@pytest.mark.parametrize("mitigation", [TextReplay, TextDistillation])
+def test_replay_from_the_spoken_training_set_leaves_its_audio_to_the_speech_batches(
+    mitigation, tokenizer, prompt, manifests, tmp_path
+):
+    """The real-model study replays the written side of its spoken training set (one
+    dataset): between replay batches the speech batches still get their audio."""
+    brain = make_brain("full_ft", tokenizer, prompt, tmp_path)
+    spoken = make_qa_dataset(manifests["speech"], prompt)
+    replay = mitigation(dataset=spoken, batch_size=2)
+    replay.on_fit_start(brain)
+    for _ in range(2):
+        assert not hasattr(replay.next_batch(), "sig")
+        assert "sig" in spoken[0]
