@@ -111,8 +111,29 @@ def same_source(before, after):
     return before["mtime_ns"] == after["mtime_ns"]
 
 
+def changed_sources(previous, record):
+    """The source paths whose content differs between two completion records.
+
+    Arguments
+    ---------
+    previous : dict
+        The stored record.
+    record : dict
+        From ``completion_record``.
+
+    Returns
+    -------
+    list of str
+        Paths in only one record, then paths whose entries are not ``same_source``.
+    """
+    before, after = previous.get("sources", {}), record["sources"]
+    return sorted(set(before) ^ set(after)) + [
+        path for path in after if path in before and not same_source(before[path], after[path])
+    ]
+
+
 def same_record(previous, record):
-    """Whether a stored completion record matches the one made now.
+    """Whether a stored completion record matches the one made now (options and sources).
 
     Arguments
     ---------
@@ -125,12 +146,7 @@ def same_record(previous, record):
     -------
     bool
     """
-    before, after = previous.get("sources", {}), record["sources"]
-    return (
-        previous.get("options") == record["options"]
-        and set(before) == set(after)
-        and all(same_source(before[path], after[path]) for path in after)
-    )
+    return previous.get("options") == record["options"] and not changed_sources(previous, record)
 
 
 def completion_record(sources, options):
@@ -192,10 +208,7 @@ def is_prepared(save_folder, record, outputs, on_change="redo"):
 
 def describe_change(previous, record):
     """A short description of what differs between two completion records."""
-    before, after = previous.get("sources", {}), record["sources"]
-    changed = sorted(set(before) ^ set(after)) + [
-        path for path in after if path in before and not same_source(before[path], after[path])
-    ]
+    changed = changed_sources(previous, record)
     if changed:
         return f"changed sources: {changed[:3]}"
     return f"changed options: {previous.get('options')} -> {record['options']}"
