@@ -329,8 +329,9 @@ class QAEvaluator:
 
         Returns
         -------
-        ids, predictions, references : list of str
-            In dataset order; under torchrun each rank decodes its share and
+        ids, predictions : list of str
+        references : list of list of str
+            Each item's accepted answers. In dataset order; under torchrun each rank decodes its share and
             every rank returns the whole, each item once.
         """
         items = []
@@ -338,7 +339,7 @@ class QAEvaluator:
         for batch, counted in tqdm(batches, disable=not progress, desc=f"decode {mode}"):
             texts = self.decode_batch(batch, mode)
             if counted:
-                items.extend(zip(batch.id, texts, batch.answer))
+                items.extend(zip(batch.id, texts, batch.references))
         items = gather_in_order(items, rank_shard(range(len(dataset))))
         if not items:
             return [], [], []
@@ -386,7 +387,8 @@ class QAEvaluator:
         """
         stats = wer_stats()
         ids, predictions, references = self.decode(dataset, mode="speech", **kwargs)
-        stats.append(ids, [p.split() for p in predictions], [r.split() for r in references])
+        transcripts = [answers[0] for answers in references]
+        stats.append(ids, [p.split() for p in predictions], [r.split() for r in transcripts])
         write_stats(stats, output_file)
         return stats.summarize("error_rate")
 
@@ -495,12 +497,12 @@ class StageMetrics:
             mode = "text" if name == "T2T" else "speech"
             if mode not in decoded:
                 decoded[mode] = evaluator.decode_batch(batch, mode)
-            ids, references = list(batch.id), list(batch.answer)
+            ids = list(batch.id)
             if name == "WER":
-                split = [[text.split() for text in texts] for texts in (decoded[mode], references)]
-                stats.append(ids, *split)
+                texts = (decoded[mode], list(batch.answer))
+                stats.append(ids, *[[text.split() for text in column] for column in texts])
             else:
-                stats.append(ids, decoded[mode], references)
+                stats.append(ids, decoded[mode], list(batch.references))
 
     def summarize(self, evaluator):
         """``{metric: value}`` (``text_ppl`` of ``text_set`` is computed here, on all ranks)."""

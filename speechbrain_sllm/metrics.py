@@ -4,6 +4,7 @@ Authors
  * speechbrain-sllm developers 2026
 """
 
+import json
 import math
 import re
 import string
@@ -180,7 +181,7 @@ def answer_matches(prediction, references, answer_match="contains"):
     prediction : str
         Model output.
     references : str or list of str
-        Accepted answers (``|``-separated in a string).
+        One accepted answer, or the list of them.
     answer_match : str
         ``contains`` or ``exact``.
 
@@ -194,12 +195,14 @@ def answer_matches(prediction, references, answer_match="contains"):
     True
     >>> answer_matches("Parisian", "paris")
     False
-    >>> answer_matches("paris", "Lyon|Paris", answer_match="exact")
+    >>> answer_matches("paris", ["Lyon", "Paris"], answer_match="exact")
     True
+    >>> answer_matches("AC", "AC|DC")  # one answer: "|" is a character like any other
+    False
     """
     check_answer_match(answer_match)
     if isinstance(references, str):
-        references = references.split("|")
+        references = [references]
     pred = normalize_answer(prediction)
     for reference in references:
         ref = normalize_answer(reference)
@@ -247,9 +250,10 @@ class QAAccuracyStats(MetricStats):
             Item ids.
         predictions : list of str
             Decoded model outputs.
-        references : list of str
-            Reference answers.
+        references : list of (str or list of str)
+            Each item's accepted answer, or the list of them.
         """
+        references = [[ref] if isinstance(ref, str) else list(ref) for ref in references]
         for pred, ref in zip(predictions, references):
             self.scores.append(float(answer_matches(pred, ref, self.answer_match)))
         self.ids.extend(ids)
@@ -264,7 +268,11 @@ class QAAccuracyStats(MetricStats):
         return self.summary[field] if field else self.summary
 
     def write_stats(self, filestream):
-        """Writes one line per item: id, match, prediction, reference (see ``tsv_field``)."""
+        """Writes one line per item: id, match, prediction, accepted answers.
+
+        Fields are escaped by ``tsv_field``; the accepted answers are one JSON
+        list, so an answer holding ``|`` or ``,`` reads back as written.
+        """
         for item_id, score, prediction, reference in zip(
             self.ids, self.scores, self.predictions, self.references
         ):
@@ -272,7 +280,7 @@ class QAAccuracyStats(MetricStats):
                 tsv_field(item_id),
                 f"{score:.0f}",
                 tsv_field(prediction),
-                tsv_field(reference),
+                tsv_field(json.dumps(reference, ensure_ascii=False)),
             )
             filestream.write("\t".join(fields) + "\n")
 

@@ -125,11 +125,13 @@ def tsv_rows(path):
 def accuracy_from_tsv(path, answer_match="contains"):
     """Accuracy (%) recomputed from a per-item file: each prediction matched to its references
     again, independently of the score column the evaluation wrote; and the number of items."""
+    import json
+
     from speechbrain_sllm.metrics import answer_matches
 
     rows = tsv_rows(path)
     correct = sum(
-        answer_matches(prediction, reference.split("|"), answer_match)
-        for _, _, prediction, reference in rows
+        answer_matches(prediction, json.loads(references), answer_match)
+        for _, _, prediction, references in rows
     )
     return 100.0 * correct / len(rows), len(rows)

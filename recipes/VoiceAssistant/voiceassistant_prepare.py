@@ -9,7 +9,8 @@ file (or absolute) and text fields:
   ``{"id", "audio", "question", "answers": [...]}``.
 
 Output: SpeechBrain CSVs ``train.csv``, ``valid.csv`` and ``eval_<name>.csv``
-with ``ID, wav, duration, question, answer`` (evaluation answers joined by ``|``).
+with ``ID, wav, duration, question, answer, alternatives`` (every accepted answer as a
+JSON list).
 
 Authors
  * speechbrain-sllm developers 2026
@@ -23,7 +24,7 @@ from collections import Counter
 
 import soundfile
 
-from speechbrain_sllm.data.dataio import write_csv_manifest
+from speechbrain_sllm.data.dataio import encode_alternatives, write_csv_manifest
 from speechbrain_sllm.data.preparation import (
     completion_record,
     is_prepared,
@@ -31,7 +32,7 @@ from speechbrain_sllm.data.preparation import (
 )
 
 logger = logging.getLogger(__name__)
-FIELDS = ["ID", "wav", "duration", "question", "answer"]
+FIELDS = ["ID", "wav", "duration", "question", "answer", "alternatives"]
 
 
 def prepare_spoken_qa(
@@ -153,9 +154,9 @@ def item_row(item, answers_key, base):
     if isinstance(answers, list):
         if not answers or not all(isinstance(a, str) and a.strip() for a in answers):
             return None, f"empty answer in `{answers_key}`", repr(answers)
-        answer = "|".join(answers)
+        answer = answers[0]
     else:
-        answer = answers
+        answer, answers = answers, [answers]
     if not (isinstance(item.get("question"), str) and item["question"].strip()):
         return None, "missing question", repr(item.get("question"))
     if not (isinstance(answer, str) and answer.strip()):
@@ -166,7 +167,13 @@ def item_row(item, answers_key, base):
     duration, problem = audio_duration(audio)
     if problem:
         return None, problem, audio
-    row = {"wav": audio, "duration": duration, "question": item["question"], "answer": answer}
+    row = {
+        "wav": audio,
+        "duration": duration,
+        "question": item["question"],
+        "answer": answer,
+        "alternatives": encode_alternatives(answers),
+    }
     return row, None, None
 
 

@@ -9,8 +9,9 @@ Inputs (obtain them from their sources; the recipe only reads them):
   LLAMA1-Test-Set): ``llama_questions_300.tsv`` (``Questions``, ``Answer``,
   ``Wav Filename``) and the real recordings ``1.wav`` .. ``300.wav``.
 
-Outputs (``save_folder``), SpeechBrain CSVs with ``ID, wav, duration, question, answer``
-(alternative answers joined by ``|``):
+Outputs (``save_folder``), SpeechBrain CSVs with ``ID, wav, duration, question, answer,
+alternatives`` (``answer`` the first accepted answer, ``alternatives`` all of them as a
+JSON list):
 
 * ``train.csv``: ``num_train`` WebQ training questions, each synthesised with
   eSpeak NG in one of the training voices (in turn);
@@ -40,14 +41,14 @@ import speechbrain as sb
 from tqdm import tqdm
 
 from speechbrain_sllm.data.augmentation import RenderingAugmenter
-from speechbrain_sllm.data.dataio import write_csv_manifest
+from speechbrain_sllm.data.dataio import encode_alternatives, write_csv_manifest
 from speechbrain_sllm.data.preparation import completion_record, is_prepared, staged_preparation
 from speechbrain_sllm.data.synthetic import TEST_VOICES, TRAIN_VOICES
 from speechbrain_sllm.data.tts import FliteTTS, Synthesisers
 from speechbrain_sllm.study.alignment import read_rows
 
 logger = logging.getLogger(__name__)
-FIELDS = ["ID", "wav", "duration", "question", "answer"]
+FIELDS = ["ID", "wav", "duration", "question", "answer", "alternatives"]
 WEBQ_FILES = {"train": "trainmodel.json", "valid": "val.json", "webq_test": "test.json"}
 LLAMAQ_TSV = "llama_questions_300.tsv"
 # Varied renderings: eSpeak NG English accents x voice variants, rates (wpm), pitches
@@ -243,7 +244,7 @@ def speak_split(items, split, voices, tts, save_folder, staging, variety):
 
 
 def read_webquestions(path):
-    """WebQuestions items as ``{"ID", "question", "answer"}`` (answers joined by ``|``).
+    """WebQuestions items as ``{"ID", "question", "answer", "alternatives"}``.
 
     Arguments
     ---------
@@ -267,7 +268,12 @@ def read_webquestions(path):
             logger.warning(f"{path}: item {number} has no question or answer; skipped")
             continue
         rows.append(
-            {"ID": str(item.get("qId", number)), "question": question, "answer": "|".join(answers)}
+            {
+                "ID": str(item.get("qId", number)),
+                "question": question,
+                "answer": answers[0],
+                "alternatives": encode_alternatives(answers),
+            }
         )
     return rows
 
@@ -469,7 +475,14 @@ def read_llama_questions(folder, count):
         utt_id = "llamaq_" + os.path.splitext(row["Wav Filename"])[0]
         question, answer = row["Questions"].strip(), row["Answer"].strip()
         rows.append(
-            {"ID": utt_id, "wav": wav, "duration": duration, "question": question, "answer": answer}
+            {
+                "ID": utt_id,
+                "wav": wav,
+                "duration": duration,
+                "question": question,
+                "answer": answer,
+                "alternatives": encode_alternatives([answer]),
+            }
         )
     return rows
 

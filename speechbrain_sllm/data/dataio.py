@@ -1,7 +1,11 @@
 """Manifests, audio loading and the data pipelines of spoken / written QA.
 
 Manifests are SpeechBrain CSV or JSON files with the fields
-``ID, wav, duration, question, answer`` (``wav`` may use ``$data_root``).
+``ID, wav, duration, question, answer`` and, optionally, ``alternatives``:
+every accepted answer as a JSON list (``answer``, the training target, is the
+first). ``wav`` may use ``$data_root`` (CSV) or ``{data_root}`` (JSON); only
+path fields are substituted, so any text (``$``, ``{``, ``|``, quotes, commas,
+newlines) in a question or answer reads back as written.
 
 Bad-item policy (documented in the README):
 
@@ -17,8 +21,10 @@ Authors
 
 import csv
 import filecmp
+import json
 import logging
 import os
+import re
 from collections import Counter
 
 import soundfile
@@ -109,6 +115,114 @@ def audio_problem(path, max_duration=None):
     return None
 
 
+PATH_FIELDS = ("wav",)
+ALTERNATIVES_FIELD = "alternatives"
+
+
+def encode_alternatives(answers):
+    """The ``alternatives`` field of a manifest: every accepted answer, as JSON.
+
+    Arguments
+    ---------
+    answers : list of str
+        Accepted answers, the training target first.
+
+    Returns
+    -------
+    str
+
+    Example
+    -------
+    >>> encode_alternatives(["AC|DC", "$100"])
+    '["AC|DC", "$100"]'
+    >>> decode_alternatives(encode_alternatives(["a, \\"b\\"\\nc"]))
+    ['a, "b"\\nc']
+    """
+    return json.dumps([str(answer) for answer in answers], ensure_ascii=False)
+
+
+def decode_alternatives(field):
+    """The accepted answers stored by :func:`encode_alternatives`.
+
+    Arguments
+    ---------
+    field : str
+        A JSON list of strings.
+
+    Returns
+    -------
+    list of str
+    """
+    try:
+        answers = json.loads(field)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"alternatives field {field[:60]!r} is not a JSON list of answers ({error}); "
+            "write it with speechbrain_sllm.data.dataio.encode_alternatives."
+        ) from error
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"alternatives field {field[:60]!r} must be a JSON list of strings.")
+    return answers
+
+
+def substitute_paths(row, replacements, pattern):
+    """Fills ``$key`` / ``{key}`` placeholders in the path fields of one manifest row.
+
+    Arguments
+    ---------
+    row : dict
+        One item; changed in place.
+    replacements : dict
+        ``{"data_root": folder}``.
+    pattern : str
+        Regular expression whose group 1 is the key (CSV ``$key``, JSON ``{key}``).
+    """
+    for field in PATH_FIELDS:
+        value = row.get(field)
+        if not isinstance(value, str):
+            continue
+        missing = [key for key in re.findall(pattern, value) if key not in replacements]
+        if missing:
+            raise KeyError(
+                f"{field} {value!r} uses {missing} with no replacement; pass "
+                f"replacements={{{missing[0]!r}: <folder>}} or write the path in full."
+            )
+        row[field] = re.sub(pattern, lambda match: str(replacements[match[1]]), value)
+
+
+def read_csv_rows(path, replacements):
+    """``{ID: row}`` of a SpeechBrain CSV manifest, text fields as written.
+
+    SpeechBrain's ``load_data_csv`` substitutes ``$key`` in every field and
+    strips leading spaces, so a question holding ``$100`` fails with a
+    ``KeyError`` that names no file; here only path fields are substituted.
+    """
+    data = {}
+    with open(path, newline="", encoding="utf-8") as handle:
+        for line, row in enumerate(csv.DictReader(handle), start=2):
+            if "ID" not in row:
+                raise ValueError(f"Manifest {path!r} has no ID column; add one (unique per item).")
+            data_id = row.pop("ID")
+            if data_id in data:
+                raise ValueError(f"Manifest {path!r} line {line}: duplicate ID {data_id!r}.")
+            substitute_paths(row, replacements, r"\$([\w.]+)")
+            if "duration" in row:
+                row["duration"] = float(row["duration"])
+            data[data_id] = row
+    return data
+
+
+def read_json_rows(path, replacements):
+    """``{ID: item}`` of a SpeechBrain JSON manifest, text fields as written."""
+    with open(path, encoding="utf-8") as handle:
+        data = json.load(handle)
+    if not isinstance(data, dict):
+        raise ValueError(f"Manifest {path!r} must hold an object {{ID: item}}.")
+    for item in data.values():
+        substitute_paths(item, replacements, r"\{([\w.]+)\}")
+    return data
+
+
 def load_manifest(path, replacements=None):
     """Loads a SpeechBrain CSV or JSON manifest into a ``DynamicItemDataset``.
 
@@ -117,7 +231,7 @@ def load_manifest(path, replacements=None):
     path : str
         ``.csv`` or ``.json`` manifest.
     replacements : dict or None
-        ``{"data_root": folder}`` style substitutions.
+        ``{"data_root": folder}`` style substitutions (path fields only).
 
     Returns
     -------
@@ -125,19 +239,19 @@ def load_manifest(path, replacements=None):
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Manifest {path!r} not found; run the recipe's data preparation.")
-    if path.endswith(".csv"):
-        with open(path, newline="") as handle:
-            if sum(1 for _ in csv.reader(handle)) < 2:
-                raise ValueError(
-                    f"Manifest {path!r} holds no item (header only or empty): this set is "
-                    "empty. Check the preparation's log for skipped items and the data paths."
-                )
     replacements = replacements or {}
     if path.endswith(".csv"):
-        return sb.dataio.dataset.DynamicItemDataset.from_csv(path, replacements=replacements)
-    if path.endswith(".json"):
-        return sb.dataio.dataset.DynamicItemDataset.from_json(path, replacements=replacements)
-    raise ValueError(f"Manifest {path!r} must end in .csv or .json.")
+        data = read_csv_rows(path, replacements)
+    elif path.endswith(".json"):
+        data = read_json_rows(path, replacements)
+    else:
+        raise ValueError(f"Manifest {path!r} must end in .csv or .json.")
+    if not data:
+        raise ValueError(
+            f"Manifest {path!r} holds no item (header only or empty): this set is "
+            "empty. Check the preparation's log for skipped items and the data paths."
+        )
+    return sb.dataio.dataset.DynamicItemDataset(data)
 
 
 def write_csv_manifest(rows, fields, path):
@@ -211,6 +325,28 @@ def drop_bad_items(dataset, fields, max_duration=None, name="dataset"):
     ), skipped
 
 
+def with_alternatives(dataset):
+    """``dataset``, or a copy of its items in which each has ``alternatives`` (``[answer]``).
+
+    Arguments
+    ---------
+    dataset : DynamicItemDataset
+        Items with ``answer``; those without ``alternatives`` accept their answer alone.
+
+    Returns
+    -------
+    DynamicItemDataset
+    """
+    if all(ALTERNATIVES_FIELD in item for item in dataset.data.values()):
+        return dataset
+    items = {}
+    for data_id in dataset.data_ids:
+        item = dict(dataset.data[data_id])
+        item.setdefault(ALTERNATIVES_FIELD, encode_alternatives([str(item.get("answer", ""))]))
+        items[data_id] = item
+    return sb.dataio.dataset.DynamicItemDataset(items)
+
+
 def make_qa_dataset(
     manifest,
     prompt,
@@ -224,8 +360,9 @@ def make_qa_dataset(
 ):
     """Builds a spoken (or written) QA dataset with token ids ready for the SpeechLLM.
 
-    Output keys: ``id``, ``question``, ``answer`` (alternatives joined by ``|``;
-    the first is the training target), ``prompt_ids`` (text prompt),
+    Output keys: ``id``, ``question``, ``answer`` (the training target),
+    ``references`` (every accepted answer: the manifest's ``alternatives``, or
+    ``[answer]`` where it has none), ``prompt_ids`` (text prompt),
     ``answer_ids`` (with eos) and, when ``with_audio``, ``sig``.
 
     Arguments
@@ -259,6 +396,7 @@ def make_qa_dataset(
         dataset, name = manifest, name or "dataset"
     else:
         dataset, name = load_manifest(manifest, replacements), name or manifest
+    dataset = with_alternatives(dataset)
     if check_items:
         fields = ["question", "answer"] + (["wav"] if with_audio else [])
         dataset, _ = drop_bad_items(dataset, fields, max_duration, name)
@@ -270,15 +408,16 @@ def make_qa_dataset(
             "fix or replace the items, or raise max_duration if they were too long."
         )
 
-    @sb.utils.data_pipeline.takes("question", "answer")
-    @sb.utils.data_pipeline.provides("prompt_ids", "answer_ids")
-    def text_pipeline(question, answer):
-        """Prompt ids of the written question and answer ids (first answer, with eos)."""
+    @sb.utils.data_pipeline.takes("question", "answer", ALTERNATIVES_FIELD)
+    @sb.utils.data_pipeline.provides("prompt_ids", "answer_ids", "references")
+    def text_pipeline(question, answer, alternatives):
+        """Prompt ids of the written question, answer ids (with eos), accepted answers."""
         yield torch.tensor(prompt.text_prompt(question), dtype=torch.long)
-        yield torch.tensor(prompt.answer_ids(answer.split("|")[0]), dtype=torch.long)
+        yield torch.tensor(prompt.answer_ids(answer), dtype=torch.long)
+        yield decode_alternatives(alternatives)
 
     dataset.add_dynamic_item(text_pipeline)
-    keys = ["id", "question", "answer", "prompt_ids", "answer_ids"]
+    keys = ["id", "question", "answer", "references", "prompt_ids", "answer_ids"]
     if with_audio:
 
         @sb.utils.data_pipeline.takes("wav")

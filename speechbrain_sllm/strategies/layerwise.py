@@ -1,6 +1,6 @@
 """Layer-wise learning rates: depth rules and the importance-guided rule.
 
-The importance rule (PAPER.md): ``lr_i = base * (1 - lam * (I_i - min I) / (max I - min I))``
+The importance rule (Wang et al., ICASSP 2026): ``lr_i = base * (1 - lam * (I_i - min I) / (max I - min I))``
 with ``I`` the textual importance of decoder layer ``i`` in the ORIGINAL LLM, so the
 most text-important layer trains at ``(1 - lam)`` times the base rate.
 

@@ -27,7 +27,11 @@ import speechbrain as sb
 import torch
 
 from speechbrain_sllm.checkpointing import AtomicCheckpointer, RNGState
-from speechbrain_sllm.data.dataio import write_csv_manifest
+from speechbrain_sllm.data.dataio import (
+    ALTERNATIVES_FIELD,
+    encode_alternatives,
+    write_csv_manifest,
+)
 from speechbrain_sllm.data.preparation import completion_record, is_prepared, staged_preparation
 from speechbrain_sllm.distillation import DistillationBrain, TeacherCache
 from speechbrain_sllm.metrics import wer_stats
@@ -106,7 +110,8 @@ def read_rows(manifest):
 def rewrite_answers(manifest, answers, path):
     """Writes ``manifest`` again with each item's answer set to ``answers[ID]``.
 
-    Items without a (non-empty) new answer are left out.
+    Items without a (non-empty) new answer are left out; the new answer is
+    the item's only accepted one (``alternatives``).
 
     Arguments
     ---------
@@ -119,9 +124,14 @@ def rewrite_answers(manifest, answers, path):
     """
     rows = read_rows(manifest)
     fields = list(rows[0]) if rows else ["ID", "answer"]
+    new = {key: text for key, text in answers.items() if text.strip()}
     kept = [
-        dict(row, answer=answers[row["ID"]]) for row in rows if answers.get(row["ID"], "").strip()
+        dict(row, answer=new[row["ID"]], alternatives=encode_alternatives([new[row["ID"]]]))
+        for row in rows
+        if row["ID"] in new
     ]
+    if ALTERNATIVES_FIELD not in fields:
+        fields.append(ALTERNATIVES_FIELD)
     write_csv_manifest(kept, fields, path)
 
 
