@@ -8,6 +8,7 @@ sharded over the ranks).
 
 > python -m speechbrain_sllm.plan --llm llama-3.1-8b --strategy full_ft --world-size 8 --parallelism fsdp
 > python -m speechbrain_sllm.plan --llm /models/my-llm --strategy lora --lora-rank 16
+> python -m speechbrain_sllm.plan --llm llama-3.1-8b --command compare --device-memory 80GB
 
 What it assumes, as the package trains: parameters and gradients in the LLM's
 dtype, AdamW state (two tensors per trainable parameter) in the parameter
@@ -20,6 +21,8 @@ Authors
 
 import argparse
 import dataclasses
+import os
+import re
 
 import torch
 
@@ -43,6 +46,15 @@ BUILTIN_SHAPES = {
         num_key_value_heads=8,
         vocab_size=128256,
         tie_word_embeddings=False,
+    ),
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
     ),
     "llama-3.1-70b": dict(
         hidden_size=8192,
@@ -75,6 +87,9 @@ class MemoryPlan:
         Estimated activation memory of one micro-batch on one rank.
     mitigations : int
         What the strategy's mitigations keep (``MITIGATION_COSTS``).
+    held_scores : int
+        ``compare``: the first side's scores, kept while the second is scored
+        (on this device only when it is the CPU; from a GPU they go to host memory).
     """
 
     weights: int
@@ -83,12 +98,19 @@ class MemoryPlan:
     importance: int
     activations: int
     mitigations: int = 0
+    held_scores: int = 0
 
     @property
     def total(self):
         """Sum of the parts."""
         parts = (self.weights, self.gradients, self.optimizer, self.importance)
-        return sum(parts) + self.activations + self.mitigations
+        return sum(parts) + self.activations + self.mitigations + self.held_scores
+
+    def largest(self):
+        """``(name, bytes)`` of the largest part."""
+        parts = dataclasses.asdict(self)
+        name = max(parts, key=parts.get)
+        return name, parts[name]
 
 
 def llm_config(llm):
@@ -109,7 +131,20 @@ def llm_config(llm):
         return llm
     if llm in BUILTIN_SHAPES:
         return LlamaConfig(**BUILTIN_SHAPES[llm])
-    return AutoConfig.from_pretrained(llm)
+    known = ", ".join(BUILTIN_SHAPES)
+    if not os.path.isdir(llm) and "/" not in llm:
+        raise ValueError(
+            f"--llm {llm!r} is not a known shape name ({known}), a local folder or an "
+            "org/name hub id; pick one of those."
+        )
+    try:
+        return AutoConfig.from_pretrained(llm)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"--llm {llm!r}: no config could be read ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:160]}). Give a local folder with config.json, a "
+            f"reachable hub id, or a known shape name ({known})."
+        ) from error
 
 
 def count_parameters(config, strategy="full_ft", lora_rank=8):
@@ -270,6 +305,102 @@ def plan_memory(
     )
 
 
+def decoder_layer_parameters(config):
+    """Parameters of one decoder layer (attention, MLP, two norms)."""
+    hidden, inner = config.hidden_size, config.intermediate_size
+    kv = hidden * config.num_key_value_heads // config.num_attention_heads
+    return 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inner + 2 * hidden
+
+
+def plan_compare(
+    llm, world_size=1, parallelism="ddp", dtype="bfloat16", batch_size=8, seq_len=256, device="cuda"
+):
+    """Per-rank memory of ``python -m speechbrain_sllm.importance compare``.
+
+    The two models are scored one after the other: one model's weights, its
+    float32 importance accumulators, a transient gradient (each parameter's is
+    folded into its accumulator and freed as the backward pass produces it; one
+    decoder layer's at most), the activations of a batch without gradient
+    checkpointing, and the first side's float32 scores while the second is
+    scored (counted here when ``device`` is the CPU; from a GPU they are kept in
+    host memory: ``held_scores`` of the CPU plan).
+
+    Arguments
+    ---------
+    llm : str or transformers.PretrainedConfig
+        See ``llm_config``.
+    world_size : int
+        Number of ranks.
+    parallelism : str
+        ``ddp`` (each rank a whole model) or ``fsdp`` (sharded).
+    dtype : str
+        The models' dtype.
+    batch_size : int
+        Items per forward / backward pass.
+    seq_len : int
+        Tokens per item.
+    device : str
+        ``cpu`` or ``cuda``.
+
+    Returns
+    -------
+    MemoryPlan
+
+    Example
+    -------
+    >>> plan = plan_compare("llama-3.2-1b", dtype="float32", device="cpu")
+    >>> plan.weights == plan.importance == plan.held_scores
+    True
+    """
+    if parallelism not in PARALLELISMS:
+        raise ValueError(f"parallelism {parallelism!r} unknown; use one of {PARALLELISMS}.")
+    config = llm_config(llm)
+    dtype_bytes = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    total, _, _ = count_parameters(config, "frozen_llm")
+    shard = world_size if parallelism == "fsdp" else 1
+    on_cpu = str(device).startswith("cpu")
+    return MemoryPlan(
+        weights=total * dtype_bytes // shard,
+        gradients=decoder_layer_parameters(config) * dtype_bytes,
+        optimizer=0,
+        importance=total * 4 // shard,
+        activations=activation_bytes(config, batch_size, seq_len, dtype_bytes, False),
+        held_scores=total * 4 // shard if on_cpu else 0,
+    )
+
+
+def parse_memory(text):
+    """Bytes of a size such as ``80GB``, ``80GiB``, ``24G`` or ``512MB`` (GB read as GiB).
+
+    Example
+    -------
+    >>> parse_memory("80GB") == 80 * 2**30, parse_memory("512 MiB") == 2**29
+    (True, True)
+    """
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)i?B?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a memory size; write e.g. 80GB or 24GiB."
+        )
+    power = "KMGT".find(match[2].upper()) + 1 if match[2] else 0
+    return int(float(match[1]) * 1024**power)
+
+
+def verdict(plan, device_memory):
+    """One line: whether ``plan`` fits ``device_memory`` bytes, and its largest part."""
+    name, size = plan.largest()
+    fits = "fits" if plan.total <= device_memory else "does NOT fit"
+    return (
+        f"{fits} in {device_memory / 2**30:.1f} GiB: {plan.total / 2**30:.2f} GiB per rank, "
+        f"the largest part {name} ({size / 2**30:.2f} GiB)"
+    )
+
+
+def format_compare_plan(plan):
+    """The compare plan as a line for the command's log."""
+    return "memory plan (compare, per rank): " + format_plan(plan)
+
+
 def format_plan(plan):
     """One line of GiB per part."""
     parts = dataclasses.asdict(plan)
@@ -277,37 +408,67 @@ def format_plan(plan):
     return ", ".join(f"{name} {value / 2**30:.2f}" for name, value in parts.items()) + " (GiB/rank)"
 
 
+def build_parser():
+    """The planner's command line, each option explained."""
+    parser = argparse.ArgumentParser(
+        prog="python -m speechbrain_sllm.plan",
+        description="Per-rank memory of a training run or of the compare command, before renting "
+        "machines. The LLM is built on the meta device: nothing is downloaded but its config.",
+    )
+    add = parser.add_argument
+    add("--llm", required=True, help=f"the LLM: a shape name ({', '.join(BUILTIN_SHAPES)}), "
+        "a local folder with config.json, or an org/name hub id")  # fmt: skip
+    add("--command", default="train", choices=("train", "compare"), help="train: a training run "
+        "with --strategy; compare: python -m speechbrain_sllm.importance compare (two models "
+        "scored one after the other)")  # fmt: skip
+    add("--strategy", default="full_ft", help="train: frozen_llm, full_ft, layerwise_lr, lora or "
+        "lora_layerwise_lr, with +replay / +text_kd / +anchor / +interpolation mitigations")  # fmt: skip
+    add("--world-size", type=int, default=1, help="number of processes (GPUs) under torchrun")
+    add("--parallelism", default="ddp", choices=PARALLELISMS, help="ddp: every rank holds the "
+        "whole model; fsdp: weights, gradients, optimizer state (and accumulators) sharded")  # fmt: skip
+    add("--dtype", default="bfloat16", help="parameter dtype: bfloat16, float16 or float32")
+    add("--batch-size", type=int, default=None, help="micro-batch per rank (default 1 for train, "
+        "8 for compare, the compare command's default)")  # fmt: skip
+    add("--seq-len", type=int, default=None, help="tokens per sequence: prompt, speech embeddings "
+        "and answer (default 1024 for train, 256 for compare)")  # fmt: skip
+    add("--lora-rank", type=int, default=8, help="LoRA rank (LoRA strategies)")
+    add("--importance", action="store_true", help="train: the importance stage runs too (float32 "
+        "accumulators over the LLM's weights)")  # fmt: skip
+    add("--device", default="cuda", help="compare: cuda (scores of the first side go to host "
+        "memory) or cpu (they stay)")  # fmt: skip
+    add("--device-memory", type=parse_memory, default=None, help="memory of one device, e.g. "
+        "80GB: prints whether the plan fits and its largest part")  # fmt: skip
+    return parser
+
+
 def main(argv=None):
-    """Command line: prints the per-rank plan.
+    """Command line: prints the per-rank plan (and a verdict against --device-memory).
 
     Arguments
     ---------
     argv : list of str or None
         Arguments (``sys.argv`` when None).
     """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--llm", required=True, help="shape name, local folder or hub id")
-    parser.add_argument("--strategy", default="full_ft")
-    parser.add_argument("--world-size", type=int, default=1)
-    parser.add_argument("--parallelism", default="ddp", choices=PARALLELISMS)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--importance", action="store_true")
-    args = parser.parse_args(argv)
-    plan = plan_memory(
-        args.llm,
-        args.strategy,
-        args.world_size,
-        args.parallelism,
-        args.dtype,
-        args.batch_size,
-        args.seq_len,
-        args.lora_rank,
-        args.importance,
-    )
+    args = build_parser().parse_args(argv)
+    train = args.command == "train"
+    batch_size = args.batch_size or (1 if train else 8)
+    seq_len = args.seq_len or (1024 if train else 256)
+    try:
+        if train:
+            plan = plan_memory(
+                args.llm, args.strategy, args.world_size, args.parallelism, args.dtype,
+                batch_size, seq_len, args.lora_rank, args.importance,
+            )  # fmt: skip
+        else:
+            plan = plan_compare(
+                args.llm, args.world_size, args.parallelism, args.dtype, batch_size, seq_len,
+                args.device,
+            )  # fmt: skip
+    except ValueError as error:
+        raise SystemExit(f"plan: {error}") from None
     print(format_plan(plan))
+    if args.device_memory:
+        print(verdict(plan, args.device_memory))
 
 
 if __name__ == "__main__":
