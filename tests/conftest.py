@@ -121,7 +121,8 @@ SENTENCES = ["the cat sat on the mat", "a dog ran home", "we like green tea", "b
 
 
 def build_tiny_models(folder, tokenizer):
-    """A 3-layer Llama (with the test tokenizer) and a 1-layer Whisper, saved as HF folders."""
+    """A 3-layer Llama (with the test tokenizer), a perturbed copy of it and a 1-layer Whisper,
+    saved as HF folders."""
     import soundfile  # noqa: F401  (keeps import order stable for transformers)
     from transformers import WhisperFeatureExtractor, WhisperModel
 
@@ -129,6 +130,10 @@ def build_tiny_models(folder, tokenizer):
     llm = load_causal_lm(config=llama_config(vocab_size=len(tokenizer)))
     llm.save_pretrained(os.path.join(folder, "tiny_llm"))
     tokenizer.to_hf(os.path.join(folder, "tiny_llm"))
+    with torch.no_grad():  # a "fine-tuned" copy for the importance comparison's row
+        for param in llm.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    llm.save_pretrained(os.path.join(folder, "tiny_llm_tuned"))
     whisper = os.path.join(folder, "tiny_whisper")
     WhisperModel(tiny_whisper_config(max_source_positions=200)).save_pretrained(whisper)
     WhisperFeatureExtractor(feature_size=20).save_pretrained(whisper)
@@ -188,6 +193,46 @@ def build_spoken_qa(folder, pairs):
             handle.write("\n".join(json.dumps(item) for item in items) + "\n")
 
 
+def wav_bytes(wav, rate=16000):
+    """A waveform as the bytes of a 16-bit wav file."""
+    import io
+
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, wav.numpy(), rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def build_voiceassistant_parquet(folder, pairs):
+    """VoiceAssistant-400K's schema in two parquet shards: real speech bytes, one bad row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(folder)
+    tts = EspeakTTS()
+    rows = [
+        {
+            "split_name": "identity" if index % 2 else "qa",
+            "index_in_split": index,
+            "round": 0,
+            "question": pair["question"],
+            "question_audio": {
+                "bytes": wav_bytes(tts.synthesize(pair["question"], rate=220)),
+                "path": f"{index}.wav",
+            },
+            "answer": pair["answer"],
+            "answer_snac": "",
+        }
+        for index, pair in enumerate(pairs[:12])
+    ]
+    rows[9]["question_audio"] = {"bytes": b"RIFF\x00\x00 not audio", "path": "9.wav"}
+    for number, part in enumerate((rows[:6], rows[6:])):
+        pq.write_table(
+            pa.Table.from_pylist(part), os.path.join(folder, f"train-0000{number}-of-00002.parquet")
+        )
+
+
 @pytest.fixture(scope="session")
 def recipe_fixtures(tokenizer, kb_pairs):
     """Builds tests/fixtures/ (models + data named by the recipe CSV rows); returns its path."""
@@ -198,6 +243,9 @@ def recipe_fixtures(tokenizer, kb_pairs):
     build_tiny_models(FIXTURES, tokenizer)
     build_librispeech(os.path.join(FIXTURES, "LibriSpeech"))
     build_spoken_qa(os.path.join(FIXTURES, "spokenqa"), kb_pairs)
+    build_voiceassistant_parquet(
+        os.path.join(FIXTURES, "spokenqa", "voiceassistant", "data"), kb_pairs
+    )
     return FIXTURES
 
 

@@ -268,3 +268,17 @@ def test_torchrun_with_fsdp_gives_the_single_process_comparison(pair, tmp_path):
         ours, reference = sharded["sides"][side], single["sides"][side]
         assert ours["numel"] == reference["numel"]
         assert ours["zeroing"]["top"] == pytest.approx(reference["zeroing"]["top"], rel=1e-4)
+
+
+def test_the_recipe_row_runs_as_upstream_runs_it(recipe_fixtures, tmp_path):
+    from helpers import failure_report
+    from test_recipes import ROWS, check_files, run_row
+
+    (row,) = [r for r in ROWS if r["Dataset"] == "LLaMAQuestions"]
+    result = run_row(row, tmp_path)
+    assert result.returncode == 0, failure_report(result)
+    assert check_files(row["test_debug_checks"], tmp_path) == []
+    with open(tmp_path / "shift.json") as handle:
+        shift = json.load(handle)
+    assert shift["text"]["format"] == "qa" and shift["text"]["items"] == 12
+    assert shift["js"] > 0 and "top3_iou" in shift

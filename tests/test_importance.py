@@ -269,3 +269,33 @@ def test_speech_importance_equals_plain_torch_taylor_with_spoken_questions(
         checked += 1
     llm.zero_grad(set_to_none=True)
     assert checked > 10 and sum(float(s.sum()) for s in acc.scores().values()) > 0
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_the_gathered_threshold_is_the_bisections_with_ties(largest, monkeypatch):
+    from speechbrain_sllm.importance import aggregate as module
+
+    generator = torch.Generator().manual_seed(0)
+    scores = {
+        "a": torch.rand(50, 40, generator=generator),
+        "b": torch.randint(0, 5, (300,), generator=generator).float() / 4,  # many ties
+        "c": torch.zeros(7),
+    }
+    score_set = ScoreSet.from_dict(scores)
+    for fraction in (0.001, 0.03, 0.25, 0.5, 1.0):
+        gathered = topk_threshold(score_set, fraction, largest)
+        monkeypatch.setattr(module, "GATHERED_NUMEL", 0)  # the bisection
+        assert topk_threshold(score_set, fraction, largest) == gathered, fraction
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_the_sampled_pivot_finds_the_exact_kth_value(largest):
+    from speechbrain_sllm.importance.aggregate import PIVOT_SAMPLE, kth_value
+
+    generator = torch.Generator().manual_seed(1)
+    flat = torch.rand(10 * PIVOT_SAMPLE, generator=generator) ** 6  # skewed, as scores are
+    flat[:5000] = 0.25  # and tied
+    ordered = flat.sort(descending=largest).values
+    for k in (1, 7, 3000, len(flat) // 3, len(flat)):
+        assert kth_value(flat, k, largest).item() == ordered[k - 1].item(), k

@@ -73,6 +73,10 @@ class ScoreSet:
         return int(tensor.item()) if isinstance(values, int) else tensor
 
 
+GATHERED_NUMEL = 2**28  # up to 1 GiB of float32 scores gathered at once
+PIVOT_SAMPLE = 2**16  # values drawn to place the pivot of a gathered k-th value
+
+
 def count_at_least(score_set, bits):
     """Number of scores whose float32 bit pattern is ``>= bits`` (i.e. value >= it)."""
     return score_set.total(
@@ -87,10 +91,48 @@ def count_at_most(score_set, bits):
     )
 
 
+def kth_value(flat, k, largest):
+    """The k-th largest (smallest) value of a 1-D tensor, exactly.
+
+    A seeded sample gives a pivot a little beyond the k-th value; when at least
+    ``k`` values lie on the selected side of it (almost always), the k-th value
+    is taken among those few candidates only, else among all values.
+    """
+    count = flat.numel()
+    if count > 8 * PIVOT_SAMPLE:
+        generator = torch.Generator().manual_seed(0)
+        sample = flat[torch.randint(count, (PIVOT_SAMPLE,), generator=generator)]
+        share = min(1.0, 1.5 * k / count + 0.002)  # the margin keeps k values beyond the pivot
+        rank = max(1, round(share * PIVOT_SAMPLE))
+        if largest:
+            pivot = sample.kthvalue(PIVOT_SAMPLE - rank + 1).values
+            candidates = flat[flat >= pivot]
+        else:
+            pivot = sample.kthvalue(rank).values
+            candidates = flat[flat <= pivot]
+        if candidates.numel() >= k:
+            flat = candidates
+    position = flat.numel() - k + 1 if largest else k
+    return flat.kthvalue(position).values
+
+
+def gathered_threshold(score_set, k, largest):
+    """``topk_threshold`` of a set small enough to gather once: the k-th value itself.
+
+    It is the same number the bisection finds.
+    """
+    flat = torch.cat([scores.flatten() for _, scores in score_set.items()])
+    value = kth_value(flat, k, largest)
+    selected = (flat >= value) if largest else (flat <= value)
+    return value.item(), int(selected.sum())
+
+
 def topk_threshold(score_set, fraction, largest=True):
     """Exact threshold of the global top (or bottom) ``fraction`` of scores.
 
-    Bisection over float32 bit patterns (non-negative floats order like their
+    A set of up to ``GATHERED_NUMEL`` scores on one process is gathered once and
+    its k-th value taken (``gathered_threshold``). Larger or sharded sets use a
+    bisection over float32 bit patterns (non-negative floats order like their
     bits): at most 31 counting passes, no sort, memory of one tensor at a time.
     The selected set is ``score >= threshold`` (largest) or ``score <= threshold``
     (smallest); it holds exactly ``k = round(fraction * N)`` scores unless
@@ -124,6 +166,8 @@ def topk_threshold(score_set, fraction, largest=True):
         raise ValueError(f"topk_threshold: fraction must be in (0, 1], got {fraction}.")
     total = score_set.numel()
     k = max(1, round(fraction * total))
+    if not score_set.sharded and total <= GATHERED_NUMEL:
+        return gathered_threshold(score_set, k, largest)
     low, high = 0, FLOAT_INF_BITS
     if largest:  # largest t with count(>= t) >= k
         while low < high:
