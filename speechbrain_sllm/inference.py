@@ -381,6 +381,63 @@ def export_recipe_run(hparams, inference_yaml=INFERENCE_TEMPLATE):
     return folder
 
 
+# What an exported hyperparams.yaml may build: loading a yaml runs every object it names
+TRUSTED_PACKAGES = ("speechbrain_sllm.", "speechbrain.", "torch.", "transformers.", "peft.")
+CODE_RUNNERS = ("speechbrain.utils.superpowers.", "torch.hub.")  # run shell commands / hub code
+YAML_TARGET = re.compile(r"!(new|name|apply|module):\s*([^\s\[\]{},]+)")
+
+
+def untrusted_yaml_targets(path):
+    r"""The objects a yaml would build that are not on the allow-list, and any ``!include``.
+
+    Arguments
+    ---------
+    path : str
+        A HyperPyYAML file.
+
+    Returns
+    -------
+    list of str
+        ``!tag:target`` of each refused target (empty: every target is allowed).
+
+    Example
+    -------
+    >>> import tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "h.yaml")
+    >>> _ = open(path, "w").write("a: !new:torch.nn.Linear [1, 1]\nb: !apply:os.system [ls]\n")
+    >>> untrusted_yaml_targets(path)
+    ['!apply:os.system']
+    """
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    refused = [
+        f"!{tag}:{target}" for tag, target in YAML_TARGET.findall(text) if not trusted(target)
+    ]
+    refused += [f"!include:{name}" for name in re.findall(r"!include:\s*(\S+)", text)]
+    return sorted(set(refused))
+
+
+def trusted(target):
+    """Whether a yaml target is in a trusted package and is not one of its code runners."""
+    dotted = target + "."
+    return dotted.startswith(TRUSTED_PACKAGES) and not dotted.startswith(CODE_RUNNERS)
+
+
+def check_yaml_targets(path):
+    """Refuses a yaml that would build anything off the allow-list, naming each target."""
+    refused = untrusted_yaml_targets(path)
+    if refused:
+        raise UntrustedYamlError(
+            f"{path} would run {refused} when loaded: a yaml is code, and only objects of "
+            f"{[p.rstrip('.') for p in TRUSTED_PACKAGES]} are loaded by default. If you wrote "
+            "or read this file, pass trust_yaml=True to load it anyway."
+        )
+
+
+class UntrustedYamlError(ValueError):
+    """An exported yaml that names objects outside the allow-list."""
+
+
 class SpeechLLMInference(Pretrained):
     """Answers spoken questions (or transcribes speech) with an exported speech LLM.
 
@@ -399,8 +456,16 @@ class SpeechLLMInference(Pretrained):
     MODULES_NEEDED = ["model"]
 
     @classmethod
-    def from_hparams(cls, source, hparams_file="hyperparams.yaml", overrides=None, **kwargs):
+    def from_hparams(
+        cls, source, hparams_file="hyperparams.yaml", overrides=None, trust_yaml=False, **kwargs
+    ):
         """Loads an exported folder; its own location fills ``trained_folder``.
+
+        Loading a yaml runs the objects it names. By default every ``!new:``,
+        ``!name:``, ``!apply:`` and ``!module:`` target must belong to this
+        package, speechbrain, torch, transformers or peft (not their shell / hub
+        runners) and the file may not ``!include`` another one; anything else is
+        refused with the targets named, before any of it runs.
 
         Arguments
         ---------
@@ -410,6 +475,8 @@ class SpeechLLMInference(Pretrained):
             The yaml inside it.
         overrides : dict or None
             Further yaml overrides.
+        trust_yaml : bool
+            Load a yaml whose targets are off the allow-list (only one you wrote or read).
         **kwargs : dict
             Passed to SpeechBrain's ``Pretrained.from_hparams`` (``run_opts``, ...).
 
@@ -422,6 +489,8 @@ class SpeechLLMInference(Pretrained):
                 f"SpeechLLMInference: {source!r} is not a folder; pass the folder written "
                 "by export_trained_model (a recipe's <output_folder>/inference)."
             )
+        if not trust_yaml and os.path.isfile(os.path.join(source, hparams_file)):
+            check_yaml_targets(os.path.join(source, hparams_file))
         overrides = dict(overrides or {}, trained_folder=os.path.abspath(source))
         return super().from_hparams(
             source=source,

@@ -525,3 +525,28 @@ def test_resuming_with_another_adaptor_type_or_its_arguments_is_refused(tmp_path
     other_stack = {**choices, "FrameStackAdaptor": {**choices["FrameStackAdaptor"], "stack": 4}}
     with pytest.raises(ValueError, match="adaptor_choices: .*'stack': 5.* in the folder"):
         check_existing_run({**trained, "adaptor_choices": other_stack})
+
+
+def test_an_export_whose_yaml_runs_other_code_is_refused_before_it_runs(tmp_path):
+    from speechbrain_sllm.inference import (
+        INFERENCE_TEMPLATE,
+        SpeechLLMInference,
+        UntrustedYamlError,
+        untrusted_yaml_targets,
+    )
+
+    assert untrusted_yaml_targets(INFERENCE_TEMPLATE) == []  # what the package exports loads
+    marker = tmp_path / "marker"
+    folder = tmp_path / "downloaded_export"
+    folder.mkdir()
+    planted = f'__run: !apply:os.system ["touch {marker}"]\n'
+    runner = 'more: !apply:speechbrain.utils.superpowers.run_shell ["ls"]\n'
+    (folder / "hyperparams.yaml").write_text(planted + runner + open(INFERENCE_TEMPLATE).read())
+    with pytest.raises(UntrustedYamlError) as refused:
+        SpeechLLMInference.from_hparams(source=str(folder))
+    assert "!apply:os.system" in str(refused.value) and "run_shell" in str(refused.value)
+    assert "trust_yaml=True" in str(refused.value)
+    assert not marker.exists()
+    with pytest.raises(Exception) as opted_in:  # no refusal (the folder then lacks its files)
+        SpeechLLMInference.from_hparams(source=str(folder), trust_yaml=True)
+    assert not isinstance(opted_in.value, UntrustedYamlError)

@@ -9,7 +9,7 @@ import pytest
 import speechbrain as sb
 from conftest import ROOT
 from hyperpyyaml import load_hyperpyyaml
-from test_recipes import ROWS
+from test_recipes import HEADER, ROWS
 
 from speechbrain_sllm.upstream import checks, export
 
@@ -171,3 +171,47 @@ def test_the_inlined_yaml_builds_what_the_included_one_builds(recipe_fixtures, t
         ], key
     assert copy["encoder"].window == original["encoder"].window
     assert copy["llm"].config.to_dict() == original["llm"].config.to_dict()
+
+
+UPSTREAM_PREPARE = '''"""SpeechBrain's own LibriSpeech preparation (stand-in with its signature)."""
+
+
+def prepare_librispeech(data_folder, save_folder, tr_splits=[], dev_splits=[], te_splits=[],
+                        select_n_sentences=None, merge_lst=[], merge_name=None,
+                        create_lexicon=False, skip_prep=False):
+    """Writes ID, duration, wav, spk_id, wrd CSVs."""
+'''
+
+
+def test_the_upstream_copy_changes_no_file_of_the_checkout(tmp_path, capsys):
+    from speechbrain_sllm.upstream.__main__ import main as upstream_main
+
+    recipe = "recipes/LibriSpeech/ASR/speechllm"
+    prepare = tmp_path / "recipes" / "LibriSpeech" / "librispeech_prepare.py"
+    prepare.parent.mkdir(parents=True)
+    prepare.write_text(UPSTREAM_PREPARE)
+    readme = tmp_path / recipe / "README.md"
+    readme.parent.mkdir(parents=True)
+    readme.write_text("an upstream README of the same name\n")
+    # another recipe's row whose files this partial checkout lacks
+    rows = tmp_path / "tests" / "recipes"
+    rows.mkdir(parents=True)
+    (rows / "TIMIT.csv").write_text(
+        ",".join(HEADER) + "\nASR,TIMIT,recipes/TIMIT/ASR/train.py,recipes/TIMIT/ASR/hparams/a.yaml"
+        + ",,,,,--debug,,\n"
+    )  # fmt: skip
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(
+        export.ExistingFilesError,
+        match=r"other versions of \['recipes/LibriSpeech/ASR/speechllm/README.md'\]",
+    ):
+        export.export_recipe(recipe, str(tmp_path), root=ROOT)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written
+    assert upstream_main([recipe, str(tmp_path), "--beside"]) == 1  # TIMIT's files: reported
+    out = capsys.readouterr().out
+    assert "TIMIT.csv: a row names missing files ['recipes/TIMIT/ASR/train.py'" in out
+    assert prepare.read_text() == UPSTREAM_PREPARE  # upstream's preparation, byte-identical
+    assert readme.read_text() == "an upstream README of the same name\n"
+    assert (tmp_path / (recipe + "/README.md.speechbrain_sllm")).is_file()
+    assert (tmp_path / recipe / "train.py").is_file()
+    assert "librispeech_prepare.py (kept: upstream's own)" in out

@@ -295,6 +295,7 @@ def one_side_problems(missing, extra, resized, source):
     """One message listing the tensors of one side only and of other shapes ('' if none)."""
 
     def listed(names):
+        """At most six names, and how many more."""
         return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
 
     parts = []

@@ -95,21 +95,54 @@ def inlined_yaml(hparam_file):
     return "\n".join(out)
 
 
-def copy_file(root, relative, destination):
+class ExistingFilesError(FileExistsError):
+    """Files of the destination checkout that the copy would change, listed."""
+
+
+def copy_file(root, relative, destination, target_name=None):
     """Copies ``root/relative`` to ``destination/relative`` (folders created; a symbolic
     link stays a link, as upstream links a dataset's preparation into its recipes)."""
-    source, target = os.path.join(root, relative), os.path.join(destination, relative)
+    source = os.path.join(root, relative)
+    target = os.path.join(destination, target_name or relative)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     if os.path.islink(source):
-        if os.path.lexists(target):
-            os.remove(target)
         os.symlink(os.readlink(source), target)
     else:
         shutil.copyfile(source, target)
 
 
-def export_recipe(recipe_folder, destination, root="."):
-    """Writes an upstream-ready copy of one recipe under ``destination``.
+def same_content(path, content):
+    """Whether ``path`` holds ``content`` (a link: the same link text)."""
+    if content[0] == "link":
+        return os.path.islink(path) and os.readlink(path) == content[1]
+    if os.path.islink(path) or not os.path.isfile(path):
+        return False
+    with open(path, "rb") as handle:
+        return handle.read() == content[1]
+
+
+def planned_content(root, relative, inlined):
+    """``("link", target)`` or ``("bytes", data)`` the copy writes for ``relative``."""
+    source = os.path.join(root, relative)
+    if os.path.basename(relative) == "extra_requirements.txt":
+        return "bytes", requirements_text(source).encode()
+    if relative in inlined:
+        return "bytes", inlined_yaml(source).encode()
+    if os.path.islink(source):
+        return "link", os.readlink(source)
+    with open(source, "rb") as handle:
+        return "bytes", handle.read()
+
+
+def export_recipe(recipe_folder, destination, root=".", beside=False):
+    """Writes an upstream-ready copy of one recipe under ``destination``, changing no file.
+
+    A file that already exists in ``destination`` with other content is never
+    replaced: the copy stops before writing anything and lists such files, or,
+    with ``beside``, writes this repository's version next to each as
+    ``<name>.speechbrain_sllm``. A dataset's preparation script that upstream
+    already has (``Data_prep_file``, e.g. ``recipes/LibriSpeech/librispeech_prepare.py``)
+    is kept as upstream's: the recipes call it with upstream's signature.
 
     Arguments
     ---------
@@ -119,6 +152,8 @@ def export_recipe(recipe_folder, destination, root="."):
         A SpeechBrain checkout (or an empty folder laid out as one).
     root : str
         This repository's root.
+    beside : bool
+        Write this repository's version of a differing file beside it instead of stopping.
 
     Returns
     -------
@@ -134,19 +169,42 @@ def export_recipe(recipe_folder, destination, root="."):
     if not rows:
         raise ValueError(f"{csv_file} has no row for {recipe}; add one before exporting.")
     inlined = {r["Hparam_file"] for r in rows}
-    written = []
-    for relative in sorted(recipe_files(root, recipe) - inlined | data_preparation(rows)):
-        copy_file(root, relative, destination)
-        written.append(relative)
-    for relative in sorted(inlined):
+    preparation = data_preparation(rows)
+    plan, kept, conflicts = {}, [], []
+    for relative in sorted(recipe_files(root, recipe) | preparation):
         target = os.path.join(destination, relative)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open(target, "w") as handle:
-            handle.write(inlined_yaml(os.path.join(root, relative)))
-        written.append(relative)
-    written.append(write_requirements(root, recipe, destination))
+        content = planned_content(root, relative, inlined)
+        if not os.path.lexists(target) or same_content(target, content):
+            plan[relative] = relative
+        elif relative in preparation:
+            kept.append(relative)  # upstream's own preparation script stays
+        else:
+            conflicts.append(relative)
+    if conflicts and not beside:
+        raise ExistingFilesError(
+            f"{destination} already holds other versions of {conflicts}: nothing was written. "
+            "Compare them, or pass --beside to write this repository's versions next to them "
+            "as <name>.speechbrain_sllm."
+        )
+    plan.update({relative: relative + ".speechbrain_sllm" for relative in conflicts})
+    written = []
+    for relative, target_name in sorted(plan.items()):
+        target = os.path.join(destination, target_name)
+        if os.path.lexists(target):
+            os.remove(target)
+        kind, data = planned_content(root, relative, inlined)
+        if kind == "bytes":
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "wb") as handle:
+                handle.write(data)
+        else:
+            copy_file(root, relative, destination, target_name)
+        written.append(target_name)
+    requirements = os.path.join(recipe, "extra_requirements.txt")
+    if requirements not in plan and requirements not in conflicts:
+        written.append(write_requirements(root, recipe, destination))
     written.append(write_rows(rows, csv_file, os.path.join(destination, "tests", "recipes")))
-    return written
+    return written + [f"{relative} (kept: upstream's own)" for relative in kept]
 
 
 def recipe_files(root, recipe):
@@ -163,16 +221,21 @@ def data_preparation(rows):
     return {row["Data_prep_file"] for row in rows if row["Data_prep_file"]}
 
 
-def write_requirements(root, recipe, destination):
+def requirements_text(source):
     """``extra_requirements.txt``: this package first, then the recipe's own lines."""
-    source = os.path.join(root, recipe, "extra_requirements.txt")
     lines = [PACKAGE_REQUIREMENT]
     if os.path.exists(source):
         with open(source) as handle:
             lines += [line.strip() for line in handle if line.strip()]
+    return "\n".join(dict.fromkeys(lines)) + "\n"
+
+
+def write_requirements(root, recipe, destination):
+    """Writes the recipe's ``extra_requirements.txt`` (for a recipe without one)."""
     relative = os.path.join(recipe, "extra_requirements.txt")
+    os.makedirs(os.path.join(destination, recipe), exist_ok=True)
     with open(os.path.join(destination, relative), "w") as handle:
-        handle.write("\n".join(dict.fromkeys(lines)) + "\n")
+        handle.write(requirements_text(os.path.join(root, relative)))
     return relative
 
 
