@@ -24,6 +24,7 @@ from speechbrain.core import RunOptions
 
 from speechbrain_sllm.run_lock import lock_output_folder
 from speechbrain_sllm.strategies.core import STRATEGIES
+from speechbrain_sllm.value_checks import device_problem, value_problems
 
 SOURCE_KEYS = ("llm_source", "encoder_source")
 SHAPING_KEYS = (
@@ -176,6 +177,10 @@ def check_settings(settings):
     strategy = settings.get("strategy")
     if isinstance(strategy, str) and strategy not in STRATEGIES:
         raise ValueError(f"`strategy`: {strategy!r} is unknown; use one of {STRATEGIES}.")
+    problems = value_problems(settings)
+    if problems:
+        raise ValueError("Settings out of range (fix them on the command line or in the yaml):\n  "
+                         + "\n  ".join(problems))  # fmt: skip
 
 
 def shaping_settings(settings):
@@ -416,6 +421,8 @@ def check_device(run_opts):
     device = (
         run_opts.get("device") if isinstance(run_opts, dict) else getattr(run_opts, "device", None)
     )
+    if device_problem(device):
+        raise ValueError(device_problem(device))
     if not isinstance(device, str) or not device.startswith("cuda"):
         return
     import torch

@@ -550,3 +550,38 @@ def test_an_export_whose_yaml_runs_other_code_is_refused_before_it_runs(tmp_path
     with pytest.raises(Exception) as opted_in:  # no refusal (the folder then lacks its files)
         SpeechLLMInference.from_hparams(source=str(folder), trust_yaml=True)
     assert not isinstance(opted_in.value, UntrustedYamlError)
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--lr=abc", r"`lr` = 'abc': must be a number >= 0"),
+        ("--number_of_epochs=0", r"`number_of_epochs` = 0: must be an integer >= 1"),
+        ("--batch_size=2.5", r"`batch_size` = 2.5: must be an integer >= 1"),
+        ("--valid_fraction=1.5", r"`valid_fraction` = 1.5: must be a number in \(0, 1\)"),
+        ("--max_new_tokens=-3", r"`max_new_tokens` = -3: must be an integer >= 1"),
+        ("--importance_fraction=0", r"`importance_fraction` = 0: must be a number in \(0, 1\]"),
+        ("--lora={rank: 0, alpha: 16, dropout: 0.05}", r"`lora.rank` = 0: must be an integer >= 1"),
+        ("--device=gpu", r"--device='gpu' is not a device; use cpu, cuda, cuda:N"),
+    ],
+)
+def test_an_override_out_of_range_is_refused_at_start_up_naming_the_key(
+    recipe_fixtures, tmp_path, flag, message
+):
+    import shlex
+
+    import speechbrain as sb
+
+    from speechbrain_sllm.config import load_recipe_hparams
+
+    out = tmp_path / "out"
+    key = flag.split("=", 1)[0]
+    row_flags = [
+        f for f in shlex.split(SPOKEN_QA_LORA["test_debug_flags"]) if f.split("=")[0] != key
+    ]
+    arguments = [os.path.join(ROOT, SPOKEN_QA_LORA["Hparam_file"]), *row_flags]
+    arguments += [f"--output_folder={out}", flag]
+    hparams_file, run_opts, overrides = sb.parse_arguments(arguments)
+    with pytest.raises(ValueError, match=message):
+        load_recipe_hparams(hparams_file, overrides, run_opts)
+    assert not out.exists()  # nothing written before the check
