@@ -382,6 +382,9 @@ def safetensors_problem(path):
 def check_data_files(settings):
     """Names a data file (``train_file``, ``eval_files``) that is missing or holds no item.
 
+    A ``train_file`` that is a folder or a ``.parquet`` file is VoiceAssistant-400K as
+    published: the folder must hold parquet shards.
+
     Runs before any model loads, unless ``skip_prep`` (the manifests exist).
 
     Arguments
@@ -398,6 +401,9 @@ def check_data_files(settings):
     for key, path in files.items():
         if not isinstance(path, str):
             continue
+        if key == "train_file" and (os.path.isdir(path) or path.endswith(".parquet")):
+            check_parquet_source(path)
+            continue
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"`{key}`: data file {path!r} not found; fix --{key.split('.')[0]}."
@@ -408,6 +414,19 @@ def check_data_files(settings):
                     f"`{key}`: data file {path!r} holds no item (empty). Point --"
                     f"{key.split('.')[0]} at a JSON-lines file with one item per line."
                 )
+
+
+def check_parquet_source(path):
+    """Names a parquet ``train_file`` (a shard or a folder of shards) that holds no shard."""
+    import glob
+
+    if os.path.isfile(path):
+        return
+    if not glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True):
+        raise FileNotFoundError(
+            f"`train_file`: {path!r} holds no .parquet file; point --train_file at "
+            "VoiceAssistant-400K's folder of shards, a .parquet file or a JSON-lines file."
+        )
 
 
 def check_device(run_opts):
