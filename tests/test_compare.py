@@ -93,7 +93,7 @@ def test_compare_writes_the_study_shift_between_two_saved_models(pair, tmp_path,
         assert set(zeroing) == {"none", "top", "random", "bottom"}
         assert (tmp_path / side / "structure.json").is_file()
     report = (tmp_path / "report.md").read_text()
-    assert f"{shift['js']:.5f}" in report and pair["tuned"] in report
+    assert f"{shift['js']:.3g}" in report and pair["tuned"] in report
     plots = sorted(os.listdir(tmp_path / "plots"))
     assert "layer_importance.png" in plots and "row_column_concentration.png" in plots
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".staging")]

@@ -395,7 +395,7 @@ def test_lora_merged_into_fsdp_shards_equals_merge_and_unload(tmp_path):
     from conftest import llama_config
     from helpers import strategy_for
 
-    from speechbrain_sllm.importance.aggregate import canonical_name
+    from speechbrain_sllm.model.parameter_names import canonical_name
     from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
     from speechbrain_sllm.strategies import apply_strategy, merge_lora
 

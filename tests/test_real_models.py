@@ -18,8 +18,8 @@ from speechbrain_sllm.data.tts import EspeakTTS
 from speechbrain_sllm.importance.stage import accumulate_importance
 from speechbrain_sllm.model.adaptors import FrameStackAdaptor
 from speechbrain_sllm.model.encoders import HFWhisperEncoder
+from speechbrain_sllm.model.parameter_names import decoder_layer_index
 from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm, shifted_lm_loss
-from speechbrain_sllm.strategies.layerwise import decoder_layer_index
 
 QUESTIONS = [
     "What is the capital of France?",

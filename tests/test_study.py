@@ -18,19 +18,30 @@ from speechbrain_sllm.study.report import layer_sums
 ITEMS = {"t2t": 144, "s2t": 96}
 
 STRATEGIES = ("full_ft", "layerwise_lr", "lora", "frozen_llm")
+MITIGATIONS = ("full_ft+replay", "full_ft+text_kd", "full_ft+anchor")
+ROW = next(r for r in ROWS if r["Dataset"] == "MiniSpokenQA")
+INTERPOLATION = "--interpolation_alphas=[0.0,1.0]"
 
 
-def test_quick_study_produces_the_table_profiles_and_plots(tmp_path):
-    row = next(r for r in ROWS if r["Dataset"] == "MiniSpokenQA")
-    out = tmp_path / "study"
-    result = run_row(row, out, extra_flags=["--interpolation_alphas=[0.0,1.0]"])
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+    """One run of the row with every strategy, the mitigations and weight interpolation."""
+    out = tmp_path_factory.mktemp("quick") / "study"
+    strategies = f"--strategies=[{','.join(STRATEGIES + MITIGATIONS)}]"
+    result = run_row(ROW, out, extra_flags=[INTERPOLATION, strategies])
     assert result.returncode == 0, result.stderr[-4000:]
+    return out, result
+
+
+def test_quick_study_produces_the_table_profiles_and_plots(quick_study):
+    out, result = quick_study
+    row = ROW
     assert not check_files(row["test_debug_checks"], out)
     assert check_performance(row["test_debug_checks"], out) is None
     results = json.loads((out / "results.json").read_text())
     base, runs = results["base"], results["strategies"]
     assert base["t2t"] >= 80.0  # the pretrained LM knows its facts
-    assert set(runs) == set(STRATEGIES)
+    assert list(runs) == [*STRATEGIES, *MITIGATIONS]
     base_profile = json.loads((out / "importance" / "base" / "profile.json").read_text())
     for name, run in runs.items():
         # each accuracy is the share of its per-item answers that match their references
@@ -79,29 +90,31 @@ def test_quick_study_produces_the_table_profiles_and_plots(tmp_path):
     assert "Results:" in result.stdout
 
 
-def test_two_quick_runs_on_the_same_prepared_data_give_identical_results(tmp_path):
-    """Everything after data preparation is deterministic for a seed and thread count.
+def test_a_second_run_on_the_same_prepared_data_gives_identical_results(quick_study, tmp_path):
+    """Everything after data preparation is deterministic for a seed and thread count, and a
+    strategy's results do not depend on the others run beside it (each is seeded afresh).
 
     (eSpeak NG itself is not: the same sentence synthesised twice differs by a few
     samples, so the check shares one prepared data folder.)"""
-    row = next(r for r in ROWS if r["Dataset"] == "MiniSpokenQA")
-    first, second = tmp_path / "first", tmp_path / "second"
-    assert run_row(row, first).returncode == 0
-    result = run_row(row, second, [f"--data_folder={first / 'data'}"])
+    first, second = quick_study[0], tmp_path / "second"
+    flags = [f"--data_folder={first / 'data'}", INTERPOLATION, "--strategies=[full_ft]"]
+    result = run_row(ROW, second, flags)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert (first / "results.json").read_bytes() == (second / "results.json").read_bytes()
+    before = json.loads((first / "results.json").read_text())
+    after = json.loads((second / "results.json").read_text())
+    assert after["base"] == before["base"]
+    assert after["strategies"] == {"full_ft": before["strategies"]["full_ft"]}
+    for column in ("t2t.tsv", "s2t.tsv"):
+        path = os.path.join("finetune", "full_ft", column)
+        assert (first / path).read_bytes() == (second / path).read_bytes()
 
 
-def test_quick_study_runs_each_mitigation_beside_full_ft(tmp_path):
+def test_quick_study_runs_each_mitigation_beside_full_ft(quick_study):
     """Text replay, text self-distillation and the importance anchor, each added to full FT
     by name: each trains (its own log and scores), and each changes the trained LLM."""
-    row = next(r for r in ROWS if r["Dataset"] == "MiniSpokenQA")
-    out = tmp_path / "study"
-    names = ["full_ft", "full_ft+replay", "full_ft+text_kd", "full_ft+anchor"]
-    result = run_row(row, out, [f"--strategies=[{','.join(names)}]"])
-    assert result.returncode == 0, result.stderr[-4000:]
+    out = quick_study[0]
+    names = ["full_ft", *MITIGATIONS]
     runs = json.loads((out / "results.json").read_text())["strategies"]
-    assert list(runs) == names
     for name in names:
         accuracy, items = accuracy_from_tsv(out / "finetune" / name / "t2t.tsv")
         assert runs[name]["t2t"] == pytest.approx(accuracy) and items == ITEMS["t2t"], name

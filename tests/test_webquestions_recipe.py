@@ -210,3 +210,20 @@ def test_debug_run_of_every_strategy_on_real_models(real_models, study_data, tmp
     for name in ("results.md", "timings.json", "plots/layer_importance.png"):
         assert (output / name).is_file(), name
     assert "| full_ft |" in (output / "results.md").read_text()
+    # the importance comparison of any two checkpoints, run as a user would on the
+    # full-FT export (a composite checkpoint: the LLM under "llm."), gives the study's shift
+    compare = [
+        sys.executable, "-m", "speechbrain_sllm.importance", "compare",
+        "--base", real_models["llm"], "--tuned", str(output / "finetune/full_ft/inference/model.ckpt"),
+        "--tuned_prefix", "llm.", "--text", str(output / "targets" / "train.csv"),
+        "--output_folder", str(tmp_path / "compare"), "--scope", "decoder_linear",
+        "--fraction", "0.0333", "--seed", "1234", "--batch_size", "2", "--zeroing_fraction", "0",
+    ]  # fmt: skip
+    done = subprocess.run(compare, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, failure_report(done)
+    with open(tmp_path / "compare" / "shift.json") as handle:
+        compared = json.load(handle)
+    study = strategies["full_ft"]
+    for key in ("js", "kl", "spearman", "emd_layers", "peak_before"):
+        assert compared[key] == pytest.approx(study["shift"][key], rel=1e-9, abs=1e-15), key
+    assert compared["top3_iou"] == pytest.approx(study["top3_iou"], rel=1e-9)

@@ -5,11 +5,9 @@ Authors
  * speechbrain-sllm developers 2026
 """
 
-import re
-
 import torch
 
-from speechbrain_sllm.strategies.layerwise import decoder_layer_index
+from speechbrain_sllm.model.parameter_names import canonical_name, decoder_layer_index, module_type
 
 FLOAT_INF_BITS = 0x7F800000  # bit pattern of +inf in float32
 
@@ -187,52 +185,6 @@ def topk_threshold(score_set, fraction, largest=True):
         selected = count_at_most(score_set, low)
     threshold = torch.tensor([low], dtype=torch.int32).view(torch.float32).item()
     return threshold, selected
-
-
-def canonical_name(name):
-    """Parameter name without peft wrapping (``base_model.model.``, ``.base_layer``).
-
-    Example
-    -------
-    >>> canonical_name("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight")
-    'model.layers.0.self_attn.q_proj.weight'
-    """
-    name = re.sub(r"^base_model\.model\.", "", name)
-    return name.replace(".base_layer.", ".")
-
-
-def module_type(name):
-    """Module type of a parameter: q/k/v/o_proj, gate/up/down_proj, embeddings, norms or other.
-
-    Arguments
-    ---------
-    name : str
-        Parameter name.
-
-    Returns
-    -------
-    str
-
-    Example
-    -------
-    >>> module_type("llm.model.layers.3.mlp.gate_proj.weight")
-    'gate_proj'
-    >>> module_type("llm.model.layers.3.input_layernorm.weight")
-    'norms'
-    >>> module_type("adaptor.mlp.0.weight")
-    'adaptor'
-    """
-    name = canonical_name(name)
-    parts = name.split(".")
-    if parts[0] in ("adaptor", "encoder"):
-        return parts[0]
-    if "embed" in name or parts[-2] in ("wte", "wpe"):
-        return "embeddings"
-    if "lm_head" in name:
-        return "lm_head"
-    if "norm" in parts[-2] or parts[-2].startswith("ln"):
-        return "norms"
-    return parts[-2] if parts[-1] in ("weight", "bias") else parts[-1]
 
 
 def aggregate(score_set, topk_percents=(1.0, 3.0, 5.0)):

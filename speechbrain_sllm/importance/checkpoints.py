@@ -22,8 +22,8 @@ from collections import Counter
 
 import torch
 
+from speechbrain_sllm.model.parameter_names import decoder_layer_index
 from speechbrain_sllm.model.speech_llm import load_causal_lm
-from speechbrain_sllm.strategies.layerwise import decoder_layer_index
 
 logger = logging.getLogger(__name__)
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")

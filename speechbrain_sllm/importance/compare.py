@@ -260,7 +260,7 @@ def markdown_report(result):
         f"- base: `{result['base']}`",
         f"- tuned: `{result['tuned']}`" + (f" (tensors under `{result['tuned_prefix']}`)" if result["tuned_prefix"] else ""),
         f"- text: `{result['text']['file']}` ({result['text']['format']}, {result['text']['items']} items, "
-        f"{result['text']['skipped']} skipped; {result['settings']['fraction']:g} of them scored)",
+        f"{result['text']['skipped']} skipped; {100 * result['settings']['fraction']:g}% of them scored)",
         f"- estimator `{result['settings']['estimator']}`, scope `{result['settings']['scope']}`, "
         f"dtype `{result['settings']['dtype']}`, seed {result['settings']['seed']}",
         "",
@@ -269,7 +269,7 @@ def markdown_report(result):
         "| JS (bits) | KL (bits) | Spearman | EMD (layers) | peak layer | total ratio | "
         + " | ".join(f"top-{p}% IoU" for p in shift["topk_iou"]) + " |",
         "|---" * (6 + len(shift["topk_iou"])) + "|",
-        f"| {shift['js']:.5f} | {shift['kl']:.5f} | {shift['spearman']:.3f} | {shift['emd_layers']:.3f} "
+        f"| {shift['js']:.3g} | {shift['kl']:.3g} | {shift['spearman']:.4f} | {shift['emd_layers']:.3f} "
         f"| {shift['peak_before']} -> {shift['peak_after']} | {shift['total_ratio']:.3f} | "
         + " | ".join(f"{v:.3f}" for v in shift["topk_iou"].values()) + " |",
         "",

@@ -24,8 +24,8 @@ from speechbrain_sllm.fsdp import local_tensor, shard_like
 from speechbrain_sllm.importance.aggregate import ScoreSet, aggregate, topk_threshold
 from speechbrain_sllm.importance.estimators import ImportanceAccumulator
 from speechbrain_sllm.importance.report import save_profile, summarize_profile
+from speechbrain_sllm.model.parameter_names import decoder_layer_index
 from speechbrain_sllm.model.speech_llm import shifted_lm_loss
-from speechbrain_sllm.strategies.layerwise import decoder_layer_index
 
 logger = logging.getLogger(__name__)
 SCOPES = ("llm", "llm+adaptor", "decoder_linear")

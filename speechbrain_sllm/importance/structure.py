@@ -23,8 +23,8 @@ import os
 
 import torch
 
-from speechbrain_sllm.importance.aggregate import ScoreSet, module_type, topk_threshold
-from speechbrain_sllm.strategies.layerwise import decoder_layer_index
+from speechbrain_sllm.importance.aggregate import ScoreSet, topk_threshold
+from speechbrain_sllm.model.parameter_names import decoder_layer_index, module_type
 
 
 def top_shares(mask, quantiles):

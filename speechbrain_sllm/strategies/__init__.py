@@ -1,5 +1,6 @@
 """Training strategies: frozen LLM, full fine-tuning, layer-wise LR, LoRA."""
 
+from speechbrain_sllm.model.parameter_names import decoder_layer_index
 from speechbrain_sllm.strategies.core import (
     STRATEGIES,
     Strategy,
@@ -10,7 +11,6 @@ from speechbrain_sllm.strategies.core import (
 )
 from speechbrain_sllm.strategies.layerwise import (
     LayerwiseLR,
-    decoder_layer_index,
     importance_scales,
     load_layer_importance,
 )

@@ -16,8 +16,8 @@ import logging
 from dataclasses import dataclass
 
 from speechbrain_sllm.fsdp import is_sharded
-from speechbrain_sllm.importance.aggregate import module_type
-from speechbrain_sllm.strategies.layerwise import LayerwiseLR, decoder_layer_index
+from speechbrain_sllm.model.parameter_names import decoder_layer_index, module_type
+from speechbrain_sllm.strategies.layerwise import LayerwiseLR
 from speechbrain_sllm.strategies.lora import LoRASettings, apply_lora
 
 logger = logging.getLogger(__name__)

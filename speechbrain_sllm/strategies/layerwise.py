@@ -10,42 +10,10 @@ Authors
 
 import json
 import os
-import re
 from dataclasses import dataclass
 
-LAYER_PATTERNS = (
-    re.compile(r"(?:^|\.)layers\.(\d+)\."),  # Llama, Qwen2, Mistral, Gemma, Phi-3
-    re.compile(r"(?:^|\.)h\.(\d+)\."),  # GPT-2, GPT-J, Falcon
-    re.compile(r"(?:^|\.)blocks\.(\d+)\."),
-)
 RULES = ("constant", "depth", "importance")
 GRANULARITIES = ("layer", "module")
-
-
-def decoder_layer_index(name):
-    """Decoder-layer index of a parameter name, or None outside the layers.
-
-    Arguments
-    ---------
-    name : str
-        Parameter name, e.g. ``model.layers.3.mlp.up_proj.weight``.
-
-    Returns
-    -------
-    int or None
-
-    Example
-    -------
-    >>> decoder_layer_index("base_model.model.model.layers.12.self_attn.q_proj.lora_A.default.weight")
-    12
-    >>> decoder_layer_index("model.embed_tokens.weight") is None
-    True
-    """
-    for pattern in LAYER_PATTERNS:
-        match = pattern.search(name)
-        if match:
-            return int(match.group(1))
-    return None
 
 
 @dataclass
