@@ -376,6 +376,7 @@ def prepare_shard(shard, work_folder, skipped):
     str
         The rows file.
     """
+    import pyarrow
     import pyarrow.parquet as pq
 
     name = shard_name(shard)
@@ -387,7 +388,7 @@ def prepare_shard(shard, work_folder, skipped):
     audio_folder = os.path.join(work_folder, "audio", name)
     os.makedirs(audio_folder, exist_ok=True)
     os.makedirs(os.path.dirname(rows_file), exist_ok=True)
-    parquet = pq.ParquetFile(shard)
+    parquet = pq.ParquetFile(shard, buffer_size=2**20)  # read column chunks in 1 MiB pieces
     check_columns(shard, parquet.schema_arrow.names)
     columns = [c for c in COLUMNS if c in parquet.schema_arrow.names]
     local = Counter()
@@ -410,6 +411,8 @@ def prepare_shard(shard, work_folder, skipped):
             progress.update(batch.num_rows)
         progress.close()
     os.replace(rows_file + ".tmp", rows_file)
+    parquet.close()
+    pyarrow.default_memory_pool().release_unused()  # the shard's buffers, back to the system
     with open(rows_file + ".json.tmp", "w") as handle:
         json.dump({"source": shard_source(shard), "skipped": dict(local)}, handle)
     os.replace(rows_file + ".json.tmp", rows_file + ".json")
