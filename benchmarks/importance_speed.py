@@ -37,14 +37,7 @@ SHAPES = {
         num_key_value_heads=2,
         vocab_size=4096,
     ),
-    "small": dict(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=49152,
-    ),
+    "small": {**BUILTIN_SHAPES["smollm2-135m"], "tie_word_embeddings": False},
     "1b": BUILTIN_SHAPES["llama-3.2-1b"],
     "8b": BUILTIN_SHAPES["llama-3.1-8b"],
 }

@@ -32,9 +32,9 @@ from speechbrain_sllm.importance.aggregate import ScoreSet, aggregate
 from speechbrain_sllm.importance.checkpoints import load_tuned_llm
 from speechbrain_sllm.importance.report import (
     plot_concentration,
-    plot_layer_distributions,
     plot_module_heatmap,
     save_profile,
+    write_importance_plots,
 )
 from speechbrain_sllm.importance.shift import layer_shift, topk_overlap
 from speechbrain_sllm.importance.stage import SCOPES, accumulate_importance, zeroing_check
@@ -236,16 +236,8 @@ def shift_metrics(profiles, scores, sharded, topk_percents):
 
 def write_plots(profiles, structures, folder):
     """The study's plots for the two sides (layer shares, top-3% shares, heatmaps, rows / columns)."""
-    labelled = {"base": profiles["base"], "tuned": profiles["tuned"]}
-    plot_layer_distributions(labelled, os.path.join(folder, "layer_importance.png"))
-    plot_layer_distributions(
-        labelled,
-        os.path.join(folder, "layer_top3_share.png"),
-        key="top3",
-        title="Share of the global top-3% text-important parameters",
-    )
-    for side in SIDES:
-        plot_module_heatmap(profiles[side], os.path.join(folder, f"{side}_module_heatmap.png"))
+    write_importance_plots({"base": profiles["base"], "tuned": profiles["tuned"]}, folder)
+    plot_module_heatmap(profiles["tuned"], os.path.join(folder, "tuned_module_heatmap.png"))
     if all(structures.values()):
         summaries = {side: {"modules": structures[side]["summary"]["modules"]} for side in SIDES}
         plot_concentration(summaries, os.path.join(folder, "row_column_concentration.png"))

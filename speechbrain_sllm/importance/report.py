@@ -205,3 +205,24 @@ def compare_profiles(before, after, folder, labels=("before", "after"), key="sum
     )
     plot_module_heatmap(after, os.path.join(folder, f"{labels[1]}_module_heatmap.png"))
     return shift
+
+
+def write_importance_plots(profiles, folder):
+    """Layer-wise importance and top-3% shares per model; the base model's module heatmap.
+
+    Arguments
+    ---------
+    profiles : dict
+        ``{model name: importance profile}``, the base model first.
+    folder : str
+        Where the PNG files go.
+    """
+    plot_layer_distributions(profiles, os.path.join(folder, "layer_importance.png"))
+    plot_layer_distributions(
+        profiles,
+        os.path.join(folder, "layer_top3_share.png"),
+        key="top3",
+        title="Share of the global top-3% text-important parameters",
+    )
+    base_profile = next(iter(profiles.values()))
+    plot_module_heatmap(base_profile, os.path.join(folder, "base_module_heatmap.png"))

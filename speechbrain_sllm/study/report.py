@@ -16,9 +16,8 @@ import torch
 from speechbrain_sllm.importance.aggregate import ScoreSet
 from speechbrain_sllm.importance.report import (
     plot_concentration,
-    plot_layer_distributions,
-    plot_module_heatmap,
     summarize_shift,
+    write_importance_plots,
 )
 from speechbrain_sllm.importance.shift import layer_shift, topk_overlap
 from speechbrain_sllm.metrics import paired_test, read_item_scores
@@ -200,27 +199,6 @@ def write_stage_one_results(folder, stage1, cascade, settings, clock, device=Non
         write_json(results, os.path.join(folder, "align", "results.json"))
     print(json.dumps(results, indent=1))
     return results
-
-
-def write_importance_plots(profiles, folder):
-    """Layer-wise importance and top-3% shares per model; the base model's module heatmap.
-
-    Arguments
-    ---------
-    profiles : dict
-        ``{model name: importance profile}``, the base model first.
-    folder : str
-        Where the PNG files go.
-    """
-    plot_layer_distributions(profiles, os.path.join(folder, "layer_importance.png"))
-    plot_layer_distributions(
-        profiles,
-        os.path.join(folder, "layer_top3_share.png"),
-        key="top3",
-        title="Share of the global top-3% text-important parameters",
-    )
-    base_profile = next(iter(profiles.values()))
-    plot_module_heatmap(base_profile, os.path.join(folder, "base_module_heatmap.png"))
 
 
 def write_concentration_plot(folder, profiles):
