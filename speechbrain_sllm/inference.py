@@ -231,7 +231,30 @@ def export_trained_model(model, strategy, inference_yaml, folder, settings, trai
     if strategy.lora is not None:
         llm_state = {name[4:]: t for name, t in trainable.items() if name.startswith("llm.")}
         model.llm.save_pretrained(os.path.join(staging, ADAPTER_FOLDER), state_dict=llm_state)
+        sort_adapter_config(os.path.join(staging, ADAPTER_FOLDER, "adapter_config.json"))
     replace_folder(staging, folder)
+
+
+def sort_adapter_config(path):
+    """Rewrites a peft ``adapter_config.json`` with its set-valued lists sorted.
+
+    peft writes ``target_modules`` from a Python set, in an order that changes
+    from one process to the next; sorted, two exports of the same run are
+    byte-identical.
+
+    Arguments
+    ---------
+    path : str
+        The adapter's ``adapter_config.json``.
+    """
+    with open(path) as handle:
+        config = json.load(handle)
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    with open(path + ".tmp", "w") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
 
 
 def sibling(folder, prefix):

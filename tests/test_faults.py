@@ -585,3 +585,38 @@ def test_an_override_out_of_range_is_refused_at_start_up_naming_the_key(
     with pytest.raises(ValueError, match=message):
         load_recipe_hparams(hparams_file, overrides, run_opts)
     assert not out.exists()  # nothing written before the check
+
+
+EXPORT_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import llama_config, tiny_speech_llm
+from helpers import strategy_for
+from speechbrain_sllm import inference
+from speechbrain_sllm.strategies import apply_strategy
+model = tiny_speech_llm(llama_config(vocab_size=64))
+strategy = strategy_for("lora", {folder!r})
+apply_strategy(model, strategy)
+inference.export_trained_model(model, strategy, inference.INFERENCE_TEMPLATE, {folder!r} + "/inference", {{}})
+"""
+
+
+def test_two_exports_of_one_lora_run_write_the_same_adapter_config(tmp_path):
+    import subprocess
+    import sys
+
+    configs = []
+    for hash_seed in ("1", "2"):  # set order in peft's config follows the string hashes
+        folder = str(tmp_path / hash_seed)
+        os.makedirs(folder)
+        script = EXPORT_SCRIPT.format(tests=os.path.join(ROOT, "tests"), folder=folder)
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        with open(
+            os.path.join(folder, "inference", "lora_adapter", "adapter_config.json")
+        ) as handle:
+            configs.append(handle.read())
+    assert configs[0] == configs[1]
