@@ -293,7 +293,10 @@ def check_existing_run(settings):
 
 
 def keep_previous_hyperparams(folder):
-    """Renames an existing ``hyperparams.yaml`` to ``hyperparams.<time>.yaml`` (kept).
+    """Keeps an existing ``hyperparams.yaml`` as ``hyperparams.<time>.yaml``, once per content.
+
+    A rerun with the same settings finds a copy with the same bytes and adds none,
+    so the folder holds one copy per distinct setting.
 
     Arguments
     ---------
@@ -301,9 +304,17 @@ def keep_previous_hyperparams(folder):
         The output folder.
     """
     path = os.path.join(folder, "hyperparams.yaml")
-    if os.path.isfile(path):
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
-        shutil.copy2(path, os.path.join(folder, f"hyperparams.{stamp}.yaml"))
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb") as handle:
+        content = handle.read()
+    for name in os.listdir(folder):
+        if name.startswith("hyperparams.") and name != "hyperparams.yaml":
+            with open(os.path.join(folder, name), "rb") as handle:
+                if handle.read() == content:
+                    return
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
+    shutil.copy2(path, os.path.join(folder, f"hyperparams.{stamp}.yaml"))
 
 
 def check_model_folder(key, folder):

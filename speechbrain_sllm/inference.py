@@ -457,6 +457,35 @@ def check_yaml_targets(path):
         )
 
 
+def check_export_files(folder, hparams_file="hyperparams.yaml"):
+    """Names a file of an export that is missing, or a ``model.ckpt`` that is truncated.
+
+    Arguments
+    ---------
+    folder : str
+        The exported folder.
+    hparams_file : str
+        Its yaml.
+    """
+    import zipfile
+
+    for name in (hparams_file, CHECKPOINT_FILE, STRATEGY_FILE):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise FileNotFoundError(
+                f"Export {folder!r} has no {name}: it is incomplete. Export the run again "
+                "(export_recipe_run / the recipe), or copy the whole folder."
+            )
+    checkpoint = os.path.join(folder, CHECKPOINT_FILE)
+    try:
+        with zipfile.ZipFile(checkpoint) as archive:
+            archive.namelist()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ValueError(
+            f"{checkpoint} is truncated or not a torch checkpoint ({error}); export the run "
+            "again, or copy the file whole."
+        ) from error
+
+
 class UntrustedYamlError(ValueError):
     """An exported yaml that names objects outside the allow-list."""
 
@@ -512,7 +541,8 @@ class SpeechLLMInference(Pretrained):
                 f"SpeechLLMInference: {source!r} is not a folder; pass the folder written "
                 "by export_trained_model (a recipe's <output_folder>/inference)."
             )
-        if not trust_yaml and os.path.isfile(os.path.join(source, hparams_file)):
+        check_export_files(source, hparams_file)
+        if not trust_yaml:
             check_yaml_targets(os.path.join(source, hparams_file))
         overrides = dict(overrides or {}, trained_folder=os.path.abspath(source))
         return super().from_hparams(

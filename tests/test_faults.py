@@ -84,12 +84,22 @@ def test_resuming_with_other_tensor_shaping_settings_stops_before_anything_runs(
 
 
 def test_rerunning_a_folder_keeps_the_previous_hyperparams_yaml(recipe_fixtures, tmp_path):
+    import time
+
+    from speechbrain_sllm.config import keep_previous_hyperparams
+
     out = tmp_path / "out"
     assert run_row(SPOKEN_QA_LORA, out).returncode == 0
     first = (out / "hyperparams.yaml").read_text()
     assert run_row(SPOKEN_QA_LORA, out, ["--max_new_tokens=3"]).returncode == 0
     kept = [name for name in os.listdir(out) if name.startswith("hyperparams.2")]
     assert len(kept) == 1 and (out / kept[0]).read_text() == first
+    current = out / "hyperparams.yaml"
+    for later in (10, 20):  # reruns with one setting (rewritten: new times) keep one copy
+        os.utime(current, (time.time() + later, time.time() + later))
+        keep_previous_hyperparams(str(out))
+    copies = sorted(name for name in os.listdir(out) if name.startswith("hyperparams.2"))
+    assert len(copies) == 2 and first in [(out / name).read_text() for name in copies]
     assert ROOT  # the rows run from the repository root
 
 
@@ -542,6 +552,10 @@ def test_an_export_whose_yaml_runs_other_code_is_refused_before_it_runs(tmp_path
     planted = f'__run: !apply:os.system ["touch {marker}"]\n'
     runner = 'more: !apply:speechbrain.utils.superpowers.run_shell ["ls"]\n'
     (folder / "hyperparams.yaml").write_text(planted + runner + open(INFERENCE_TEMPLATE).read())
+    import torch
+
+    torch.save({}, folder / "model.ckpt")
+    (folder / "strategy.json").write_text("{}")
     with pytest.raises(UntrustedYamlError) as refused:
         SpeechLLMInference.from_hparams(source=str(folder))
     assert "!apply:os.system" in str(refused.value) and "run_shell" in str(refused.value)
@@ -620,3 +634,30 @@ def test_two_exports_of_one_lora_run_write_the_same_adapter_config(tmp_path):
         ) as handle:
             configs.append(handle.read())
     assert configs[0] == configs[1]
+
+
+def test_an_export_missing_a_file_or_with_a_truncated_checkpoint_is_named(tokenizer, tmp_path):
+    import shutil
+
+    from conftest import llama_config, tiny_speech_llm
+    from helpers import strategy_for
+
+    from speechbrain_sllm import inference
+    from speechbrain_sllm.strategies import apply_strategy
+
+    model = tiny_speech_llm(llama_config(vocab_size=len(tokenizer)))
+    strategy = strategy_for("lora", str(tmp_path))
+    apply_strategy(model, strategy)
+    folder = tmp_path / "inference"
+    inference.export_trained_model(model, strategy, inference.INFERENCE_TEMPLATE, str(folder), {})
+    for name in ("model.ckpt", "strategy.json", "hyperparams.yaml"):
+        moved = tmp_path / name
+        shutil.move(folder / name, moved)
+        with pytest.raises(FileNotFoundError, match=f"has no {name}: it is incomplete"):
+            inference.SpeechLLMInference.from_hparams(source=str(folder))
+        shutil.move(moved, folder / name)
+    checkpoint = folder / "model.ckpt"
+    with open(checkpoint, "r+b") as handle:
+        handle.truncate(checkpoint.stat().st_size // 2)
+    with pytest.raises(ValueError, match=r"model\.ckpt is truncated or not a torch checkpoint"):
+        inference.SpeechLLMInference.from_hparams(source=str(folder))
