@@ -37,7 +37,7 @@ from speechbrain_sllm.importance.report import (
     write_importance_plots,
 )
 from speechbrain_sllm.importance.shift import layer_shift, topk_overlap
-from speechbrain_sllm.importance.stage import SCOPES, accumulate_importance, zeroing_check
+from speechbrain_sllm.importance.stage import accumulate_importance, zeroing_check
 from speechbrain_sllm.importance.structure import write_structure
 from speechbrain_sllm.importance.text_sets import text_set
 from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
@@ -112,7 +112,6 @@ class CompareSettings:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"--{key} {getattr(self, key)!r} unknown; use one of {allowed}.")
-        assert set(choices["scope"]) <= set(SCOPES)
         if not 0 < self.fraction <= 1:
             raise ValueError(f"--fraction {self.fraction} must be in (0, 1].")
         if not 0 <= self.zeroing_fraction < 1:
@@ -162,6 +161,8 @@ def score_model(llm, dataset, prompt, tokenizer, settings, excluded=()):
         Per-layer / per-module aggregate with metadata and ``zeroing``.
     scores : dict
         ``{name: fp32 scores}`` (this rank's shards under FSDP).
+    sharded : bool
+        Whether the scores are shards (FSDP).
     """
     device = rank_device(settings.device)
     model = SpeechLLM(llm).to(device)
