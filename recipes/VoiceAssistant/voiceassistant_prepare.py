@@ -105,25 +105,23 @@ def prepare_spoken_qa(
         f"eval_{name}.csv": read_items(path, answers_key="answers", split=name)
         for name, path in eval_files.items()
     }
-    if parquet:
-        with staged_preparation(save_folder, record) as staging:  # shards resume, manifests last
+    sets = dict(evaluation)
+    if not parquet:
+        rows = read_items(train_file, answers_key="answer", split="train")
+        random.Random(seed).shuffle(rows)
+        count = max(1, int(valid_fraction * len(rows)))
+        if len(rows) - count < 1:
+            raise ValueError(
+                f"{train_file}: {len(rows)} usable training item(s) cannot make both a train "
+                f"and a valid split (valid_fraction={valid_fraction}); add items."
+            )
+        sets.update({"train.csv": rows[count:], "valid.csv": rows[:count]})
+    with staged_preparation(save_folder, record) as staging:  # every set read and checked
+        if parquet:  # shards resume from save_folder; train / valid written into staging
             counts = prepare_parquet_training(
                 train_file, save_folder, staging, valid_fraction, seed
             )
             logger.info(f"VoiceAssistant shards of {train_file}: {dict(counts)}")
-            for file_name, items in evaluation.items():
-                write_csv_manifest(items, FIELDS, os.path.join(staging, file_name))
-        return
-    rows = read_items(train_file, answers_key="answer", split="train")
-    random.Random(seed).shuffle(rows)
-    count = max(1, int(valid_fraction * len(rows)))
-    if len(rows) - count < 1:
-        raise ValueError(
-            f"{train_file}: {len(rows)} usable training item(s) cannot make both a train "
-            f"and a valid split (valid_fraction={valid_fraction}); add items."
-        )
-    sets = {"train.csv": rows[count:], "valid.csv": rows[:count], **evaluation}
-    with staged_preparation(save_folder, record) as staging:  # every set read and checked
         for file_name, items in sets.items():
             write_csv_manifest(items, FIELDS, os.path.join(staging, file_name))
 

@@ -189,9 +189,11 @@ def score_model(llm, dataset, prompt, tokenizer, settings, excluded=()):
         progress=if_main_process(),
     )
     skipped = {f"llm.{name}" for name in excluded}
-    names = [name for name in accumulator.params if name not in skipped]
     accumulator.check_finite()
-    score_set = ScoreSet(names, accumulator.score, accumulator.sharded)
+    scores = {
+        name: accumulator.score(name).cpu() for name in accumulator.params if name not in skipped
+    }
+    score_set = ScoreSet(scores, scores.__getitem__, accumulator.sharded)  # each computed once
     profile = aggregate(score_set, tuple(settings.topk_percents))
     profile.update(
         estimator=settings.estimator, mode="text", scope=settings.scope,
@@ -202,7 +204,6 @@ def score_model(llm, dataset, prompt, tokenizer, settings, excluded=()):
             evaluator, dataset, accumulator, settings.zeroing_fraction, "text",
             settings.seed, settings.batch_size,
         )  # fmt: skip
-    scores = {name: accumulator.score(name).cpu() for name in names}
     return profile, scores, accumulator.sharded
 
 
