@@ -17,6 +17,7 @@ import torch
 
 from speechbrain_sllm.brain_steps import MitigationTerms, NonFiniteGuard, ShardedTraining
 from speechbrain_sllm.checkpointing import TrainableState
+from speechbrain_sllm.data.context_lengths import check_context_lengths
 from speechbrain_sllm.distributed import share_debug_checkpoint_folder, unwrap
 from speechbrain_sllm.evaluation import (
     MAX_METRICS,
@@ -24,6 +25,7 @@ from speechbrain_sllm.evaluation import (
     QAEvaluator,
     StageMetrics,
     qa_forward,
+    without_nonfinite_audio,
 )
 from speechbrain_sllm.fsdp import check_parallelism
 from speechbrain_sllm.model.speech_llm import shifted_lm_loss
@@ -90,6 +92,8 @@ class SpeechLLMBrain(NonFiniteGuard, ShardedTraining, MitigationTerms, sb.Brain)
         self.counts_before_epoch = (0, 0)
         self.batch_ids = []
         self.stage_metrics = StageMetrics([])
+        self.scored_batches = None  # validation / test: batches with a finite loss
+        self.nonfinite_ids = []  # validation / test: items left out (non-finite audio)
 
     @property
     def model(self):
@@ -136,6 +140,26 @@ class SpeechLLMBrain(NonFiniteGuard, ShardedTraining, MitigationTerms, sb.Brain)
             return shifted_lm_loss(logits, labels, "mean")
         return shifted_lm_loss(logits, labels, "mean") + self.mitigation_loss()
 
+    @torch.no_grad()
+    def evaluate_batch(self, batch, stage):
+        """``Brain.evaluate_batch`` on the batch's items with finite audio; the others
+        are named and counted (``nonfinite_items``), never scored as a loss of 0."""
+        batch, dropped = without_nonfinite_audio(batch, f"{stage.name.lower()} set")
+        self.nonfinite_ids.extend(dropped)
+        if batch is None:
+            return torch.tensor(float("nan"))
+        return super().evaluate_batch(batch, stage)
+
+    def update_average(self, loss, avg_loss):
+        """Off training, the mean loss of the batches whose loss is finite (SpeechBrain
+        divides by every batch, so a non-finite one pulls the mean towards 0)."""
+        if self.scored_batches is None:
+            return super().update_average(loss, avg_loss)
+        if not torch.isfinite(loss):
+            return avg_loss
+        self.scored_batches += 1
+        return avg_loss + (float(loss) - avg_loss) / self.scored_batches
+
     def on_fit_start(self):
         """Starts the mitigations and registers the compact model state and the schedule,
         all before recovery (a mitigation keeps the base model, also on a resumed run)."""
@@ -165,6 +189,9 @@ class SpeechLLMBrain(NonFiniteGuard, ShardedTraining, MitigationTerms, sb.Brain)
         (``len(epoch_counter)`` or an ``EpochCounter``'s ``limit``: any iterable
         counter works) / ``grad_accumulation_factor``.
         """
+        self.check_lengths(train_set, "training set")
+        if valid_set is not None:
+            self.check_lengths(valid_set, "validation set")
         train_loader_kwargs = dict(train_loader_kwargs or {})
         if not isinstance(train_set, torch.utils.data.DataLoader):
             train_set = self.make_dataloader(train_set, sb.Stage.TRAIN, **train_loader_kwargs)
@@ -213,6 +240,7 @@ class SpeechLLMBrain(NonFiniteGuard, ShardedTraining, MitigationTerms, sb.Brain)
         dict
             The test stats (``loss`` and every metric of ``test_metrics``).
         """
+        self.check_lengths(test_set, f"test set {name!r}")
         super().evaluate(
             test_set,
             max_key=max_key,
@@ -229,6 +257,23 @@ class SpeechLLMBrain(NonFiniteGuard, ShardedTraining, MitigationTerms, sb.Brain)
             self.train_logger.log_stats(stats_meta=meta, test_stats=self.test_stats)
         return self.test_stats
 
+    def check_lengths(self, dataset, name):
+        """Names every item of ``dataset`` longer than the LLM's context, before any step.
+
+        Arguments
+        ---------
+        dataset : DynamicItemDataset or DataLoader
+            A set about to be trained on or scored (a loader: its dataset).
+        name : str
+            The set's name in the message.
+        """
+        data = getattr(dataset, "dataset", dataset)
+        if not isinstance(data, sb.dataio.dataset.DynamicItemDataset):
+            return
+        mode = getattr(self.hparams, "input_mode", "speech")
+        rate = getattr(self.hparams, "sample_rate", 16000)
+        check_context_lengths(self.model, data, self.hparams.prompt, mode, name, rate)
+
     def on_fit_batch_start(self, batch, should_step):
         """Restores recovered random generators, then sets this step's learning rates.
 
@@ -244,6 +289,8 @@ class SpeechLLMBrain(NonFiniteGuard, ShardedTraining, MitigationTerms, sb.Brain)
 
     def on_stage_start(self, stage, epoch=None):
         """Fresh trackers of the stage's metrics (``evaluation``'s valid or test ones)."""
+        self.scored_batches = None if stage == sb.Stage.TRAIN else 0
+        self.nonfinite_ids = []
         if stage != sb.Stage.TRAIN:
             metrics = (
                 self.evaluation.valid_metrics
@@ -258,14 +305,52 @@ class SpeechLLMBrain(NonFiniteGuard, ShardedTraining, MitigationTerms, sb.Brain)
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         """Logs the stage's stats; after validation keeps the best checkpoint by ``ckpt_key``."""
+        if stage != sb.Stage.TRAIN:
+            return self.on_evaluation_end(stage, stage_loss, epoch)
         stats = {"loss": stage_loss, "ppl": math.exp(min(stage_loss, 50.0))}
-        if stage == sb.Stage.TRAIN:
-            skipped, dropped = self.counts_before_epoch
-            stats["skipped_steps"] = self.skipped_steps - skipped  # this epoch
-            stats["dropped_items"] = self.dropped_items - dropped
-            self.counts_before_epoch = (self.skipped_steps, self.dropped_items)
-            self.train_stats = stats
-            return
+        skipped, dropped = self.counts_before_epoch
+        stats["skipped_steps"] = self.skipped_steps - skipped  # this epoch
+        stats["dropped_items"] = self.dropped_items - dropped
+        self.counts_before_epoch = (self.skipped_steps, self.dropped_items)
+        self.train_stats = stats
+
+    def evaluation_loss(self, stage, stage_loss):
+        """The stage's mean loss over finite batches, with its perplexity and the
+        count of items left out; raises when no validation batch scored.
+
+        Arguments
+        ---------
+        stage : sb.Stage
+            VALID or TEST.
+        stage_loss : float
+            The mean from ``update_average``.
+
+        Returns
+        -------
+        dict
+            ``loss`` and ``ppl`` (None when no batch had a finite loss) and
+            ``nonfinite_items``.
+        """
+        stats = {"loss": None, "ppl": None, "nonfinite_items": len(self.nonfinite_ids)}
+        if self.scored_batches is None or self.scored_batches > 0:  # None: no stage start
+            stats.update(loss=stage_loss, ppl=math.exp(min(stage_loss, 50.0)))
+        elif stage == sb.Stage.VALID:
+            raise FloatingPointError(
+                "No validation batch had a finite loss (items with non-finite audio: "
+                f"{self.nonfinite_ids or 'none'}): check the validation audio, or the model "
+                "(lower the learning rate, train in fp32/bf16). The last good checkpoint "
+                "is untouched."
+            )
+        else:
+            logger.warning(
+                f"No test batch had a finite loss: `loss` is null (items with non-finite "
+                f"audio: {self.nonfinite_ids or 'none'})."
+            )
+        return stats
+
+    def on_evaluation_end(self, stage, stage_loss, epoch):
+        """``on_stage_end`` of validation and test: stats, log, best checkpoint."""
+        stats = self.evaluation_loss(stage, stage_loss)
         stats.update(self.stage_metrics.summarize(self.evaluator()))
         if stage == sb.Stage.TEST:
             self.test_stats = stats  # logged by ``evaluate`` with the set's name

@@ -212,14 +212,21 @@ class AtomicCheckpointer(Checkpointer):
             with open(staging / STAGING_OWNER, "w") as handle:
                 json.dump(RunLock(self.checkpoints_dir).record(), handle)
         except OSError as error:
+            shutil.rmtree(staging, ignore_errors=True)  # created before the disk filled
             raise CheckpointWriteError(self.checkpoints_dir, error) from error
         return final
 
     def _save_collective(self, staging):
-        """Every rank writes its part of the collective recoverables (FSDP shards)."""
-        for key, obj in self.recoverables.items():
-            if getattr(obj, "collective", False):
-                obj.collective_save(staging / f"{key}{PARAMFILE_EXT}")
+        """Every rank writes its part of the collective recoverables (FSDP shards); a
+        failed write removes the staging folder (main process) and names the fix."""
+        try:
+            for key, obj in self.recoverables.items():
+                if getattr(obj, "collective", False):
+                    obj.collective_save(staging / f"{key}{PARAMFILE_EXT}")
+        except (OSError, RuntimeError) as error:
+            if if_main_process():
+                shutil.rmtree(staging, ignore_errors=True)
+            raise CheckpointWriteError(self.checkpoints_dir, error) from error
         ddp_barrier()
 
     def _save_staged(self, final, meta, end_of_epoch, verbosity):

@@ -14,13 +14,15 @@ Authors
 """
 
 import contextlib
+import copy
+import logging
 import math
 import os
 from dataclasses import dataclass, field
 
 import speechbrain as sb
 import torch
-from speechbrain.dataio.batch import PaddedBatch
+from speechbrain.dataio.batch import PaddedBatch, PaddedData
 from speechbrain.dataio.dataloader import make_dataloader
 from tqdm import tqdm
 
@@ -32,6 +34,7 @@ from speechbrain_sllm.model.encoders import AudioTooLongError
 from speechbrain_sllm.model.padding import unpad
 from speechbrain_sllm.model.speech_llm import ContextLengthError, shifted_lm_loss
 
+logger = logging.getLogger(__name__)
 INPUT_MODES = ("speech", "text")
 METRICS = ("WER", "S2T", "T2T", "text_ppl")
 MAX_METRICS = ("S2T", "T2T")  # higher is better
@@ -180,6 +183,92 @@ def qa_forward(model, batch, mode, prompt, keep=None):
         raise AudioTooLongError(f"Item {ids[error.item]!r}: {error}", error.item) from error
 
 
+def finite_audio_positions(batch):
+    """Positions of a batch's items whose audio is finite (every item without audio).
+
+    Arguments
+    ---------
+    batch : PaddedBatch
+        From ``make_qa_dataset``.
+
+    Returns
+    -------
+    list of int
+
+    Example
+    -------
+    >>> batch = PaddedBatch([{"id": "a", "sig": torch.zeros(3)}, {"id": "b", "sig": torch.ones(2)}])
+    >>> batch.sig.data[0, 1] = float("nan")
+    >>> finite_audio_positions(batch)
+    [1]
+    """
+    signal = getattr(batch, "sig", None)
+    if signal is None:
+        return list(range(len(batch.id)))
+    return torch.isfinite(signal.data).all(dim=1).nonzero().flatten().tolist()
+
+
+def batch_subset(batch, keep):
+    """A copy of ``batch`` holding only the items at positions ``keep``.
+
+    Arguments
+    ---------
+    batch : PaddedBatch
+        Any batch (padded keys and list keys).
+    keep : list of int
+        Positions to keep, in order.
+
+    Returns
+    -------
+    PaddedBatch
+
+    Example
+    -------
+    >>> batch = PaddedBatch([{"id": "a", "sig": torch.zeros(3)}, {"id": "b", "sig": torch.ones(2)}])
+    >>> subset = batch_subset(batch, [1])
+    >>> subset.id, subset.sig.data.shape
+    (['b'], torch.Size([1, 3]))
+    """
+    subset = copy.copy(batch)
+    for key, value in vars(batch).items():
+        if key.startswith("_"):  # PaddedBatch's own bookkeeping
+            continue
+        if isinstance(value, PaddedData):
+            index = torch.tensor(keep, dtype=torch.long, device=value.data.device)
+            setattr(subset, key, PaddedData(value.data[index], value.lengths[index]))
+        else:
+            setattr(subset, key, [value[position] for position in keep])
+    return subset
+
+
+def without_nonfinite_audio(batch, where):
+    """``batch`` without its items whose audio is not finite, and their ids (logged).
+
+    Such an item would score as a NaN loss or an empty answer; it is left out
+    of every metric and named instead.
+
+    Arguments
+    ---------
+    batch : PaddedBatch
+        From ``make_qa_dataset``.
+    where : str
+        The set or stage, for the warning.
+
+    Returns
+    -------
+    batch : PaddedBatch or None
+        The finite items (None: no item left).
+    dropped : list of str
+        The ids left out.
+    """
+    keep = finite_audio_positions(batch)
+    if len(keep) == len(batch.id):
+        return batch, []
+    dropped = [item for position, item in enumerate(batch.id) if position not in keep]
+    logger.warning(f"{where}: items with non-finite audio left out of every metric: {dropped}")
+    return (batch_subset(batch, keep) if keep else None), dropped
+
+
 class QAEvaluator:
     """Scores a ``SpeechLLM`` on QA datasets (T2T / S2T accuracy, WER, perplexity).
 
@@ -214,6 +303,7 @@ class QAEvaluator:
         self.device = device
         self.autocast = autocast or contextlib.nullcontext()
         self.settings = settings or EvaluationSettings()
+        self.nonfinite_ids = []  # items left out of spoken scores: non-finite audio
 
     def forward(self, batch, mode):
         """``qa_forward`` of the model on ``batch`` (moved to the device), in ``autocast``."""
@@ -276,6 +366,7 @@ class QAEvaluator:
         self.model.eval()
         total, count = 0.0, 0
         for batch, counted in self.rank_batches(dataset, batch_size):
+            batch, counted = self.finite_part(batch, counted, mode)
             batch_total, batch_count = answer_loss_sum(*self.forward(batch, mode))
             if counted:  # a lockstep filler batch runs, but counts nothing
                 total, count = total + batch_total, count + batch_count
@@ -337,6 +428,7 @@ class QAEvaluator:
         items = []
         batches = self.rank_batches(dataset, batch_size)
         for batch, counted in tqdm(batches, disable=not progress, desc=f"decode {mode}"):
+            batch, counted = self.finite_part(batch, counted, mode)
             texts = self.decode_batch(batch, mode)
             if counted:
                 items.extend(zip(batch.id, texts, batch.references))
@@ -345,6 +437,31 @@ class QAEvaluator:
             return [], [], []
         ids, predictions, references = (list(column) for column in zip(*items))
         return ids, predictions, references
+
+    def finite_part(self, batch, counted, mode):
+        """The batch's items with finite audio (spoken input), the others named in
+        ``nonfinite_ids``; a batch with none left runs whole, uncounted (lockstep).
+
+        Arguments
+        ---------
+        batch : PaddedBatch
+            The next batch.
+        counted : bool
+            Whether its results count.
+        mode : str
+            ``speech`` or ``text`` (written questions need no audio).
+
+        Returns
+        -------
+        batch : PaddedBatch
+        counted : bool
+        """
+        if mode != "speech":
+            return batch, counted
+        finite, dropped = without_nonfinite_audio(batch, "QAEvaluator")
+        if counted:
+            self.nonfinite_ids.extend(dropped)
+        return (finite, counted) if finite is not None else (batch, False)
 
     def qa_accuracy(self, dataset, mode="speech", output_file=None, **kwargs):
         """QA accuracy (%) with normalised answer matching (T2T or S2T).

@@ -26,9 +26,10 @@ from speechbrain.inference.interfaces import Pretrained
 from speechbrain.utils.distributed import ddp_barrier, if_main_process
 
 from speechbrain_sllm.checkpointing import TrainableState
-from speechbrain_sllm.data.dataio import load_audio
+from speechbrain_sllm.data.dataio import AudioError, load_audio
 from speechbrain_sllm.fsdp import is_sharded
 from speechbrain_sllm.model.adaptors import ADAPTOR_TYPES, adaptor_type_of
+from speechbrain_sllm.model.fingerprint import check_fingerprint, write_fingerprint
 from speechbrain_sllm.model.speech_llm import SpeechLLM
 from speechbrain_sllm.strategies import LoRASettings, apply_strategy
 from speechbrain_sllm.strategies.core import Strategy
@@ -228,6 +229,8 @@ def export_trained_model(model, strategy, inference_yaml, folder, settings, trai
         json.dump(saved, handle, indent=1)
     with open(os.path.join(staging, "hyperparams.yaml"), "w") as handle:
         handle.write(filled_template(inference_yaml, settings))
+    if "llm_source" in settings:
+        write_fingerprint(staging, settings["llm_source"])
     if strategy.lora is not None:
         llm_state = {name[4:]: t for name, t in trainable.items() if name.startswith("llm.")}
         model.llm.save_pretrained(os.path.join(staging, ADAPTER_FOLDER), state_dict=llm_state)
@@ -486,6 +489,52 @@ def check_export_files(folder, hparams_file="hyperparams.yaml"):
         ) from error
 
 
+def yaml_scalar(path, key):
+    """The value of a top-level ``key: value`` line of a yaml (None when absent).
+
+    Exports write their settings as JSON values (``filled_template``); a plain
+    scalar written by hand is read as its text.
+    """
+    with open(path) as handle:
+        match = re.search(rf"^{key}:\s*(.*?)\s*(#.*)?$", handle.read(), flags=re.M)
+    if match is None:
+        return None
+    try:
+        return json.loads(match.group(1))
+    except json.JSONDecodeError:
+        return match.group(1).strip("'\"")
+
+
+MODEL_SOURCE_KEYS = ("llm_source", "encoder_source")
+
+
+def check_model_sources(folder, hparams_file="hyperparams.yaml", overrides=None):
+    """Names a base-model folder that moved, and refuses another base LLM (fingerprint).
+
+    Arguments
+    ---------
+    folder : str
+        The exported folder.
+    hparams_file : str
+        Its yaml.
+    overrides : dict or None
+        The caller's overrides (a new ``llm_source`` / ``encoder_source``).
+    """
+    overrides = overrides or {}
+    sources = {}
+    for key in MODEL_SOURCE_KEYS:
+        sources[key] = overrides.get(key, yaml_scalar(os.path.join(folder, hparams_file), key))
+        value = sources[key]
+        if isinstance(value, str) and os.path.isabs(value) and not os.path.isdir(value):
+            raise FileNotFoundError(
+                f"{folder}: `{key}` is the folder {value!r}, which no longer exists (moved or "
+                f"deleted since the export). Pass where it is now: "
+                f'SpeechLLMInference.from_hparams(source=..., overrides={{"{key}": "<folder>"}}).'
+            )
+    if isinstance(sources["llm_source"], str):
+        check_fingerprint(folder, sources["llm_source"])
+
+
 class UntrustedYamlError(ValueError):
     """An exported yaml that names objects outside the allow-list."""
 
@@ -544,6 +593,7 @@ class SpeechLLMInference(Pretrained):
         check_export_files(source, hparams_file)
         if not trust_yaml:
             check_yaml_targets(os.path.join(source, hparams_file))
+        check_model_sources(source, hparams_file, overrides)
         overrides = dict(overrides or {}, trained_folder=os.path.abspath(source))
         return super().from_hparams(
             source=source,
@@ -567,6 +617,13 @@ class SpeechLLMInference(Pretrained):
         -------
         list of str
         """
+        finite = torch.isfinite(wavs).all(dim=1)
+        if not finite.all():
+            positions = (~finite).nonzero().flatten().tolist()
+            raise AudioError(
+                f"Audio at batch positions {positions} holds NaN or infinite samples: the model "
+                "would answer it with noise. Check the file or the loader that produced it."
+            )
         with torch.no_grad(), self.inference_ctx:
             return speech_answers(
                 self.mods.model,
@@ -591,7 +648,10 @@ class SpeechLLMInference(Pretrained):
         str
         """
         wav = load_audio(path, self.hparams.sample_rate)
-        return self.answer_batch(wav.unsqueeze(0), torch.ones(1))[0]
+        try:
+            return self.answer_batch(wav.unsqueeze(0), torch.ones(1))[0]
+        except AudioError as error:
+            raise AudioError(f"{path}: {error}") from error
 
     def transcribe_file(self, path):
         """Transcribes an audio file (a model trained on ASR, e.g. the LibriSpeech recipe).

@@ -38,6 +38,7 @@ RULES = [
     (r"(^|_)tokens$", lambda v: is_count(v) and v >= 1, "an integer >= 1"),
     (r"(^|_)lr$", lambda v: is_number(v) and v >= 0, "a number >= 0 (e.g. 0.0001)"),
     (r"^rank$", lambda v: is_count(v) and v >= 1, "an integer >= 1"),
+    (r"(^|_)duration$", lambda v: is_number(v) and v >= 0, "a number of seconds >= 0"),
     (r"^grad_accumulation_factor$", lambda v: is_count(v) and v >= 1, "an integer >= 1"),
 ]
 

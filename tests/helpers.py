@@ -135,3 +135,42 @@ def accuracy_from_tsv(path, answer_match="contains"):
         for _, _, prediction, references in rows
     )
     return 100.0 * correct / len(rows), len(rows)
+
+
+def tiny_export(folder, fixtures, strategy_name="lora"):
+    """A loadable export of a tiny speech LLM built on the recipe fixtures' models.
+
+    Arguments: the export folder, the fixtures folder (``recipe_fixtures``) and the
+    strategy. Returns the exported ``SpeechLLM``.
+    """
+    from speechbrain_sllm.data.prompts import ChatPrompt
+    from speechbrain_sllm.data.tokenizers import HFTokenizer
+    from speechbrain_sllm.inference import (
+        INFERENCE_TEMPLATE,
+        export_trained_model,
+        inference_settings,
+    )
+    from speechbrain_sllm.model.adaptors import FrameStackAdaptor
+    from speechbrain_sllm.model.encoders import HFWhisperEncoder
+    from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
+
+    llm_source = os.path.join(fixtures, "tiny_llm")
+    encoder_source = os.path.join(fixtures, "tiny_whisper")
+    torch.manual_seed(0)
+    llm = load_causal_lm(llm_source, dtype="float32")
+    encoder = HFWhisperEncoder(source=encoder_source)
+    adaptor = FrameStackAdaptor(16, llm.config.hidden_size, stack=2, hidden_size=16)
+    model = SpeechLLM(llm, encoder, adaptor)
+    strategy = strategy_for(strategy_name, os.path.dirname(str(folder)))
+    apply_strategy(model, strategy)
+    hparams = {
+        "llm_source": llm_source,
+        "encoder_source": encoder_source,
+        "prompt": ChatPrompt(HFTokenizer(llm_source)),
+        "sample_rate": 16000,
+        "max_new_tokens": 4,
+        "num_beams": 1,
+    }
+    settings = dict(inference_settings(hparams, model), llm_dtype="float32")
+    export_trained_model(model, strategy, INFERENCE_TEMPLATE, str(folder), settings)
+    return model

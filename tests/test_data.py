@@ -51,6 +51,8 @@ def test_bad_audio_errors_name_the_file_and_the_fix(tmp_path):
 def test_bad_items_are_skipped_counted_and_logged(tmp_path, prompt, caplog):
     good = write_wav(tmp_path / "good.wav", 16000, 16000)
     long = write_wav(tmp_path / "long.wav", 16000 * 5, 16000)
+    one_sample = write_wav(tmp_path / "one.wav", 1, 16000)
+    truncated = write_wav(tmp_path / "cut.wav", 80, 16000)  # 5 ms
     (tmp_path / "bad.wav").write_bytes(b"not audio")
     rows = [
         {"ID": "ok", "wav": good, "question": "What is up?", "answer": "Sky"},
@@ -58,20 +60,24 @@ def test_bad_items_are_skipped_counted_and_logged(tmp_path, prompt, caplog):
         {"ID": "corrupt", "wav": str(tmp_path / "bad.wav"), "question": "Q?", "answer": "A"},
         {"ID": "too_long", "wav": long, "question": "Q?", "answer": "A"},
         {"ID": "no_answer", "wav": good, "question": "Q?", "answer": " "},
+        {"ID": "one_sample", "wav": one_sample, "question": "Q?", "answer": "A"},
+        {"ID": "truncated", "wav": truncated, "question": "Q?", "answer": "A"},
     ]
     for row in rows:
         row.update({"duration": 1.0, "relation": "", "entity": "", "template": 0})
     manifest = str(tmp_path / "m.csv")
     write_manifest(rows, manifest)
-    dataset, skipped = drop_bad_items(load_manifest(manifest), ["question", "answer", "wav"], 3.0)
+    fields = ["question", "answer", "wav"]
+    dataset, skipped = drop_bad_items(load_manifest(manifest), fields, 3.0, min_duration=0.1)
     assert dataset.data_ids == ["ok"]
     assert skipped == {
         "missing audio file": 1,
         "unreadable audio file": 1,
         "audio longer than max_duration": 1,
         "empty answer": 1,
+        "audio shorter than min_duration": 2,
     }
-    assert "skipped 4 items" in caplog.text
+    assert "skipped 6 items" in caplog.text
     qa = make_qa_dataset(manifest, prompt, max_duration=3.0)
     assert len(qa) == 1 and qa[0]["sig"].shape == (16000,)
 

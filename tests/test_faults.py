@@ -661,3 +661,137 @@ def test_an_export_missing_a_file_or_with_a_truncated_checkpoint_is_named(tokeni
         handle.truncate(checkpoint.stat().st_size // 2)
     with pytest.raises(ValueError, match=r"model\.ckpt is truncated or not a torch checkpoint"):
         inference.SpeechLLMInference.from_hparams(source=str(folder))
+
+
+def test_an_export_refuses_another_base_model_and_names_a_moved_base_folder(
+    recipe_fixtures, tmp_path
+):
+    import shutil
+
+    import torch
+    from helpers import tiny_export
+
+    from speechbrain_sllm.data.dataio import AudioError
+    from speechbrain_sllm.inference import SpeechLLMInference
+    from speechbrain_sllm.model.fingerprint import BaseModelMismatchError
+
+    models = tmp_path / "models"
+    for name in ("tiny_llm", "tiny_whisper"):
+        shutil.copytree(os.path.join(recipe_fixtures, name), models / name)
+    folder = tmp_path / "inference"
+    tiny_export(folder, str(models))
+    other = os.path.join(recipe_fixtures, "tiny_llm_tuned")  # same config, other weights
+    with pytest.raises(BaseModelMismatchError, match="other weights .same config.json"):
+        SpeechLLMInference.from_hparams(source=str(folder), overrides={"llm_source": other})
+    models.rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match="`llm_source` is the folder .* no longer exists"):
+        SpeechLLMInference.from_hparams(source=str(folder))
+    moved = {
+        "llm_source": str(tmp_path / "moved" / "tiny_llm"),
+        "encoder_source": str(tmp_path / "moved" / "tiny_whisper"),
+    }
+    assistant = SpeechLLMInference.from_hparams(source=str(folder), overrides=moved)
+    wavs = torch.randn(2, 8000)
+    assert len(assistant.answer_batch(wavs, torch.ones(2))) == 2
+    wavs[1, 10] = float("nan")  # once answered with '' and no word
+    with pytest.raises(AudioError, match=r"batch positions \[1\] holds NaN"):
+        assistant.answer_batch(wavs, torch.ones(2))
+
+
+def nan_audio_manifest(manifest, folder, how_many):
+    """A copy of ``manifest`` whose first ``how_many`` items' audio holds a NaN sample."""
+    import csv
+
+    import numpy
+    import soundfile
+
+    with open(manifest) as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows[:how_many]:
+        audio, rate = soundfile.read(row["wav"], dtype="float32")
+        audio[len(audio) // 2] = numpy.nan
+        row["wav"] = os.path.join(folder, f"{row['ID']}.wav")
+        soundfile.write(row["wav"], audio, rate, subtype="FLOAT")
+    path = os.path.join(folder, "with_nan.csv")
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path, [row["ID"] for row in rows[:how_many]]
+
+
+def test_non_finite_audio_in_test_and_validation_sets_is_named_never_a_zero_loss(
+    tokenizer, prompt, manifests, tmp_path, caplog
+):
+    import speechbrain as sb
+    from helpers import make_brain
+
+    from speechbrain_sllm.data.dataio import make_qa_dataset
+    from speechbrain_sllm.evaluation import EvaluationSettings
+
+    brain = make_brain("frozen_llm", tokenizer, prompt, tmp_path)
+    brain.evaluation = EvaluationSettings(test_metrics=["S2T"], max_new_tokens=2)
+    one_at_a_time = {"batch_size": 1}
+    clean = make_qa_dataset(manifests["speech"], prompt)
+    expected = brain.evaluate(clean, test_loader_kwargs=one_at_a_time)
+    path, bad = nan_audio_manifest(manifests["speech"], str(tmp_path), 2)
+    with_nan = make_qa_dataset(path, prompt)
+    with caplog.at_level("WARNING"):
+        stats = brain.evaluate(with_nan, test_loader_kwargs=one_at_a_time)
+    assert stats["nonfinite_items"] == 2 and bad[0] in caplog.text and bad[1] in caplog.text
+    good = clean.filtered_sorted(key_test={"id": lambda item: item not in bad})
+    expected = brain.evaluate(good, test_loader_kwargs=one_at_a_time)
+    assert stats["loss"] == pytest.approx(expected["loss"])  # the mean of the finite items
+    assert stats["S2T"] == expected["S2T"]
+    everything_bad, _ = nan_audio_manifest(manifests["speech"], str(tmp_path), len(clean))
+    stats = brain.evaluate(make_qa_dataset(everything_bad, prompt))
+    assert stats["loss"] is None and stats["nonfinite_items"] == len(clean)  # was 0.0
+    with pytest.raises(FloatingPointError, match="No validation batch had a finite loss"):
+        brain.on_stage_start(sb.Stage.VALID)
+        brain.on_stage_end(sb.Stage.VALID, 0.0, epoch=1)
+
+
+def test_the_evaluator_leaves_non_finite_audio_out_of_spoken_scores_and_names_it(
+    tokenizer, prompt, manifests, tmp_path
+):
+    from helpers import make_brain
+
+    from speechbrain_sllm.data.dataio import make_qa_dataset
+
+    brain = make_brain("frozen_llm", tokenizer, prompt, tmp_path)
+    path, bad = nan_audio_manifest(manifests["speech"], str(tmp_path), 1)
+    evaluator = brain.evaluator()
+    ids, predictions, _ = evaluator.decode(make_qa_dataset(path, prompt), "speech")
+    assert bad[0] not in ids and evaluator.nonfinite_ids == bad
+    clean = make_qa_dataset(manifests["speech"], prompt)
+    assert len(ids) == len(clean) - 1
+    text_ids, _, _ = brain.evaluator().decode(make_qa_dataset(path, prompt), "text")
+    assert len(text_ids) == len(clean)  # written questions need no audio
+
+
+@pytest.mark.parametrize("mode", ["text", "speech"])
+def test_every_item_longer_than_the_context_is_named_before_the_first_step(
+    mode, tokenizer, prompt, manifests, tmp_path
+):
+    """Once the first such item stopped the run mid-epoch, one item per run."""
+    from helpers import make_brain
+    from speechbrain.dataio.batch import PaddedBatch
+
+    from speechbrain_sllm.data.context_lengths import ItemsTooLongError, items_over_context
+    from speechbrain_sllm.data.dataio import make_qa_dataset
+
+    brain = make_brain("full_ft", tokenizer, prompt, tmp_path, mode=mode)
+    dataset = make_qa_dataset(manifests[mode], prompt, with_audio=mode == "speech")
+    lengths = {}
+    for item in dataset:  # the exact length of each item, from the model
+        logits, _ = brain.compute_forward(PaddedBatch([item]), None)
+        lengths[item["id"]] = logits.shape[1]
+    limit = sorted(lengths.values())[len(lengths) // 2]  # about half the items are longer
+    brain.model.llm.config.max_position_embeddings = limit
+    expected = {item: length for item, length in lengths.items() if length > limit}
+    assert 1 < len(expected) < len(lengths)
+    assert items_over_context(brain.model, dataset, prompt, mode) == expected
+    with pytest.raises(ItemsTooLongError, match=f"training set: {len(expected)} item") as error:
+        brain.fit(brain.hparams.epoch_counter, dataset, train_loader_kwargs={"batch_size": 2})
+    assert all(item in str(error.value) for item in expected)
+    assert brain.step == 0 and not os.listdir(tmp_path / "save")  # nothing ran, nothing saved

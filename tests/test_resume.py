@@ -188,3 +188,30 @@ def test_fsdp_checkpoint_of_two_ranks_resumes_on_one(tokenizer, manifests, tmp_p
     started = [line for line in resumed.stderr.splitlines() if line.startswith("starting after")]
     assert len(started) == 1 and started[0] != "starting after optimizer step 0", started
     assert (tmp_path / "final.pt").is_file()
+
+
+@pytest.mark.parametrize("failing", ["owner record", "collective state"])
+def test_a_checkpoint_write_failing_at_any_file_leaves_no_staging_folder(
+    failing, tmp_path, monkeypatch
+):
+    """Disk full while the staging folder's first file or a collective state (the random
+    generators of every rank) is written: the error names the folder, nothing is left."""
+    import errno
+
+    from speechbrain_sllm import checkpointing
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    folder = tmp_path / "save"
+    ckpt = checkpointing.AtomicCheckpointer(
+        str(folder), {"net": torch.nn.Linear(4, 4), "rng": checkpointing.RNGState()}
+    )
+    ckpt.save_checkpoint(name="first")
+    if failing == "owner record":
+        monkeypatch.setattr(checkpointing.json, "dump", no_space)
+    else:
+        monkeypatch.setattr(checkpointing.RNGState, "collective_save", no_space)
+    with pytest.raises(checkpointing.CheckpointWriteError, match="No space left"):
+        ckpt.save_checkpoint(name="second")
+    assert sorted(os.listdir(folder)) == ["CKPT+first"]

@@ -10,8 +10,9 @@ newlines) in a question or answer reads back as written.
 Bad-item policy (documented in the README):
 
 * At dataset creation, ``check_items=True`` drops items whose audio file is
-  missing or unreadable, whose duration exceeds ``max_duration`` or whose
-  question / answer is empty; each drop is logged and a summary counts them.
+  missing or unreadable, whose duration is under ``min_duration`` (a 1-sample
+  or truncated clip) or over ``max_duration``, or whose question / answer is
+  empty; each drop is logged and a summary counts them.
 * At load time, audio is downmixed to mono and resampled to ``sample_rate``;
   a file that cannot be read raises :class:`AudioError` naming the file.
 
@@ -88,7 +89,12 @@ def load_audio(path, sample_rate=16000, max_duration=None):
     return wav
 
 
-def audio_problem(path, max_duration=None):
+# Shorter clips are dropped at dataset creation: 4 analysis windows (25 ms) of the
+# Whisper and wav2vec2 feature extractors, one LLM position of a stack-5 adaptor.
+MIN_DURATION = 0.1
+
+
+def audio_problem(path, max_duration=None, min_duration=None):
     """Why an audio file cannot be used, or None when it can (header check only).
 
     Arguments
@@ -97,6 +103,8 @@ def audio_problem(path, max_duration=None):
         Audio file.
     max_duration : float or None
         Longest accepted duration in seconds.
+    min_duration : float or None
+        Shortest accepted duration in seconds.
 
     Returns
     -------
@@ -112,6 +120,8 @@ def audio_problem(path, max_duration=None):
         return "empty audio file"
     if max_duration is not None and info.frames / info.samplerate > max_duration:
         return "audio longer than max_duration"
+    if min_duration is not None and info.frames / info.samplerate < min_duration:
+        return "audio shorter than min_duration"
     return None
 
 
@@ -280,7 +290,7 @@ def write_csv_manifest(rows, fields, path):
     os.replace(tmp, path)
 
 
-def drop_bad_items(dataset, fields, max_duration=None, name="dataset"):
+def drop_bad_items(dataset, fields, max_duration=None, name="dataset", min_duration=None):
     """Drops items with unusable audio or empty text, logging each and a summary.
 
     Arguments
@@ -293,6 +303,8 @@ def drop_bad_items(dataset, fields, max_duration=None, name="dataset"):
         Longest accepted duration in seconds.
     name : str
         Name used in the log.
+    min_duration : float or None
+        Shortest accepted duration in seconds.
 
     Returns
     -------
@@ -308,7 +320,7 @@ def drop_bad_items(dataset, fields, max_duration=None, name="dataset"):
         problem = None
         for field in fields:
             if field == "wav":
-                problem = audio_problem(item["wav"], max_duration)
+                problem = audio_problem(item["wav"], max_duration, min_duration)
             elif not str(item.get(field, "")).strip():
                 problem = f"empty {field}"
             if problem:
@@ -357,6 +369,7 @@ def make_qa_dataset(
     check_items=True,
     sort_key=None,
     name=None,
+    min_duration=MIN_DURATION,
 ):
     """Builds a spoken (or written) QA dataset with token ids ready for the SpeechLLM.
 
@@ -387,6 +400,8 @@ def make_qa_dataset(
         Sort by this field (e.g. ``duration``) for efficient batching.
     name : str or None
         The set's name in messages (default: the manifest's path).
+    min_duration : float
+        Shortest audio in seconds (``MIN_DURATION``: 1-sample and truncated clips).
 
     Returns
     -------
@@ -399,7 +414,7 @@ def make_qa_dataset(
     dataset = with_alternatives(dataset)
     if check_items:
         fields = ["question", "answer"] + (["wav"] if with_audio else [])
-        dataset, _ = drop_bad_items(dataset, fields, max_duration, name)
+        dataset, _ = drop_bad_items(dataset, fields, max_duration, name, min_duration)
     if sort_key:
         dataset = dataset.filtered_sorted(sort_key=sort_key)
     if len(dataset) == 0:

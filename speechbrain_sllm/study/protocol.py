@@ -164,6 +164,7 @@ class StudyRunner:
             prompt or self.hparams["prompt"],
             sample_rate=self.hparams["sample_rate"],
             max_duration=self.hparams["max_duration"],
+            min_duration=self.hparams["min_duration"],
         )
 
     def stage_brain(
@@ -282,6 +283,8 @@ class StudyRunner:
                 )
             if "text" in modes and "text_ppl" not in results:
                 results["text_ppl"] = evaluator.perplexity(self.perplexity_set, "text", batch_size)
+        if evaluator.nonfinite_ids:  # left out of the scores, named in the log
+            results["nonfinite_items"] = sorted(set(evaluator.nonfinite_ids))
         return results
 
     def importance(self, brain, name, mode="text"):
@@ -669,9 +672,7 @@ def free_finished_stage():
 
     A SpeechBrain ``Brain`` sits in a reference cycle (its checkpointer holds it as a
     recoverable), so it outlives its stage until Python's cycle collector runs: without
-    this, one strategy's LLM, gradients and AdamW state (2.2 GB for SmolLM2-135M in
-    fp32) were still resident while the next strategy loaded its own (measured: 6.1 GB
-    peak resident set in the WebQuestions ``--debug`` test run), and its temporary
-    checkpoint folder stayed on disk.
+    this, one strategy's LLM, gradients and AdamW state were still resident while the
+    next strategy loaded its own, and its temporary checkpoint folder stayed on disk.
     """
     gc.collect()

@@ -54,6 +54,7 @@ def dataio_prepare(hparams):
             with_audio=split.startswith("speech"),
             sample_rate=hparams["sample_rate"],
             max_duration=hparams["max_duration"],
+            min_duration=hparams["min_duration"],
         )
         for split, path in paths.items()
     }

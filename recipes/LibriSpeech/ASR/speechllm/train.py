@@ -85,6 +85,7 @@ def dataio_prepare(hparams):
             name=f"LibriSpeech {'+'.join(names)} ({', '.join(csvs(names))})",
             sample_rate=hparams["sample_rate"],
             max_duration=hparams["max_duration"],
+            min_duration=hparams["min_duration"],
             sort_key="duration",
         )
 

@@ -51,6 +51,7 @@ def dataio_prepare(hparams):
             with_audio=with_audio,
             sample_rate=hparams["sample_rate"],
             max_duration=hparams["max_duration"],
+            min_duration=hparams["min_duration"],
         )
 
     evals = {name: dataset(f"eval_{name}") for name in hparams["eval_files"]}

@@ -83,6 +83,7 @@ def dataio_prepare(hparams, paths):
             hparams["prompt"],
             sample_rate=hparams["sample_rate"],
             max_duration=hparams["max_duration"],
+            min_duration=hparams["min_duration"],
         )
         for split, path in paths.items()
     }
