@@ -146,8 +146,8 @@ def test_transcript_adaptor_reads_the_decoders_states_of_its_own_transcript(real
     from hyperpyyaml import load_hyperpyyaml
     from transformers import AutoTokenizer
 
-    from speechbrain_sllm.model.adaptors import WhisperTranscriptAdaptor
     from speechbrain_sllm.model.encoders import HFWhisperEncoder
+    from speechbrain_sllm.model.whisper_adaptors import WhisperTranscriptAdaptor
 
     wav_files, questions = spoken_questions(tmp_path)
     encoder = HFWhisperEncoder(source=real_models["whisper"], window="batch").eval()
@@ -157,16 +157,16 @@ def test_transcript_adaptor_reads_the_decoders_states_of_its_own_transcript(real
     with torch.no_grad():
         frames, frame_lens = encoder(wavs, lens)
     valid = torch.round(frame_lens * frames.shape[1]).long().tolist()
-    alone = [adaptor.transcribe(frames[i : i + 1, : valid[i]]) for i in range(len(valid))]
+    alone = [adaptor.decoding.transcribe(frames[i : i + 1, : valid[i]]) for i in range(len(valid))]
     texts = {str(i): tokenizer.decode(tokens[0][0]) for i, tokens in enumerate(alone)}
     # frames trimmed to the clip: the transcript ends where the decoder starts over
     assert transcript_wer(texts, dict(zip(texts, questions))) < 15.0, texts
     # each state is the decoder's, teacher-forced on the prompt and the transcript
     tokens, states = alone[0][0][0], alone[0][1][0]
-    ids = torch.tensor([adaptor.prompt + tokens])
+    ids = torch.tensor([adaptor.decoding.prompt + tokens])
     with torch.no_grad():
         forced = adaptor.decoder(input_ids=ids, encoder_hidden_states=frames[:1, : valid[0]])
-    start = len(adaptor.prompt) - 1
+    start = len(adaptor.decoding.prompt) - 1
     expected = forced.last_hidden_state[0, start : start + len(tokens)]
     assert torch.allclose(states, expected, atol=5e-4)  # cached decoding: float error only
     # the batch: each clip its own transcript, padding never read, upsampled lengths
@@ -177,7 +177,7 @@ def test_transcript_adaptor_reads_the_decoders_states_of_its_own_transcript(real
     first = adaptor.proj(alone[0][1][0]).reshape(-1, 24)
     assert torch.allclose(embeds[0, : 2 * sizes[0]], first, atol=1e-5)
     # seen frames are not decoded again; only the projection trains
-    adaptor.transcribe = None  # a second decoding would fail
+    adaptor.decoding.transcribe = None  # a second decoding would fail
     again, _ = adaptor(frames, frame_lens)
     assert torch.equal(again, embeds)
     again.sum().backward()
@@ -186,7 +186,7 @@ def test_transcript_adaptor_reads_the_decoders_states_of_its_own_transcript(real
     fragment = os.path.join(os.path.dirname(__file__), "..", "hparams", "adaptors")
     recipe = f"adaptor: !include:{fragment}/whisper_transcript.yaml\n    output_size: 24\n"
     built = load_hyperpyyaml(recipe + f"    source: {real_models['whisper']}\n")["adaptor"]
-    assert built.prompt == adaptor.prompt and built.upsample == 2
+    assert built.decoding.prompt == adaptor.decoding.prompt and built.upsample == 2
 
 
 def test_a_speech_llm_with_the_transcript_adaptor_is_exported_and_loads_back(real_models, tmp_path):
@@ -198,9 +198,9 @@ def test_a_speech_llm_with_the_transcript_adaptor_is_exported_and_loads_back(rea
         export_trained_model,
         inference_settings,
     )
-    from speechbrain_sllm.model.adaptors import WhisperTranscriptAdaptor
     from speechbrain_sllm.model.encoders import HFWhisperEncoder
     from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
+    from speechbrain_sllm.model.whisper_adaptors import WhisperTranscriptAdaptor
     from speechbrain_sllm.strategies import apply_strategy, build_strategy
 
     torch.manual_seed(0)
@@ -239,8 +239,8 @@ def test_bridge_adaptor_hands_the_llm_the_embeddings_of_what_whisper_heard(real_
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from speechbrain_sllm.model.adaptors import WhisperBridgeAdaptor
     from speechbrain_sllm.model.encoders import HFWhisperEncoder
+    from speechbrain_sllm.model.whisper_adaptors import WhisperBridgeAdaptor
 
     adaptor = WhisperBridgeAdaptor(
         576, source=real_models["whisper"], llm_source=real_models["llm"]
@@ -251,7 +251,7 @@ def test_bridge_adaptor_hands_the_llm_the_embeddings_of_what_whisper_heard(real_
     whisper_tokenizer = AutoTokenizer.from_pretrained(real_models["whisper"])
     split = next(  # a Whisper token whose text the LLM splits in two or more
         token
-        for token in range(1000, adaptor.eos)
+        for token in range(1000, adaptor.decoding.eos)
         if len(llm_tokenizer(whisper_tokenizer.decode([token]), add_special_tokens=False).input_ids)
         > 1
     )
@@ -260,7 +260,7 @@ def test_bridge_adaptor_hands_the_llm_the_embeddings_of_what_whisper_heard(real_
         text = whisper_tokenizer.decode([token])
         expected = embeddings.weight[llm_tokenizer(text, add_special_tokens=False).input_ids]
         assert torch.allclose(adaptor.bridge[token], expected.mean(0), atol=1e-6), text
-    assert adaptor.bridge.shape == (adaptor.eos, 576)  # the text tokens only
+    assert adaptor.bridge.shape == (adaptor.decoding.eos, 576)  # the text tokens only
     # untrained, the nearest LLM tokens of its outputs spell the spoken question
     wav_files, questions = spoken_questions(tmp_path)
     encoder = HFWhisperEncoder(source=real_models["whisper"], window="batch").eval()

@@ -6,13 +6,14 @@ from conftest import HIDDEN, llama_config, tiny_speech_llm, tiny_whisper_config
 from hyperpyyaml import load_hyperpyyaml
 from transformers import WavLMConfig
 
-from speechbrain_sllm.model.adaptors import ConvDownsampler, FrameStackAdaptor, WhisperQueryAdaptor
+from speechbrain_sllm.model.adaptors import ConvDownsampler, FrameStackAdaptor
 from speechbrain_sllm.model.encoders import (
     FbankTransformerEncoder,
     HFWav2Vec2Encoder,
     HFWhisperEncoder,
 )
 from speechbrain_sllm.model.speech_llm import IGNORE_INDEX, SpeechLLM, load_causal_lm
+from speechbrain_sllm.model.whisper_adaptors import WhisperQueryAdaptor
 
 
 def test_splice_places_speech_between_prompt_parts_and_masks_labels(llm_config):
@@ -234,7 +235,7 @@ def test_fbank_feature_cache_gives_the_uncached_outputs_and_gradients():
 def test_transcript_adaptor_ends_a_transcript_at_its_end_or_where_it_starts_over():
     from transformers import WhisperConfig
 
-    from speechbrain_sllm.model.adaptors import WhisperTranscriptAdaptor
+    from speechbrain_sllm.model.whisper_adaptors import WhisperTranscriptAdaptor
 
     config = WhisperConfig(
         vocab_size=60, d_model=16, encoder_layers=1, encoder_attention_heads=2,
@@ -243,13 +244,14 @@ def test_transcript_adaptor_ends_a_transcript_at_its_end_or_where_it_starts_over
         eos_token_id=2, pad_token_id=2,
     )  # fmt: skip
     adaptor = WhisperTranscriptAdaptor(HIDDEN, config=config, restart_ngram=2)
-    assert adaptor.transcript_end([5, 6, 7, 2]) == 3
-    assert adaptor.transcript_end([5, 6, 7, 5, 6]) == 3  # started over: cut there
-    assert adaptor.transcript_end([5, 6, 7, 6, 5]) is None
-    assert adaptor.transcript_end([5, 6, 5]) is None  # too short to have started over
-    assert adaptor.transcript_end([5, 9, 9, 9]) == 2  # a one-token loop keeps one
-    assert adaptor.transcript_end([5, 6, 7, 8, 7, 8, 7, 8]) == 4  # "called, called, called,"
-    assert adaptor.transcript_end([5, 6, 7, 8, 7, 8]) is None  # twice may be speech
-    adaptor.token_keys = {5: "what", 8: "what"}  # " What" and "what" read alike
-    assert adaptor.transcript_end([5, 6, 7, 8, 6]) == 3
-    assert adaptor.prompt == [1] and adaptor.max_tokens == 19
+    decoding = adaptor.decoding
+    assert decoding.transcript_end([5, 6, 7, 2]) == 3
+    assert decoding.transcript_end([5, 6, 7, 5, 6]) == 3  # started over: cut there
+    assert decoding.transcript_end([5, 6, 7, 6, 5]) is None
+    assert decoding.transcript_end([5, 6, 5]) is None  # too short to have started over
+    assert decoding.transcript_end([5, 9, 9, 9]) == 2  # a one-token loop keeps one
+    assert decoding.transcript_end([5, 6, 7, 8, 7, 8, 7, 8]) == 4  # "called, called, called,"
+    assert decoding.transcript_end([5, 6, 7, 8, 7, 8]) is None  # twice may be speech
+    decoding.token_keys = {5: "what", 8: "what"}  # " What" and "what" read alike
+    assert decoding.transcript_end([5, 6, 7, 8, 6]) == 3
+    assert decoding.prompt == [1] and decoding.max_tokens == 19

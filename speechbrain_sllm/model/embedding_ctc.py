@@ -10,8 +10,8 @@ embeddings' typical length (cosine logits leave the norm free, and a frame far
 longer than any token embedding would swamp the LLM's residual stream).
 
 The LLM itself never runs, so a step costs the adaptor and one matrix product
-with the embedding table: measured here about 0.5 s per batch of 8 on 2 CPU
-cores for Whisper tiny.en -> SmolLM2-135M, against 3.3 s for a frozen-LLM step.
+with the embedding table, far less than a frozen-LLM step (timings in
+docs/results/webquestions.md).
 
 Authors
  * speechbrain-sllm developers 2026

@@ -8,7 +8,6 @@ Authors
 """
 
 import abc
-import hashlib
 import logging
 import math
 import os
@@ -18,8 +17,10 @@ from speechbrain.lobes.features import Fbank
 from torch import nn
 
 from speechbrain_sllm.model.padding import absolute_lengths
+from speechbrain_sllm.model.tensor_cache import TensorMemo, module_key, tensor_key
 
 logger = logging.getLogger(__name__)
+MEMORY_ITEMS = 20000  # entries an encoder's in-memory cache keeps (least recently used dropped)
 
 WAV2VEC2_FAMILY = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "wav2vec2-bert")
 
@@ -104,6 +105,8 @@ class EncoderOutputCache:
     folder : str or None
         Where entries are also written as ``<key>.pt`` (shared by runs and
         processes); None keeps them in memory only.
+    max_items : int
+        Entries kept in memory (least recently used dropped; a folder keeps all).
 
     Example
     -------
@@ -116,20 +119,17 @@ class EncoderOutputCache:
     (2, True)
     """
 
-    def __init__(self, folder=None):
+    def __init__(self, folder=None, max_items=MEMORY_ITEMS):
         self.folder = folder
-        self.memory = {}
+        self.memory = TensorMemo(max_items)
         if folder is not None:
             os.makedirs(folder, exist_ok=True)
 
-    def fingerprint(self, encoder):
-        """A hash of the encoder's weights and buffers (computed at its first use)."""
+    @staticmethod
+    def fingerprint(encoder):
+        """A key of the encoder's weights and buffers (computed at its first use)."""
         if getattr(encoder, "weights_fingerprint", None) is None:
-            digest = hashlib.sha1(type(encoder).__name__.encode())
-            for name, tensor in encoder.state_dict().items():
-                digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
-            encoder.weights_fingerprint = digest.hexdigest()
+            encoder.weights_fingerprint = module_key(encoder)
         return encoder.weights_fingerprint
 
     def key(self, encoder, wav):
@@ -138,27 +138,24 @@ class EncoderOutputCache:
         precision = (
             str(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else "off"
         )
-        digest = hashlib.sha1(self.fingerprint(encoder).encode())
-        digest.update(precision.encode())
-        digest.update(wav.detach().float().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()
+        return tensor_key(wav.float(), self.fingerprint(encoder), precision)
 
     def lookup(self, key, device):
         """The cached ``(T, D)`` output of ``key`` on ``device``, or None."""
-        if key in self.memory:
-            return self.memory[key].to(device)
+        output = self.memory.get(key)
         path = os.path.join(self.folder, f"{key}.pt") if self.folder else None
-        if path and os.path.isfile(path):
-            self.memory[key] = torch.load(path, map_location="cpu", weights_only=True)
-            return self.memory[key].to(device)
-        return None
+        if output is None and path and os.path.isfile(path):
+            output = torch.load(path, map_location="cpu", weights_only=True)
+            self.memory.put(key, output)
+        return None if output is None else output.to(device)
 
     def store(self, key, output):
         """Keeps ``output`` (and writes it atomically when the cache has a folder)."""
-        self.memory[key] = output.cpu()
+        output = output.cpu()
+        self.memory.put(key, output)
         if self.folder:
             path = os.path.join(self.folder, f"{key}.pt")
-            torch.save(self.memory[key], path + ".tmp")
+            torch.save(output, path + ".tmp")
             os.replace(path + ".tmp", path)
 
     def encode(self, encoder, wavs, wav_lens):
@@ -193,6 +190,8 @@ class FeatureCache:
     ---------
     fbank : speechbrain.lobes.features.Fbank
         The feature extractor (no randomness, centred STFT).
+    max_items : int
+        Items whose features are kept (least recently used dropped).
 
     Example
     -------
@@ -205,11 +204,11 @@ class FeatureCache:
     (2, True)
     """
 
-    def __init__(self, fbank):
+    def __init__(self, fbank, max_items=MEMORY_ITEMS):
         self.fbank = fbank
         stft = fbank.compute_STFT
         self.n_fft, self.hop = stft.n_fft, stft.hop_length
-        self.memory = {}
+        self.memory = TensorMemo(max_items)
 
     def features(self, wavs, wav_lens):
         """The Fbank features of a zero-padded batch, item by item through the cache.
@@ -231,15 +230,16 @@ class FeatureCache:
         outputs = []
         for wav, count in zip(wavs, samples):
             wav = wav[:count]
-            key = hashlib.sha1(wav.detach().float().cpu().contiguous().numpy().tobytes())
-            key = key.hexdigest()
-            if key not in self.memory:
+            key = tensor_key(wav.float())
+            cached = self.memory.get(key)
+            if cached is None:
                 with torch.no_grad():
                     padded = nn.functional.pad(wav, (0, self.n_fft))
-                    self.memory[key] = self.fbank(padded[None])[0].cpu()
-            item = self.memory[key][:frames]
+                    cached = self.fbank(padded[None])[0].cpu()
+                self.memory.put(key, cached)
+            item = cached[:frames]
             # the item's last frame sees only zeros: Fbank's floor (top_db below its peak)
-            rest = self.memory[key][-1].expand(frames - len(item), -1)
+            rest = cached[-1].expand(frames - len(item), -1)
             outputs.append(torch.cat([item, rest]).to(wavs.device))
         return torch.stack(outputs)
 
@@ -366,7 +366,7 @@ class HFWhisperEncoder(SpeechEncoder):
         ``full``: every clip padded to Whisper's 30 s window, as it was trained;
         ``batch``: a window fitted to the batch's longest clip (positional
         embeddings sliced), far cheaper for short clips but not what Whisper saw
-        in training (measured effect in the README).
+        in training (its effect: docs/results/webquestions.md).
 
     Example
     -------
