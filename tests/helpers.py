@@ -145,14 +145,14 @@ def tiny_export(folder, fixtures, strategy_name="lora"):
     """
     from speechbrain_sllm.data.prompts import ChatPrompt
     from speechbrain_sllm.data.tokenizers import HFTokenizer
-    from speechbrain_sllm.inference import (
+    from speechbrain_sllm.model.adaptors import FrameStackAdaptor
+    from speechbrain_sllm.model.encoders import HFWhisperEncoder
+    from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
+    from speechbrain_sllm.model_export import (
         INFERENCE_TEMPLATE,
         export_trained_model,
         inference_settings,
     )
-    from speechbrain_sllm.model.adaptors import FrameStackAdaptor
-    from speechbrain_sllm.model.encoders import HFWhisperEncoder
-    from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
 
     llm_source = os.path.join(fixtures, "tiny_llm")
     encoder_source = os.path.join(fixtures, "tiny_whisper")

@@ -192,15 +192,15 @@ def test_transcript_adaptor_reads_the_decoders_states_of_its_own_transcript(real
 def test_a_speech_llm_with_the_transcript_adaptor_is_exported_and_loads_back(real_models, tmp_path):
     from speechbrain_sllm.data.prompts import ChatPrompt
     from speechbrain_sllm.data.tokenizers import HFTokenizer
-    from speechbrain_sllm.inference import (
-        INFERENCE_TEMPLATE,
-        SpeechLLMInference,
-        export_trained_model,
-        inference_settings,
-    )
+    from speechbrain_sllm.inference import SpeechLLMInference
     from speechbrain_sllm.model.encoders import HFWhisperEncoder
     from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
     from speechbrain_sllm.model.whisper_adaptors import WhisperTranscriptAdaptor
+    from speechbrain_sllm.model_export import (
+        INFERENCE_TEMPLATE,
+        export_trained_model,
+        inference_settings,
+    )
     from speechbrain_sllm.strategies import apply_strategy, build_strategy
 
     torch.manual_seed(0)

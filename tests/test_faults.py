@@ -464,15 +464,15 @@ def test_an_export_killed_while_writing_leaves_the_previous_export_whole(
     from helpers import strategy_for
     from test_run_lock import folder_snapshot
 
-    from speechbrain_sllm import inference
+    from speechbrain_sllm import model_export
     from speechbrain_sllm.strategies import apply_strategy
 
-    template = inference.INFERENCE_TEMPLATE
+    template = model_export.INFERENCE_TEMPLATE
     model = tiny_speech_llm(llama_config(vocab_size=len(tokenizer)))
     strategy = strategy_for("lora", str(tmp_path))
     apply_strategy(model, strategy)
     folder = str(tmp_path / "inference")
-    inference.export_trained_model(model, strategy, template, folder, {})
+    model_export.export_trained_model(model, strategy, template, folder, {})
     before = folder_snapshot(folder)
     real_save = torch.save
 
@@ -482,14 +482,14 @@ def test_an_export_killed_while_writing_leaves_the_previous_export_whole(
             handle.truncate(os.path.getsize(path) // 3)  # half-written, then the kill
         raise KeyboardInterrupt("killed while exporting")
 
-    monkeypatch.setattr(inference.torch, "save", killed_while_saving)
+    monkeypatch.setattr(model_export.torch, "save", killed_while_saving)
     with torch.no_grad():
         next(p for p in model.parameters() if p.requires_grad).add_(1.0)
     with pytest.raises(KeyboardInterrupt):
-        inference.export_trained_model(model, strategy, template, folder, {})
+        model_export.export_trained_model(model, strategy, template, folder, {})
     assert folder_snapshot(folder) == before
-    monkeypatch.setattr(inference.torch, "save", real_save)
-    inference.export_trained_model(model, strategy, template, folder, {})  # the rerun
+    monkeypatch.setattr(model_export.torch, "save", real_save)
+    model_export.export_trained_model(model, strategy, template, folder, {})  # the rerun
     assert folder_snapshot(folder) != before
     assert sorted(os.listdir(tmp_path)) == ["inference", "profile.json"]  # no staging left
     torch.load(os.path.join(folder, "model.ckpt"), weights_only=True)
@@ -538,12 +538,9 @@ def test_resuming_with_another_adaptor_type_or_its_arguments_is_refused(tmp_path
 
 
 def test_an_export_whose_yaml_runs_other_code_is_refused_before_it_runs(tmp_path):
-    from speechbrain_sllm.inference import (
-        INFERENCE_TEMPLATE,
-        SpeechLLMInference,
-        UntrustedYamlError,
-        untrusted_yaml_targets,
-    )
+    from speechbrain_sllm.export_checks import UntrustedYamlError, untrusted_yaml_targets
+    from speechbrain_sllm.inference import SpeechLLMInference
+    from speechbrain_sllm.model_export import INFERENCE_TEMPLATE
 
     assert untrusted_yaml_targets(INFERENCE_TEMPLATE) == []  # what the package exports loads
     marker = tmp_path / "marker"
@@ -606,12 +603,12 @@ import sys
 sys.path.insert(0, {tests!r})
 from conftest import llama_config, tiny_speech_llm
 from helpers import strategy_for
-from speechbrain_sllm import inference
+from speechbrain_sllm import model_export
 from speechbrain_sllm.strategies import apply_strategy
 model = tiny_speech_llm(llama_config(vocab_size=64))
 strategy = strategy_for("lora", {folder!r})
 apply_strategy(model, strategy)
-inference.export_trained_model(model, strategy, inference.INFERENCE_TEMPLATE, {folder!r} + "/inference", {{}})
+model_export.export_trained_model(model, strategy, model_export.INFERENCE_TEMPLATE, {folder!r} + "/inference", {{}})
 """
 
 
@@ -642,14 +639,15 @@ def test_an_export_missing_a_file_or_with_a_truncated_checkpoint_is_named(tokeni
     from conftest import llama_config, tiny_speech_llm
     from helpers import strategy_for
 
-    from speechbrain_sllm import inference
+    from speechbrain_sllm import inference, model_export
     from speechbrain_sllm.strategies import apply_strategy
 
     model = tiny_speech_llm(llama_config(vocab_size=len(tokenizer)))
     strategy = strategy_for("lora", str(tmp_path))
     apply_strategy(model, strategy)
     folder = tmp_path / "inference"
-    inference.export_trained_model(model, strategy, inference.INFERENCE_TEMPLATE, str(folder), {})
+    template = model_export.INFERENCE_TEMPLATE
+    model_export.export_trained_model(model, strategy, template, str(folder), {})
     for name in ("model.ckpt", "strategy.json", "hyperparams.yaml"):
         moved = tmp_path / name
         shutil.move(folder / name, moved)

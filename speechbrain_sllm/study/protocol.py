@@ -34,7 +34,7 @@ from speechbrain_sllm.importance.report import summarize_shift
 from speechbrain_sllm.importance.shift import spearman, topk_overlap
 from speechbrain_sllm.importance.stage import run_importance, zeroing_check
 from speechbrain_sllm.importance.structure import write_structure
-from speechbrain_sllm.inference import (
+from speechbrain_sllm.model_export import (
     export_trained_model,
     inference_settings,
     whole_trainable_state,
@@ -75,7 +75,7 @@ class StudyRunner:
     clock : StageClock or None
         Times the stages (a new one if None).
     inference_hparams : str or None
-        The inference template (``inference.INFERENCE_TEMPLATE`` for Whisper +
+        The inference template (``model_export.INFERENCE_TEMPLATE`` for Whisper +
         HF causal LM models): each trained stage is exported with it to
         ``<stage folder>/inference`` (None: no export).
     alignment : AlignmentSettings or None

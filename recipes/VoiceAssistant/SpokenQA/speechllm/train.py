@@ -32,7 +32,7 @@ from speechbrain_sllm.config import load_recipe_hparams
 from speechbrain_sllm.data.dataio import make_qa_dataset
 from speechbrain_sllm.importance.report import compare_profiles, summarize_shift
 from speechbrain_sllm.importance.stage import run_importance
-from speechbrain_sllm.inference import export_recipe_run
+from speechbrain_sllm.model_export import export_recipe_run
 from speechbrain_sllm.outputs import write_json
 from speechbrain_sllm.strategies import apply_strategy, merge_lora
 

@@ -26,8 +26,8 @@ import speechbrain as sb
 
 from speechbrain_sllm.config import load_recipe_hparams
 from speechbrain_sllm.data.dataio import make_qa_dataset
-from speechbrain_sllm.inference import INFERENCE_TEMPLATE
 from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
+from speechbrain_sllm.model_export import INFERENCE_TEMPLATE
 from speechbrain_sllm.study import (
     StageClock,
     StudyRunner,
