@@ -17,18 +17,18 @@ import torch
 
 from speechbrain_sllm.brain_steps import MitigationTerms, NonFiniteGuard, ShardedTraining
 from speechbrain_sllm.checkpointing import TrainableState
+from speechbrain_sllm.data.batch_filter import without_nonfinite_audio
 from speechbrain_sllm.data.context_lengths import check_context_lengths
 from speechbrain_sllm.distributed import share_debug_checkpoint_folder, unwrap
 from speechbrain_sllm.evaluation import (
     MAX_METRICS,
     EvaluationSettings,
     QAEvaluator,
-    StageMetrics,
     qa_forward,
-    without_nonfinite_audio,
 )
 from speechbrain_sllm.fsdp import check_parallelism
 from speechbrain_sllm.model.speech_llm import shifted_lm_loss
+from speechbrain_sllm.stage_metrics import StageMetrics
 
 logger = logging.getLogger(__name__)
 __all__ = ["MAX_METRICS", "SpeechLLMBrain"]

@@ -20,8 +20,7 @@ from speechbrain.dataio.dataloader import make_dataloader
 from transformers.utils import logging as transformers_logging
 
 from speechbrain_sllm.data.preparation import completion_record, is_prepared, staged_preparation
-from speechbrain_sllm.evaluation import write_stats
-from speechbrain_sllm.metrics import normalize_answer, wer_stats
+from speechbrain_sllm.metrics import normalize_answer, wer_stats, write_stats
 from speechbrain_sllm.model.padding import absolute_lengths
 
 logger = logging.getLogger(__name__)

@@ -14,22 +14,20 @@ Authors
 """
 
 import contextlib
-import copy
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 
-import speechbrain as sb
 import torch
-from speechbrain.dataio.batch import PaddedBatch, PaddedData
+from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.dataio.dataloader import make_dataloader
 from tqdm import tqdm
 
+from speechbrain_sllm.data.batch_filter import without_nonfinite_audio
 from speechbrain_sllm.distributed import all_reduce_max, all_reduce_sum, gather_in_order, rank_shard
 from speechbrain_sllm.fsdp import is_sharded, root_gathered
 from speechbrain_sllm.inference import generated_texts, speech_inputs
-from speechbrain_sllm.metrics import QAAccuracyStats, check_answer_match, wer_stats
+from speechbrain_sllm.metrics import QAAccuracyStats, check_answer_match, wer_stats, write_stats
 from speechbrain_sllm.model.encoders import AudioTooLongError
 from speechbrain_sllm.model.padding import unpad
 from speechbrain_sllm.model.speech_llm import ContextLengthError, shifted_lm_loss
@@ -181,92 +179,6 @@ def qa_forward(model, batch, mode, prompt, keep=None):
         raise context_error(error, ids[error.item], mode) from error
     except AudioTooLongError as error:
         raise AudioTooLongError(f"Item {ids[error.item]!r}: {error}", error.item) from error
-
-
-def finite_audio_positions(batch):
-    """Positions of a batch's items whose audio is finite (every item without audio).
-
-    Arguments
-    ---------
-    batch : PaddedBatch
-        From ``make_qa_dataset``.
-
-    Returns
-    -------
-    list of int
-
-    Example
-    -------
-    >>> batch = PaddedBatch([{"id": "a", "sig": torch.zeros(3)}, {"id": "b", "sig": torch.ones(2)}])
-    >>> batch.sig.data[0, 1] = float("nan")
-    >>> finite_audio_positions(batch)
-    [1]
-    """
-    signal = getattr(batch, "sig", None)
-    if signal is None:
-        return list(range(len(batch.id)))
-    return torch.isfinite(signal.data).all(dim=1).nonzero().flatten().tolist()
-
-
-def batch_subset(batch, keep):
-    """A copy of ``batch`` holding only the items at positions ``keep``.
-
-    Arguments
-    ---------
-    batch : PaddedBatch
-        Any batch (padded keys and list keys).
-    keep : list of int
-        Positions to keep, in order.
-
-    Returns
-    -------
-    PaddedBatch
-
-    Example
-    -------
-    >>> batch = PaddedBatch([{"id": "a", "sig": torch.zeros(3)}, {"id": "b", "sig": torch.ones(2)}])
-    >>> subset = batch_subset(batch, [1])
-    >>> subset.id, subset.sig.data.shape
-    (['b'], torch.Size([1, 3]))
-    """
-    subset = copy.copy(batch)
-    for key, value in vars(batch).items():
-        if key.startswith("_"):  # PaddedBatch's own bookkeeping
-            continue
-        if isinstance(value, PaddedData):
-            index = torch.tensor(keep, dtype=torch.long, device=value.data.device)
-            setattr(subset, key, PaddedData(value.data[index], value.lengths[index]))
-        else:
-            setattr(subset, key, [value[position] for position in keep])
-    return subset
-
-
-def without_nonfinite_audio(batch, where):
-    """``batch`` without its items whose audio is not finite, and their ids (logged).
-
-    Such an item would score as a NaN loss or an empty answer; it is left out
-    of every metric and named instead.
-
-    Arguments
-    ---------
-    batch : PaddedBatch
-        From ``make_qa_dataset``.
-    where : str
-        The set or stage, for the warning.
-
-    Returns
-    -------
-    batch : PaddedBatch or None
-        The finite items (None: no item left).
-    dropped : list of str
-        The ids left out.
-    """
-    keep = finite_audio_positions(batch)
-    if len(keep) == len(batch.id):
-        return batch, []
-    dropped = [item for position, item in enumerate(batch.id) if position not in keep]
-    logger.warning(f"{where}: items with non-finite audio left out of every metric: {dropped}")
-    return (batch_subset(batch, keep) if keep else None), dropped
 
 
 class QAEvaluator:
@@ -538,105 +450,3 @@ def perplexity_of(total, count):
     (1.0, 1.0)
     """
     return math.exp(min(total / max(count, 1), 50.0))
-
-
-def write_stats(stats, output_file):
-    """Writes a SpeechBrain stats object's per-item report (main process; None: nothing).
-
-    Arguments
-    ---------
-    stats : MetricStats
-        ``QAAccuracyStats`` or ``ErrorRateStats``.
-    output_file : str or None
-        The report's path.
-    """
-    if output_file and sb.utils.distributed.if_main_process():
-        os.makedirs(os.path.dirname(output_file) or ".", exist_ok=True)
-        with open(output_file, "w") as handle:
-            stats.write_stats(handle)
-
-
-class StageMetrics:
-    """Validation or test metrics of a Brain, accumulated batch by batch.
-
-    ``WER`` (generated transcript vs ``answer``), ``S2T`` / ``T2T`` (spoken /
-    written QA accuracy), ``text_ppl`` (perplexity of ``text_set`` when given,
-    else of the batches' written questions). Each batch is decoded once per
-    input mode the metrics need. Every rank scores every batch (SpeechBrain
-    does not split validation data), which keeps FSDP ranks in step.
-
-    Arguments
-    ---------
-    names : list of str
-        Among ``METRICS``.
-    answer_match : str
-        ``contains`` or ``exact``.
-    text_set : DynamicItemDataset or None
-        Written QA for ``text_ppl``.
-
-    Example
-    -------
-    >>> StageMetrics(["S2T", "WER"]).summarize(None)
-    {'S2T': 0.0, 'WER': 0.0}
-    """
-
-    def __init__(self, names, answer_match="contains", text_set=None):
-        unknown = sorted(set(names) - set(METRICS))
-        if unknown:
-            raise ValueError(f"metrics {unknown} unknown; use some of {METRICS}.")
-        self.text_set = text_set
-        trackers = {
-            "WER": wer_stats,
-            "S2T": lambda: QAAccuracyStats(answer_match=answer_match),
-            "T2T": lambda: QAAccuracyStats(answer_match=answer_match),
-            "text_ppl": lambda: [0.0, 0],  # summed answer loss, answer tokens
-        }
-        self.stats = {name: trackers[name]() for name in names}
-
-    def append(self, evaluator, batch):
-        """Scores one batch.
-
-        Arguments
-        ---------
-        evaluator : QAEvaluator
-            The model to score.
-        batch : PaddedBatch
-            From ``make_qa_dataset``.
-        """
-        decoded = {}
-        for name, stats in self.stats.items():
-            if name == "text_ppl":
-                if self.text_set is None:
-                    batch_total, batch_count = answer_loss_sum(*evaluator.forward(batch, "text"))
-                    stats[0] += batch_total
-                    stats[1] += batch_count
-                continue
-            mode = "text" if name == "T2T" else "speech"
-            if mode not in decoded:
-                decoded[mode] = evaluator.decode_batch(batch, mode)
-            ids = list(batch.id)
-            if name == "WER":
-                texts = (decoded[mode], list(batch.answer))
-                stats.append(ids, *[[text.split() for text in column] for column in texts])
-            else:
-                stats.append(ids, decoded[mode], list(batch.references))
-
-    def summarize(self, evaluator):
-        """``{metric: value}`` (``text_ppl`` of ``text_set`` is computed here, on all ranks)."""
-        results = {}
-        for name, stats in self.stats.items():
-            if name == "WER":
-                results[name] = stats.summarize("error_rate") if stats.scores else 0.0
-            elif name in MAX_METRICS:
-                results[name] = stats.summarize("accuracy") if stats.scores else 0.0
-            elif self.text_set is not None:
-                results[name] = evaluator.perplexity(self.text_set, "text")
-            else:
-                results[name] = perplexity_of(*stats)
-        return results
-
-    def write(self, folder, name):
-        """Per-item reports ``<folder>/<name>_<metric>.txt`` (main process)."""
-        for metric, stats in self.stats.items():
-            if hasattr(stats, "write_stats"):
-                write_stats(stats, os.path.join(folder, f"{name}_{metric}.txt"))

@@ -6,9 +6,11 @@ Authors
 
 import json
 import math
+import os
 import re
 import string
 
+import speechbrain as sb
 from speechbrain.utils.metric_stats import ErrorRateStats, MetricStats
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -367,3 +369,19 @@ def read_item_scores(path):
     with open(path, encoding="utf-8") as handle:
         rows = [line.rstrip("\n").split("\t") for line in handle if line.strip()]
     return {row[0]: row[1] == "1" for row in rows}
+
+
+def write_stats(stats, output_file):
+    """Writes a SpeechBrain stats object's per-item report (main process; None: nothing).
+
+    Arguments
+    ---------
+    stats : MetricStats
+        ``QAAccuracyStats`` or ``ErrorRateStats``.
+    output_file : str or None
+        The report's path.
+    """
+    if output_file and sb.utils.distributed.if_main_process():
+        os.makedirs(os.path.dirname(output_file) or ".", exist_ok=True)
+        with open(output_file, "w") as handle:
+            stats.write_stats(handle)

@@ -157,7 +157,8 @@ def test_whisper_rejects_audio_longer_than_its_window():
 
 
 def test_cached_encoder_outputs_equal_encoding_each_item_alone(tmp_path):
-    from speechbrain_sllm.model.encoders import EncoderOutputCache, FbankTransformerEncoder
+    from speechbrain_sllm.model.encoder_caches import EncoderOutputCache
+    from speechbrain_sllm.model.encoders import FbankTransformerEncoder
 
     torch.manual_seed(0)
     encoder = FbankTransformerEncoder(n_mels=20, d_model=16, num_layers=1, nhead=2, freeze=True)
