@@ -63,3 +63,38 @@ def test_every_module_class_and_function_has_a_docstring_with_its_arguments():
                 if missing:
                     problems.append(f"{where}:{node.lineno} {node.name}: undocumented {missing}")
     assert not problems, "\n".join(problems)
+
+
+def heading_anchor(heading):
+    """GitHub's anchor of a markdown heading: lower case, punctuation dropped, spaces to -."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_every_relative_link_of_the_docs_names_a_committed_file_and_heading():
+    """A link to a file git ignores (docs/results/ once was) or to a heading renamed since
+    is a pointer to nothing for a reader of the repository."""
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    tracked = set(listed.stdout.split())
+    broken = []
+    for document in sorted(path for path in tracked if path.endswith(".md")):
+        with open(os.path.join(ROOT, document)) as handle:
+            text = handle.read()
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]+))?\)", text):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            path = os.path.normpath(os.path.join(os.path.dirname(document), target))
+            if (
+                target
+                and path not in tracked
+                and not any(t.startswith(path + "/") for t in tracked)
+            ):
+                broken.append(f"{document}: {target}")
+                continue
+            linked = path if target else document
+            if anchor and linked.endswith(".md"):
+                with open(os.path.join(ROOT, linked)) as handle:
+                    headings = re.findall(r"^#+ (.+)$", handle.read(), flags=re.M)
+                if anchor not in {heading_anchor(heading) for heading in headings}:
+                    broken.append(f"{document}: {target}#{anchor}")
+    assert not broken, broken
