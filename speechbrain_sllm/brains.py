@@ -233,7 +233,7 @@ class SpeechLLMBrain(NonFiniteGuard, ShardedTraining, MitigationTerms, sb.Brain)
             Loader options.
         name : str
             Name of the set in the train log and the report files
-            (``<output_folder>/<name>_<metric>.txt``).
+            (``<output_folder>/<name>_s2t.tsv``, ..., see ``StageMetrics.write``).
 
         Returns
         -------

@@ -90,7 +90,19 @@ class StageMetrics:
         return results
 
     def write(self, folder, name):
-        """Per-item reports ``<folder>/<name>_<metric>.txt`` (main process)."""
+        """Per-item reports (main process): ``<folder>/<name>_s2t.tsv`` / ``_t2t.tsv``
+        (the studies' name for the same file) and SpeechBrain's alignments ``<name>_wer.txt``."""
         for metric, stats in self.stats.items():
             if hasattr(stats, "write_stats"):
-                write_stats(stats, os.path.join(folder, f"{name}_{metric}.txt"))
+                write_stats(stats, os.path.join(folder, report_file_name(name, metric)))
+
+
+def report_file_name(name, metric):
+    """The per-item report of a set and metric: ``<set>_<metric>.tsv`` (``.txt`` for WER).
+
+    Example
+    -------
+    >>> report_file_name("llama_questions", "S2T"), report_file_name("test-clean", "WER")
+    ('llama_questions_s2t.tsv', 'test-clean_wer.txt')
+    """
+    return f"{name}_{metric.lower()}.{'txt' if metric == 'WER' else 'tsv'}"

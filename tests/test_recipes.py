@@ -177,7 +177,7 @@ def test_recipe_row_runs_and_passes_its_checks(row, recipe_fixtures, tmp_path):
         results = json.loads((out / "results.json").read_text())
         accuracy = results["accuracy"]["llama_questions"]
         for metric in ("T2T", "S2T"):  # the per-item report's matches, recomputed
-            expected, items = accuracy_from_tsv(out / f"llama_questions_{metric}.txt")
+            expected, items = accuracy_from_tsv(out / f"llama_questions_{metric.lower()}.tsv")
             assert accuracy[metric] == pytest.approx(expected) and items == 4, metric
         assert results["training"] == {"skipped_steps": 0, "dropped_items": 0}
         if "voiceassistant/data" in row["test_debug_flags"]:  # VoiceAssistant-400K's parquet
@@ -300,7 +300,7 @@ def test_recipe_trains_sharded_with_fsdp_under_torchrun_and_exports_whole_tensor
         assert {"T2T", "S2T"} <= set(results["accuracy"]["llama_questions"])
         assert results["shift"]["js"] > 0.0  # importance moved: the merged / trained weights
     else:
-        assert (out / "test-clean_WER.txt").is_file()
+        assert (out / "test-clean_wer.txt").is_file()
         assert (out / "importance" / "base" / "profile.json").is_file()
     exported = torch.load(out / "inference" / "model.ckpt", weights_only=True)
     best = best_checkpoint_tensors(out / "save", key)
@@ -338,7 +338,7 @@ def test_a_trained_spoken_qa_run_loads_for_inference_and_as_a_peft_adapter(
     result = run_row(row, out, ["--llm={dtype: float32}", "--precision=fp32"])
     assert result.returncode == 0, failure_report(result)
     model = SpeechLLMInference.from_hparams(source=str(out / "inference"))
-    with open(out / "llama_questions_S2T.txt") as handle:
+    with open(out / "llama_questions_s2t.tsv") as handle:
         recipe = {line.split("\t")[0]: line.split("\t")[2] for line in handle}
     # the recipe decoded batches of 2 in manifest order: decode the first batch the same way
     with open(out / "manifests" / "eval_llama_questions.csv") as handle:

@@ -98,3 +98,48 @@ def test_every_relative_link_of_the_docs_names_a_committed_file_and_heading():
                 if anchor not in {heading_anchor(heading) for heading in headings}:
                     broken.append(f"{document}: {target}#{anchor}")
     assert not broken, broken
+
+
+def names_table():
+    """The rows of docs/using_the_package.md's names table, as lists of cells."""
+    with open(os.path.join(ROOT, "docs", "using_the_package.md")) as handle:
+        section = handle.read().split("## Names", 1)[1]
+    rows = [line for line in section.splitlines() if line.startswith("| ")][1:]
+    return [[cell.strip() for cell in row.strip().strip("|").split("|")] for row in rows]
+
+
+def code_text(suffixes=(".py", ".yaml")):
+    """The text of the package, the recipes and the yaml fragments (not the tests)."""
+    texts = []
+    for folder in ("speechbrain_sllm", "recipes", "hparams"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            for name in sorted(files):
+                if name.endswith(suffixes):
+                    with open(os.path.join(dirpath, name)) as handle:
+                        texts.append((os.path.join(dirpath, name), handle.read()))
+    return texts
+
+
+def test_the_names_table_matches_the_code():
+    """Each concept's name is in the code; each retired name is gone, or (a yaml key)
+    refused by RENAMED_KEYS with the new name."""
+    from speechbrain_sllm.config import RENAMED_KEYS
+
+    texts = code_text()
+    everything = "\n".join(text for _, text in texts)
+    problems = []
+    for concept, name, _, retired in names_table():
+        identifiers = [
+            re.match(r"[\w.]+", token).group()
+            for token in re.findall(r"`([^`]+)`", name)
+            if "<" not in token and re.match(r"[\w.]+", token)
+        ]
+        if not any(identifier.split(".")[-1] in everything for identifier in identifiers):
+            problems.append(f"{concept}: none of {identifiers} is in the code")
+        for old in re.findall(r"`([^`]+)`", retired):
+            if old in RENAMED_KEYS:
+                if RENAMED_KEYS[old] not in name:  # (a yaml that lacks the new key refuses it)
+                    problems.append(f"{old} is refused naming {RENAMED_KEYS[old]}, not in {name}")
+                continue
+            problems += [f"{path}: retired name {old}" for path, text in texts if old in text]
+    assert not problems, problems

@@ -66,7 +66,7 @@ def pretrain_lm(runner, data, config, epochs, batch_size, lr):
         The saved model folder.
     """
     hparams = runner.hparams
-    folder = os.path.join(hparams["output_folder"], "base_llm")
+    folder = os.path.join(hparams["output_folder"], "base")
     model_dir = os.path.join(folder, "model")
     if os.path.isfile(os.path.join(model_dir, "config.json")):
         logger.info(f"Base LM found in {model_dir}")

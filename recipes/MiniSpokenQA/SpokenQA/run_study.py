@@ -107,9 +107,9 @@ def main(argv):
         encoder_path = pretrain_encoder(
             hparams, run_opts, data, epochs=hparams["encoder_epochs"], lr=hparams["encoder_lr"]
         )
-    with clock.stage("base_llm_evaluation_and_importance"):
+    with clock.stage("base_evaluation_and_importance"):
         base_model = SpeechLLM(load_causal_lm(source=lm_dir))
-        folder = os.path.join(hparams["output_folder"], "base_llm")
+        folder = os.path.join(hparams["output_folder"], "base")
         base, base_profile, base_scores = runner.base_stage(base_model, folder)
 
     def build_model(strategy):

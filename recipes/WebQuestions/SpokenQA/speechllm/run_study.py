@@ -106,8 +106,8 @@ def main(argv):
     if hparams["stop_after"] not in STOP_AFTER:
         raise ValueError(f"stop_after {hparams['stop_after']!r} unknown; use one of {STOP_AFTER}.")
     full_study = hparams["stop_after"] == "strategies"
-    with clock.stage("targets_and_base_llm"):
-        folder = os.path.join(hparams["output_folder"], "base_llm")
+    with clock.stage("targets_and_base"):
+        folder = os.path.join(hparams["output_folder"], "base")
         base_model = SpeechLLM(load_llm(hparams))
         paths = training_targets(
             runner, paths, base_model, hparams["targets"], hparams["target_max_new_tokens"]

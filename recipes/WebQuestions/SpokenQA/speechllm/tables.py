@@ -117,7 +117,7 @@ def report(hparams, run_opts, base, stage1, runs, profiles, clock):
         "torch_threads": torch.get_num_threads(),
     }
     results["paired_t2t_vs_base"] = paired_tests(
-        folder, os.path.join(folder, "base_llm"), runs, ("llamaq_t2t", "webq_t2t")
+        folder, os.path.join(folder, "base"), runs, ("llamaq_t2t", "webq_t2t")
     )
     machine = hardware(run_opts.get("device"))
     timings = {"total": clock.total(), "stages": clock.seconds, "hardware": machine}
