@@ -767,18 +767,34 @@ def test_the_evaluator_leaves_non_finite_audio_out_of_spoken_scores_and_names_it
     assert len(text_ids) == len(clean)  # written questions need no audio
 
 
-@pytest.mark.parametrize("mode", ["text", "speech"])
+@pytest.mark.parametrize(
+    "mode, adaptor", [("text", None), ("speech", None), ("speech", "transcript")]
+)
 def test_every_item_longer_than_the_context_is_named_before_the_first_step(
-    mode, tokenizer, prompt, manifests, tmp_path
+    mode, adaptor, tokenizer, prompt, manifests, tmp_path
 ):
-    """Once the first such item stopped the run mid-epoch, one item per run."""
+    """Once the first such item stopped the run mid-epoch, one item per run. A transcript
+    adaptor's length follows what its decoder hears, not the clip's duration."""
+    import torch
+    from conftest import HIDDEN
     from helpers import make_brain
     from speechbrain.dataio.batch import PaddedBatch
+    from transformers import WhisperConfig
 
     from speechbrain_sllm.data.context_lengths import ItemsTooLongError, items_over_context
     from speechbrain_sllm.data.dataio import make_qa_dataset
+    from speechbrain_sllm.model.whisper_adaptors import WhisperTranscriptAdaptor
 
     brain = make_brain("full_ft", tokenizer, prompt, tmp_path, mode=mode)
+    if adaptor == "transcript":
+        config = WhisperConfig(
+            vocab_size=60, d_model=16, encoder_layers=1, encoder_attention_heads=2,
+            encoder_ffn_dim=32, decoder_layers=1, decoder_attention_heads=2,
+            decoder_ffn_dim=32, max_target_positions=40, decoder_start_token_id=1,
+            eos_token_id=2, pad_token_id=2,
+        )  # fmt: skip
+        torch.manual_seed(3)
+        brain.model.adaptor = WhisperTranscriptAdaptor(HIDDEN, config=config, max_tokens=12)
     dataset = make_qa_dataset(manifests[mode], prompt, with_audio=mode == "speech")
     lengths = {}
     for item in dataset:  # the exact length of each item, from the model

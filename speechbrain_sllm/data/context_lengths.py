@@ -3,9 +3,10 @@
 A sequence is ``prompt [speech] [suffix] answer``; one that is longer than the
 LLM's ``max_position_embeddings`` fails in the forward pass, one item per run.
 ``check_context_lengths`` measures every item before training or testing and
-names all of the items that are too long at once: text lengths by tokenizing,
-speech lengths by running the encoder and adaptor on silence of the longest
-clip (one forward pass), then of each remaining candidate's own duration.
+names all of the items that are too long at once: text lengths by tokenizing;
+speech lengths bounded first (the encoder and adaptor on silence of the longest
+clip, whose output length depends on the duration alone; a transcript adaptor's
+decoding budget), then measured exactly on the audio of each remaining candidate.
 
 Authors
  * speechbrain-sllm developers 2026
@@ -13,6 +14,8 @@ Authors
 
 import soundfile
 import torch
+
+from speechbrain_sllm.data.dataio import load_audio
 
 SHOWN_ITEMS = 20
 
@@ -69,15 +72,37 @@ def text_positions(dataset, prompt, mode):
 
 
 @torch.no_grad()
-def speech_positions(model, seconds, sample_rate):
-    """The number of LLM positions the encoder and adaptor give a clip of ``seconds``.
+def speech_positions(model, wav):
+    """The number of LLM positions the encoder and adaptor give one clip.
 
     Arguments
     ---------
     model : SpeechLLM
-        The model (its encoder and adaptor run on silence).
+        The model.
+    wav : torch.Tensor
+        ``(S,)`` waveform.
+
+    Returns
+    -------
+    int
+    """
+    wav = wav.to(model.device)[None]
+    return int(model.speech_embeddings(wav, torch.ones(1, device=model.device))[0].shape[0])
+
+
+def speech_upper_bound(model, seconds, sample_rate):
+    """The most LLM positions any clip of at most ``seconds`` can take.
+
+    A transcript adaptor gives as many positions as the tokens it decodes (at most
+    its decoding budget times ``upsample``); any other adaptor's output length
+    depends on the clip's duration alone, measured on silence of that duration.
+
+    Arguments
+    ---------
+    model : SpeechLLM
+        The model.
     seconds : float
-        The clip's duration.
+        The longest clip's duration.
     sample_rate : int
         The encoder's audio rate.
 
@@ -85,9 +110,11 @@ def speech_positions(model, seconds, sample_rate):
     -------
     int
     """
+    decoding = getattr(model.adaptor, "decoding", None)
+    if decoding is not None:
+        return decoding.max_tokens * getattr(model.adaptor, "upsample", 1)
     samples = max(int(round(seconds * sample_rate)), 1)
-    silence = torch.zeros(1, samples, device=model.device)
-    return int(model.speech_embeddings(silence, torch.ones(1, device=model.device))[0].shape[0])
+    return speech_positions(model, torch.zeros(samples))
 
 
 def items_over_context(model, dataset, prompt, mode, sample_rate=16000):
@@ -114,12 +141,12 @@ def items_over_context(model, dataset, prompt, mode, sample_rate=16000):
     if limit is None or len(dataset) == 0:
         return {}
     lengths = text_positions(dataset, prompt, mode)
-    first = dataset.data[dataset.data_ids[0]]
-    if mode == "speech" and ("wav" in first or "duration" in first):
-        durations = {data_id: item_duration(dataset.data[data_id]) for data_id in lengths}
-        longest = speech_positions(model, max(durations.values()), sample_rate)
-        for data_id in [i for i in lengths if lengths[i] + longest > limit]:
-            lengths[data_id] += speech_positions(model, durations[data_id], sample_rate)
+    if mode == "speech" and "wav" in dataset.data[dataset.data_ids[0]]:
+        longest = max(item_duration(dataset.data[data_id]) for data_id in lengths)
+        bound = speech_upper_bound(model, longest, sample_rate)
+        for data_id in [i for i in lengths if lengths[i] + bound > limit]:
+            wav = load_audio(dataset.data[data_id]["wav"], sample_rate)
+            lengths[data_id] += speech_positions(model, wav)
     return {data_id: length for data_id, length in lengths.items() if length > limit}
 
 
