@@ -174,6 +174,6 @@ class MitigationTerms:
         if not isinstance(chosen, (list, tuple)):
             raise ValueError(
                 f"`mitigations` must be a list of mitigation objects, got {type(chosen).__name__};"
-                " a study's named choices belong in `mitigation_choices`."
+                " a study's fine-tuning stage lists them (`mitigations: [!ref <replay>]`)."
             )
         return chosen

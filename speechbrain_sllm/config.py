@@ -11,17 +11,15 @@ Authors
  * speechbrain-sllm developers 2026
 """
 
-import dataclasses
-import io
 import json
 import os
 import shutil
 import time
 
-import ruamel.yaml
-from hyperpyyaml import load_hyperpyyaml, resolve_references
-from speechbrain.core import RunOptions
+from hyperpyyaml import load_hyperpyyaml
 
+from speechbrain_sllm.model_sources import check_model_folder, looks_like_a_path
+from speechbrain_sllm.overrides import keys_read_as_run_options, plain_settings
 from speechbrain_sllm.run_lock import lock_output_folder
 from speechbrain_sllm.strategies.core import STRATEGIES
 from speechbrain_sllm.value_checks import device_problem, value_problems
@@ -40,115 +38,6 @@ SHAPING_KEYS = (
     "adaptor_choices",
 )
 RUN_RECORD = "run.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
-
-
-def looks_like_a_path(source):
-    """Whether a model ``source`` is meant as a local folder rather than a hub id.
-
-    Arguments
-    ---------
-    source : str
-        A ``*_source`` value.
-
-    Returns
-    -------
-    bool
-
-    Example
-    -------
-    >>> looks_like_a_path("meta-llama/Llama-3.2-1B"), looks_like_a_path("./models/llama")
-    (False, True)
-    """
-    return source.startswith(("/", "./", "../", "~")) or source.count("/") > 1 or "\\" in source
-
-
-# Keys renamed in the recipes' yamls: an override with the old name is refused with the new one
-RENAMED_KEYS = {
-    "save_folder": "manifest_folder",  # a study's manifests and audio (WebQuestions)
-    "layerwise_lambda": "layerwise_lr",  # the rule's lambda: --layerwise_lr="{lam: 0.2}"
-}
-
-
-def plain_settings(hparams_file, overrides):
-    """The yaml's top-level settings with references and overrides resolved, nothing built.
-
-    Arguments
-    ---------
-    hparams_file : str
-        The recipe yaml.
-    overrides : str or dict
-        Command-line overrides (from ``speechbrain.parse_arguments``).
-
-    Returns
-    -------
-    dict
-        Top-level keys; scalars as values, objects as ruamel nodes.
-    """
-    with open(hparams_file) as handle:
-        try:
-            resolved = resolve_references(handle, overrides, overrides_must_match=True)
-        except KeyError as error:
-            if "Override" not in str(error):
-                raise
-            handle.seek(0)
-            keys = set(ruamel.yaml.YAML().load(handle) or {})
-            raise KeyError(unknown_override_message(hparams_file, error, keys)) from None
-    return dict(ruamel.yaml.YAML().load(io.StringIO(resolved.getvalue())))
-
-
-def unknown_override_message(hparams_file, error, keys=()):
-    """Names the override that matches no key: its new name, or how nested settings are set."""
-    text = str(error.args[0]) if error.args else str(error)
-    name = text.split("'")[1] if "'" in text else text
-    if RENAMED_KEYS.get(name) in keys:
-        return (
-            f"{hparams_file}: `{name}` is now `{RENAMED_KEYS[name]}` (one name per concept); "
-            f"use --{RENAMED_KEYS[name]}=..."
-        )
-    prefix = name.split("_")[0]
-    hint = (
-        f' Nested settings take a mapping: --{prefix}="{{{name[len(prefix) + 1 :]}: ...}}".'
-        if "_" in name
-        else ""
-    )
-    return (
-        f"{hparams_file}: the override `{name}` matches no top-level key of this yaml.{hint} "
-        "See the yaml for the keys a recipe takes."
-    )
-
-
-def keys_read_as_run_options(keys):
-    """Yaml keys that a ``--key`` override cannot set: argparse reads them as run options.
-
-    SpeechBrain parses the command line with argparse, which accepts any
-    unambiguous prefix of an option: ``--distributed=fsdp`` silently becomes
-    ``--distributed_backend=fsdp`` and the yaml key ``distributed`` keeps its
-    value. A key equal to a run option is fine (SpeechBrain reads those from
-    the yaml too).
-
-    Arguments
-    ---------
-    keys : iterable of str
-        Top-level yaml keys.
-
-    Returns
-    -------
-    dict
-        ``{key: [run options it is a prefix of]}``.
-
-    Example
-    -------
-    >>> keys_read_as_run_options(["distributed", "lora", "device"])
-    {'distributed': ['distributed_backend', 'distributed_launch']}
-    """
-    options = [field.name for field in dataclasses.fields(RunOptions)]
-    shadowed = {
-        key: [option for option in options if option.startswith(key)]
-        for key in keys
-        if key not in options
-    }
-    return {key: found for key, found in shadowed.items() if found}
 
 
 def check_settings(settings):
@@ -315,79 +204,6 @@ def keep_previous_hyperparams(folder):
                     return
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
     shutil.copy2(path, os.path.join(folder, f"hyperparams.{stamp}.yaml"))
-
-
-def check_model_folder(key, folder):
-    """Names the missing or unreadable files of a local model folder, before loading it.
-
-    Arguments
-    ---------
-    key : str
-        The yaml key (``llm_source`` needs tokenizer files too).
-    folder : str
-        The local folder.
-    """
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(
-            f"`{key}`: {os.path.join(folder, 'config.json')} not found. Point --{key} at a "
-            "saved model folder (save_pretrained writes config.json and the weights)."
-        )
-    if key == "llm_source" and not any(
-        os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES
-    ):
-        raise FileNotFoundError(
-            f"`llm_source`: {folder!r} has no tokenizer files (one of {list(TOKENIZER_FILES)}). "
-            "Save the tokenizer into the folder (tokenizer.save_pretrained(folder))."
-        )
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            problem = safetensors_problem(os.path.join(folder, name))
-            if problem:
-                raise ValueError(
-                    f"`{key}`: weight file {os.path.join(folder, name)} is unreadable "
-                    f"({problem}). Copy or download it again."
-                )
-
-
-def safetensors_problem(path):
-    """Why a ``.safetensors`` file cannot be loaded (truncated, bad header), or None.
-
-    Reads only the header: its length, its JSON, and the end of the last
-    tensor's bytes against the file's size.
-
-    Arguments
-    ---------
-    path : str
-        A ``.safetensors`` file.
-
-    Returns
-    -------
-    str or None
-
-    Example
-    -------
-    >>> import tempfile
-    >>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
-    >>> _ = open(path, "wb").write(b"\x10")
-    >>> safetensors_problem(path)
-    'shorter than its 8-byte header length'
-    """
-    size = os.path.getsize(path)
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            return "shorter than its 8-byte header length"
-        length = int.from_bytes(head, "little")
-        if 8 + length > size:
-            return f"truncated: header of {length} bytes, file of {size} bytes"
-        try:
-            header = json.loads(handle.read(length))
-        except ValueError as error:
-            return f"header is not valid JSON ({error})"
-    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
-    if 8 + length + max(ends, default=0) > size:
-        return f"truncated: {size} bytes, the tensors need {8 + length + max(ends)}"
-    return None
 
 
 def check_data_files(settings):

@@ -196,7 +196,7 @@ def inference_settings(hparams, model):
     ---------
     hparams : dict
         The run's yaml (``llm_source``, ``encoder_source``, ``prompt``,
-        ``sample_rate``, ``max_new_tokens``, ``num_beams``).
+        ``sample_rate``, ``evaluation``: its ``max_new_tokens`` and ``num_beams``).
     model : SpeechLLM
         The trained model (its encoder window, LLM dtype and adaptor).
 
@@ -218,8 +218,8 @@ def inference_settings(hparams, model):
         "adaptor_arguments": adaptor_arguments(model.adaptor, source),
         "instruction": hparams["prompt"].instruction,
         "sample_rate": hparams["sample_rate"],
-        "max_new_tokens": hparams["max_new_tokens"],
-        "num_beams": hparams["num_beams"],
+        "max_new_tokens": hparams["evaluation"].max_new_tokens,
+        "num_beams": hparams["evaluation"].num_beams,
     }
 
 

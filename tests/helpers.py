@@ -168,8 +168,7 @@ def tiny_export(folder, fixtures, strategy_name="lora"):
         "encoder_source": encoder_source,
         "prompt": ChatPrompt(HFTokenizer(llm_source)),
         "sample_rate": 16000,
-        "max_new_tokens": 4,
-        "num_beams": 1,
+        "evaluation": EvaluationSettings(max_new_tokens=4),
     }
     settings = dict(inference_settings(hparams, model), llm_dtype="float32")
     export_trained_model(model, strategy, INFERENCE_TEMPLATE, str(folder), settings)

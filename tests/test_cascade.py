@@ -15,6 +15,7 @@ from speechbrain_sllm.cascade import (
     write_transcribed_manifest,
 )
 from speechbrain_sllm.data.tts import EspeakTTS
+from speechbrain_sllm.evaluation import EvaluationSettings
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -216,8 +217,7 @@ def test_a_speech_llm_with_the_transcript_adaptor_is_exported_and_loads_back(rea
         "encoder_source": real_models["whisper"],
         "prompt": ChatPrompt(HFTokenizer(real_models["llm"]), instruction="{question}"),
         "sample_rate": 16000,
-        "max_new_tokens": 8,
-        "num_beams": 1,
+        "evaluation": EvaluationSettings(max_new_tokens=8),
     }
     folder = str(tmp_path / "inference")
     settings = inference_settings(hparams, model)

@@ -344,7 +344,8 @@ def copy_model(source, folder, drop=()):
 def test_a_model_folder_without_tokenizer_files_is_named_with_the_files_it_needs(
     recipe_fixtures, tmp_path
 ):
-    from speechbrain_sllm.config import TOKENIZER_FILES, check_settings
+    from speechbrain_sllm.config import check_settings
+    from speechbrain_sllm.model_sources import TOKENIZER_FILES
 
     source = os.path.join(recipe_fixtures, "tiny_llm")
     folder = copy_model(source, tmp_path / "llm", drop=TOKENIZER_FILES + ("tokenizer_config.json",))
@@ -506,7 +507,7 @@ def test_a_librispeech_split_left_empty_is_named_with_its_csv(recipe_fixtures, t
 
 
 def test_an_override_with_a_renamed_key_names_the_new_key(tmp_path):
-    from speechbrain_sllm.config import plain_settings
+    from speechbrain_sllm.overrides import plain_settings
 
     hparams_file = tmp_path / "study.yaml"
     hparams_file.write_text("seed: 1\nmanifest_folder: data\n")
@@ -514,6 +515,41 @@ def test_an_override_with_a_renamed_key_names_the_new_key(tmp_path):
         plain_settings(str(hparams_file), "save_folder: other")
     hparams_file.write_text("seed: 1\nsave_folder: data\n")  # a yaml that keeps the key
     assert plain_settings(str(hparams_file), "save_folder: other")["save_folder"] == "other"
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("ft_epochs: 2", r'`ft_epochs` is now `finetune`.*use --finetune="\{epochs: ...\}"'),
+        ("align_epochs: 2", r'`align_epochs` is now `align`.*use --align="\{epochs: ...\}"'),
+        ("strategies: [lora]", r"`strategies` is now `stages`.*use --stages=..."),
+        ("eval_batch_size: 2", r'use --evaluation="\{batch_size: ...\}"'),
+    ],
+)
+def test_a_retired_flat_study_key_names_its_nested_replacement(flag, message):
+    from speechbrain_sllm.overrides import plain_settings
+
+    study = os.path.join(ROOT, "recipes", "WebQuestions", "SpokenQA", "speechllm", "hparams")
+    with pytest.raises(KeyError, match=message):
+        plain_settings(os.path.join(study, "study.yaml"), flag)
+
+
+def test_a_nested_override_changes_only_its_field_and_the_stages_that_share_it(tmp_path):
+    from hyperpyyaml import load_hyperpyyaml
+
+    study = os.path.join(ROOT, "recipes", "MiniSpokenQA", "SpokenQA", "hparams", "study.yaml")
+    overrides = {
+        "output_folder": str(tmp_path),
+        "finetune": {"epochs": 2},
+        "stages": ["base", "lora"],
+    }
+    with open(study) as handle:
+        hparams = load_hyperpyyaml(handle, overrides)
+    shared = hparams["finetune"]
+    assert (shared.epochs, shared.batch_size, shared.warmup_fraction) == (2, 16, 0.1)
+    lora = hparams["stage_choices"]["lora"]
+    assert lora.settings is shared and lora.training().epochs == 2
+    assert hparams["stages"] == ["base", "lora"]
 
 
 def test_resuming_with_another_adaptor_type_or_its_arguments_is_refused(tmp_path):

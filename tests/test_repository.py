@@ -123,7 +123,7 @@ def code_text(suffixes=(".py", ".yaml")):
 def test_the_names_table_matches_the_code():
     """Each concept's name is in the code; each retired name is gone, or (a yaml key)
     refused by RENAMED_KEYS with the new name."""
-    from speechbrain_sllm.config import RENAMED_KEYS
+    from speechbrain_sllm.overrides import RENAMED_KEYS
 
     texts = code_text()
     everything = "\n".join(text for _, text in texts)

@@ -139,20 +139,16 @@ def test_profile_with_wrong_layer_count_is_rejected(tmp_path):
 
 @pytest.mark.parametrize("adaptor_lr", [None, 2e-5])
 def test_study_adaptor_lr_sets_the_adaptor_rate_of_every_strategy(adaptor_lr):
-    from types import SimpleNamespace
-
     from conftest import tiny_speech_llm
 
     from speechbrain_sllm.strategies import apply_strategy, param_groups
-    from speechbrain_sllm.study import FinetuneSettings, StudyRunner
+    from speechbrain_sllm.study import FinetuneSettings, FinetuneStage
 
-    settings = FinetuneSettings(
-        ["lora"], 1, 8, {"lora": 2e-4}, None, lora=LoRASettings(rank=4), adaptor_lr=adaptor_lr
-    )
-    runner = SimpleNamespace(finetune=settings, named_choices=lambda name: [])
-    strategy = StudyRunner.build_strategy(runner, "lora")
+    settings = FinetuneSettings(lora=LoRASettings(rank=4), adaptor_lr=adaptor_lr)
+    stage = FinetuneStage("lora", 2e-4, settings)
+    strategy = stage.strategy_object()
     model = tiny_speech_llm(llama_config(vocab_size=64), seed=0)
     apply_strategy(model, strategy)
-    rates = {g["name"]: g["lr"] for g in param_groups(model, strategy, settings.lr_of("lora"))}
+    rates = {g["name"]: g["lr"] for g in param_groups(model, strategy, stage.lr)}
     assert rates["llm"] == pytest.approx(2e-4)  # LoRA's own rate
     assert rates["adaptor"] == pytest.approx(adaptor_lr or 2e-4)

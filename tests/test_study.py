@@ -20,14 +20,14 @@ ITEMS = {"t2t": 144, "s2t": 96}
 STRATEGIES = ("full_ft", "layerwise_lr", "lora", "frozen_llm")
 MITIGATIONS = ("full_ft+replay", "full_ft+text_kd", "full_ft+anchor")
 ROW = next(r for r in ROWS if r["Dataset"] == "MiniSpokenQA")
-INTERPOLATION = "--interpolation_alphas=[0.0,1.0]"
+INTERPOLATION = "--finetune={epochs: 5, interpolation_alphas: [0.0, 1.0]}"
 
 
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory):
     """One run of the row with every strategy, the mitigations and weight interpolation."""
     out = tmp_path_factory.mktemp("quick") / "study"
-    strategies = f"--strategies=[{','.join(STRATEGIES + MITIGATIONS)}]"
+    strategies = f"--stages=[base,{','.join(STRATEGIES + MITIGATIONS)}]"
     result = run_row(ROW, out, extra_flags=[INTERPOLATION, strategies])
     assert result.returncode == 0, result.stderr[-4000:]
     return out, result
@@ -97,7 +97,7 @@ def test_a_second_run_on_the_same_prepared_data_gives_identical_results(quick_st
     (eSpeak NG itself is not: the same sentence synthesised twice differs by a few
     samples, so the check shares one prepared data folder.)"""
     first, second = quick_study[0], tmp_path / "second"
-    flags = [f"--data_folder={first / 'data'}", INTERPOLATION, "--strategies=[full_ft]"]
+    flags = [f"--data_folder={first / 'data'}", INTERPOLATION, "--stages=[base,full_ft]"]
     result = run_row(ROW, second, flags)
     assert result.returncode == 0, result.stderr[-4000:]
     before = json.loads((first / "results.json").read_text())
@@ -179,3 +179,19 @@ def test_real_model_picture_merges_runs_and_keeps_the_last_value(tmp_path):
     }
     plot(base_t2t, points, str(tmp_path / "points.png"), "a 2-core CPU")
     assert (tmp_path / "points.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_stage_list_is_checked_before_any_stage_runs():
+    """A name missing from ``stage_choices`` and a fine-tuning stage listed before the base
+    stage are refused, naming the fix; the yaml's order is kept."""
+    from speechbrain_sllm.study import BaseStage, FinetuneSettings, FinetuneStage
+    from speechbrain_sllm.study.protocol import check_stage_list
+
+    choices = {"base": BaseStage(), "lora": FinetuneStage("lora", 2e-4, FinetuneSettings())}
+    with pytest.raises(ValueError, match=r"\['full'\] not in the yaml's `stage_choices`"):
+        check_stage_list(["base", "full"], choices)
+    with pytest.raises(
+        ValueError, match=r"list the base stage before it \(e.g. --stages=\[base,lora\]"
+    ):
+        check_stage_list(["lora", "base"], choices)
+    assert [name for name, _ in check_stage_list(["base", "lora"], choices)] == ["base", "lora"]

@@ -1,8 +1,9 @@
 """The paper's study as a package feature: the protocol, stage 1 alignment and reports.
 
-A study recipe prepares its data, builds its models from its yaml and hands
-them to ``StudyRunner``, which runs the base-model scoring, the strategy loop
-and the importance shift the same way for every study.
+A study recipe prepares its data and says how to load its models; its yaml
+declares the stages (``stages``: base scoring, cascade, alignment, one
+fine-tuning stage per strategy and mitigation) and ``StudyRunner`` runs them in
+order the same way for every study.
 
 Authors
  * speechbrain-sllm developers 2026
@@ -26,14 +27,29 @@ from speechbrain_sllm.study.report import (
     write_study_outputs,
     zeroing_line,
 )
-from speechbrain_sllm.study.settings import AlignmentSettings, FinetuneSettings, ImportanceSettings
+from speechbrain_sllm.study.settings import (
+    AlignmentSettings,
+    FinetuneSettings,
+    ImportanceSettings,
+    StageTraining,
+    StudyData,
+    StudyModels,
+)
+from speechbrain_sllm.study.stages import AlignStage, BaseStage, CascadeStage, FinetuneStage
 
 __all__ = [
+    "AlignStage",
     "AlignmentSettings",
+    "BaseStage",
+    "CascadeStage",
     "EmbeddingCTCBrain",
     "FinetuneSettings",
+    "FinetuneStage",
     "ImportanceSettings",
     "StageClock",
+    "StageTraining",
+    "StudyData",
+    "StudyModels",
     "StudyRunner",
     "align_stage",
     "free_finished_stage",

@@ -1,7 +1,7 @@
 """Stage 1 of a speech LLM: the adaptor aligned with the LLM frozen.
 
-The runner's ``alignment`` (``AlignmentSettings``): its ``objectives`` in
-sequence, each skipped at 0 epochs:
+The yaml's ``align`` (``AlignmentSettings``, run by ``stages.AlignStage``):
+its ``objectives`` in sequence, each skipped at 0 epochs:
 
 * ``ctc_embeddings`` (``ctc_epochs``): CTC of the adaptor's frames onto the
   frozen LLM's input embeddings (``EmbeddingCTCBrain``; the LLM never runs, see
@@ -38,6 +38,7 @@ from speechbrain_sllm.metrics import wer_stats
 from speechbrain_sllm.model.embedding_ctc import EmbeddingCTCHead, ctc_loss, greedy_ctc_tokens
 from speechbrain_sllm.model.speech_llm import SpeechLLM
 from speechbrain_sllm.strategies import apply_strategy, build_strategy
+from speechbrain_sllm.study.settings import StageTraining
 
 logger = logging.getLogger(__name__)
 TARGETS = ("gold", "self_distilled")
@@ -165,7 +166,7 @@ def self_distilled_targets(runner, paths, model, max_new_tokens):
     if is_prepared(folder, record, ["train.csv", "valid.csv"], hparams["prepare_on_change"]):
         return new_paths
     os.makedirs(folder, exist_ok=True)
-    brain = runner.stage_brain(model, build_strategy("frozen_llm"), 0.0, "text", folder, 0)
+    brain = runner.stage_brain(model, build_strategy("frozen_llm"), "text", folder)
     evaluator = brain.evaluator()
     evaluator.settings = dataclasses.replace(evaluator.settings, max_new_tokens=max_new_tokens)
     with staged_preparation(folder, record) as staging:
@@ -219,17 +220,17 @@ def transcript_targets(hparams, paths):
     return aligned
 
 
-def ctc_alignment(runner, train, valid, encoder, adaptor, embeddings):
+def ctc_alignment(runner, settings, encoder, adaptor, embeddings):
     """Stage 1a: CTC of the adaptor's frames onto the LLM's input embeddings (LLM not run).
 
     Arguments
     ---------
     runner : StudyRunner
-        The study (its ``alignment``'s ``ctc_*`` settings, ``tokenizer``).
-    train : DynamicItemDataset
-        Spoken training questions (their ``question`` is the transcript).
-    valid : DynamicItemDataset
-        Spoken validation questions (the lowest loss picks the epoch).
+        The study: its ``tokenizer``; its data's ``align`` split (every spoken
+        training question, whose ``question`` is the transcript) trains, its
+        validation set picks the epoch (lowest loss).
+    settings : AlignmentSettings
+        The ``ctc_*`` settings and the batch size.
     encoder : SpeechEncoder
         The frozen encoder.
     adaptor : torch.nn.Module
@@ -243,7 +244,8 @@ def ctc_alignment(runner, train, valid, encoder, adaptor, embeddings):
         ``ctc_valid_loss`` and ``ctc_valid_wer`` (best-path decoding, %) of the
         restored epoch, and ``ctc_<prefix>_wer`` on each spoken test set of the runner.
     """
-    hparams, settings = runner.hparams, runner.alignment
+    hparams, data = runner.hparams, runner.data
+    train, valid = data.datasets["align"], data.valid_set
     folder = os.path.join(hparams["output_folder"], "align", "ctc")
     counter = sb.utils.epoch_loop.EpochCounter(limit=settings.ctc_epochs)
     head = EmbeddingCTCHead(embeddings, scale=settings.ctc_scale)
@@ -265,7 +267,7 @@ def ctc_alignment(runner, train, valid, encoder, adaptor, embeddings):
         run_opts=runner.run_opts,
         checkpointer=checkpointer,
     )
-    loader = {"batch_size": runner.finetune.batch_size}
+    loader = {"batch_size": settings.batch_size}
     brain.fit(
         counter,
         train,
@@ -275,16 +277,16 @@ def ctc_alignment(runner, train, valid, encoder, adaptor, embeddings):
     )
     brain.evaluate(valid, min_key="loss", test_loader_kwargs=dict(loader), progressbar=False)
     results = {"ctc_valid_loss": brain.last_stats["loss"], "ctc_valid_wer": brain.last_stats["WER"]}
-    for prefix, sets in runner.test_sets.items():  # e.g. real recordings: the speech shift
+    for prefix, sets in data.test_sets.items():  # e.g. real recordings: the speech shift
         brain.evaluate(sets["speech"], test_loader_kwargs=dict(loader), progressbar=False)
         results[f"ctc_{prefix}_wer" if prefix else "ctc_test_wer"] = brain.last_stats["WER"]
     return results
 
 
-def align_stage(runner, paths, data, llm, encoder, adaptor):
+def align_stage(runner, settings, llm, encoder, adaptor):
     """Stage 1: trains ``adaptor`` in place with the LLM frozen; returns its scores.
 
-    The runner's ``alignment.objectives`` run in their order (default
+    The ``settings.objectives`` run in their order (default
     ``[ctc_embeddings, lm_loss]``): ``ctc_embeddings`` for ``ctc_epochs``,
     ``lm_loss`` (the LLM's loss on the ``targets``) and ``distill`` (the LLM
     given speech matches itself given text, ``distill_topk`` tokens cached per
@@ -294,11 +296,10 @@ def align_stage(runner, paths, data, llm, encoder, adaptor):
     Arguments
     ---------
     runner : StudyRunner
-        The study.
-    paths : dict
-        Training / validation manifests (``train``, ``valid``).
-    data : dict
-        Datasets: ``align`` (every spoken training question), ``train``, ``valid``.
+        The study: its data's manifests (``train``, ``valid``), datasets
+        (``align``: every spoken training question) and training / validation sets.
+    settings : AlignmentSettings
+        The objectives and their settings.
     llm : transformers.PreTrainedModel
         The pretrained LLM (kept frozen).
     encoder : SpeechEncoder
@@ -316,18 +317,16 @@ def align_stage(runner, paths, data, llm, encoder, adaptor):
     model = SpeechLLM(llm, encoder, adaptor)
     strategy = build_strategy("frozen_llm")
     apply_strategy(model, strategy)
-    for objective in runner.alignment.objectives:
-        if objective == "ctc_embeddings" and runner.alignment.ctc_epochs > 0:
+    for objective in settings.objectives:
+        if objective == "ctc_embeddings" and settings.ctc_epochs > 0:
             embeddings = llm.get_input_embeddings().weight
-            results.update(
-                ctc_alignment(runner, data["align"], data["valid"], encoder, adaptor, embeddings)
-            )
+            results.update(ctc_alignment(runner, settings, encoder, adaptor, embeddings))
         elif objective == "lm_loss":
-            brain = lm_loss_alignment(runner, paths, data, model, strategy, results)
+            brain = lm_loss_alignment(runner, settings, model, strategy, results)
         elif objective == "distill":
-            brain = distill_alignment(runner, data, model, strategy)
+            brain = distill_alignment(runner, settings, model, strategy)
     if brain is None:  # only CTC (or nothing) ran: a Brain that scores
-        brain = runner.stage_brain(model, strategy, 0.0, "speech", folder, 0)
+        brain = runner.stage_brain(model, strategy, "speech", folder)
     runner.export(model, strategy, folder)
     brain.hparams.prompt = hparams["prompt"]
     results.update(runner.evaluate(brain, folder, modes=("speech",)))
@@ -335,20 +334,20 @@ def align_stage(runner, paths, data, llm, encoder, adaptor):
     return results
 
 
-def lm_loss_alignment(runner, paths, data, model, strategy, results):
+def lm_loss_alignment(runner, settings, model, strategy, results):
     """Stage 1b: the frozen LLM's own loss on the alignment's ``targets``; returns the Brain."""
-    hparams, settings = runner.hparams, runner.alignment
+    hparams = runner.hparams
     folder = os.path.join(hparams["output_folder"], "align")
     target = settings.targets
     prompt = settings.transcript_prompt if target == "transcript" else hparams["prompt"]
-    train, valid = data["train"], data["valid"]
+    train, valid = runner.data.train_set, runner.data.valid_set
     if target == "transcript":
-        aligned = transcript_targets(hparams, paths)
+        aligned = transcript_targets(hparams, runner.data.manifests)
         train, valid = (runner.qa_dataset(aligned[s], prompt) for s in ("train", "valid"))
-    lr, epochs = settings.lr, settings.epochs
-    brain = runner.stage_brain(model, strategy, lr, "speech", folder, epochs, prompt=prompt)
-    if epochs > 0:
-        runner.fit_and_restore_best(brain, train, valid)
+    training = stage_training(settings)
+    brain = runner.stage_brain(model, strategy, "speech", folder, training, prompt=prompt)
+    if settings.epochs > 0:
+        runner.fit_and_restore_best(brain, train, valid, settings.batch_size)
     if target == "transcript":
         results["valid_wer"] = brain.evaluator().word_error_rate(
             valid, os.path.join(folder, "valid_wer.txt"), batch_size=runner.evaluation.batch_size
@@ -356,22 +355,24 @@ def lm_loss_alignment(runner, paths, data, model, strategy, results):
     return brain
 
 
-def distill_alignment(runner, data, model, strategy):
+def distill_alignment(runner, settings, model, strategy):
     """Stage 1 by distillation from the same frozen LLM given text; returns the Brain."""
-    settings = runner.alignment
     folder = os.path.join(runner.hparams["output_folder"], "align", "distill")
     cache = TeacherCache(k=settings.distill_topk)
-    lr, epochs = settings.lr, settings.epochs
-    brain = runner.stage_brain(
-        model,
-        strategy,
-        lr,
-        "speech",
-        folder,
-        epochs,
-        brain_class=DistillationBrain,
-        teacher_cache=cache,
-    )
-    if epochs > 0:
-        runner.fit_and_restore_best(brain, data["train"], data["valid"])
+    training = stage_training(settings, brain_class=DistillationBrain)
+    brain = runner.stage_brain(model, strategy, "speech", folder, training, teacher_cache=cache)
+    if settings.epochs > 0:
+        data = runner.data
+        runner.fit_and_restore_best(brain, data.train_set, data.valid_set, settings.batch_size)
     return brain
+
+
+def stage_training(settings, brain_class=None):
+    """The ``StageTraining`` of an alignment objective through the frozen LLM."""
+    return StageTraining(
+        lr=settings.lr,
+        epochs=settings.epochs,
+        opt_class=settings.opt_class,
+        warmup_fraction=settings.warmup_fraction,
+        brain_class=brain_class,
+    )

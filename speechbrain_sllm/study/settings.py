@@ -1,13 +1,18 @@
-"""What a study trains and measures, as objects its yaml builds.
+"""What a study's stages share, as objects its yaml builds.
 
-A study yaml keeps its settings as top-level keys (overridable on the command
-line: ``--strategies=[full_ft,lora] --ft_epochs=2``) and gathers them into
-these objects, which its script hands to ``StudyRunner``:
+A study yaml declares its stages (``speechbrain_sllm.study.stages``) and the
+settings they share, each under one nested key that the command line
+overrides in part (``--finetune="{epochs: 2}"``, ``--align="{epochs: 3}"``,
+``--importance="{fraction: 0.1}"``):
 
-* ``FinetuneSettings``: the strategy loop (strategies, epochs, rates, optimizer,
-  LoRA and layer-wise LR settings, mitigations, weight interpolation);
-* ``ImportanceSettings``: the importance stage and the zeroing check;
-* ``AlignmentSettings``: stage 1 of the real-model study (adaptor alignment).
+* ``FinetuneSettings`` (``finetune``): what every fine-tuning stage shares
+  (epochs, batch size, optimizer, warmup, LoRA and layer-wise LR settings,
+  the adaptor's rate, weight interpolation);
+* ``ImportanceSettings`` (``importance``): the importance stage and the zeroing check;
+* ``AlignmentSettings`` (``align``): stage 1, the adaptor aligned with the LLM frozen.
+
+and what a study's script hands its runner: ``StudyModels`` (how its models
+load), ``StudyData`` (its datasets); ``StageTraining`` is how one stage trains.
 
 Decoding and scoring settings are ``speechbrain_sllm.evaluation.EvaluationSettings``.
 
@@ -15,7 +20,10 @@ Authors
  * speechbrain-sllm developers 2026
 """
 
+import functools
 from dataclasses import dataclass, field
+
+import torch
 
 ALIGN_OBJECTIVES = ("ctc_embeddings", "lm_loss", "distill")
 ALIGN_TARGETS = ("answer", "transcript")
@@ -23,20 +31,14 @@ ALIGN_TARGETS = ("answer", "transcript")
 
 @dataclass
 class FinetuneSettings:
-    """The strategy loop of a study (stage 2: speech fine-tuning).
+    """What every speech fine-tuning stage of a study shares (``FinetuneStage`` adds its own).
 
     Arguments
     ---------
-    strategies : list of str
-        Strategy names run in order; ``<strategy>+<choice>`` adds entries of
-        ``mitigation_choices`` (e.g. ``full_ft+replay``).
     epochs : int
-        Training epochs per strategy.
+        Training epochs per stage.
     batch_size : int
         Training and validation batch size.
-    lr : float or dict
-        Base learning rate, or ``{strategy: rate}`` (a full name such as
-        ``full_ft+replay`` first, then its strategy).
     opt_class : callable
         Builds the optimizer from the strategy's parameter groups.
     warmup_fraction : float
@@ -48,94 +50,56 @@ class FinetuneSettings:
     train_encoder : bool
         Whether the speech encoder trains too.
     adaptor_lr : float or None
-        Rate of the adaptor (and a trained encoder) in every strategy; None:
-        the strategy's own rate.
-    mitigation_choices : dict
-        ``{name: mitigation}`` a strategy name can add (``TextReplay``,
-        ``TextDistillation``, ``ImportanceAnchor``, or a ``LayerwiseLR`` that
-        replaces the layer-wise rule).
+        Rate of the adaptor (and a trained encoder) in every stage; None:
+        the stage's own rate.
     interpolation_alphas : list of float
-        After each strategy, the LLM at ``base + alpha (fine-tuned - base)``
+        After each stage, the LLM at ``base + alpha (fine-tuned - base)``
         is scored for each alpha (empty: none).
 
     Example
     -------
-    >>> settings = FinetuneSettings(["full_ft"], 1, 8, {"full_ft": 1e-4}, None)
-    >>> settings.lr_of("full_ft+replay")
-    0.0001
-    >>> FinetuneSettings(["full_ft"], 1, 8, {"lora": 1e-4}, None).lr_of("full_ft")
-    Traceback (most recent call last):
-    ...
-    ValueError: ft_lr has no rate for 'full_ft' (nor 'full_ft'); it has ['lora'].
-    >>> FinetuneSettings(["lora"], 1, 8, {"lora": 2e-4}, None, adaptor_lr=2e-5).adaptor_lr_scale("lora")
+    >>> FinetuneSettings(epochs=1, adaptor_lr=2e-5).adaptor_lr_scale(2e-4)
     0.1
-    >>> FinetuneSettings(["lora"], 1, 8, 2e-4, None, adaptor_lr=-1)
+    >>> FinetuneSettings(adaptor_lr=-1)
     Traceback (most recent call last):
     ...
-    ValueError: ft_adaptor_lr is -1; give a rate >= 0, or null for each strategy's own rate.
+    ValueError: finetune: adaptor_lr is -1; give a rate >= 0, or null for each stage's own rate.
     """
 
-    strategies: list
-    epochs: int
-    batch_size: int
-    lr: object
-    opt_class: object
+    epochs: int = 1
+    batch_size: int = 8
+    opt_class: object = None
     warmup_fraction: float = 0.1
     lora: object = None
     layerwise_lr: object = None
     train_encoder: bool = False
     adaptor_lr: object = None
-    mitigation_choices: dict = field(default_factory=dict)
     interpolation_alphas: list = field(default_factory=list)
 
     def __post_init__(self):
-        """Empty choices and alphas from the yaml (``null``) become empty containers; checks ``adaptor_lr``."""
-        self.mitigation_choices = dict(self.mitigation_choices or {})
+        """Alphas from the yaml (``null``: none) as floats; checks ``adaptor_lr``."""
         self.interpolation_alphas = [float(alpha) for alpha in self.interpolation_alphas or []]
         if self.adaptor_lr is not None and float(self.adaptor_lr) < 0:
             raise ValueError(
-                f"ft_adaptor_lr is {self.adaptor_lr}; give a rate >= 0, or null for each "
-                "strategy's own rate."
+                f"finetune: adaptor_lr is {self.adaptor_lr}; give a rate >= 0, or null for "
+                "each stage's own rate."
             )
 
-    def lr_of(self, name):
-        """The base learning rate of a strategy name.
+    def adaptor_lr_scale(self, lr):
+        """The adaptor's rate relative to a stage's (``adaptor_lr / lr``; 1.0 when None).
 
         Arguments
         ---------
-        name : str
-            A strategy name, optionally with ``+<choice>`` parts.
+        lr : float
+            The stage's base learning rate.
 
         Returns
         -------
         float
-        """
-        if not isinstance(self.lr, dict):
-            return float(self.lr)
-        strategy = name.split("+")[0]
-        for key in (name, strategy):
-            if key in self.lr:
-                return float(self.lr[key])
-        raise ValueError(
-            f"ft_lr has no rate for {name!r} (nor {strategy!r}); it has {sorted(self.lr)}."
-        )
-
-    def adaptor_lr_scale(self, name):
-        """The adaptor's rate relative to a strategy's (``adaptor_lr / lr_of(name)``).
-
-        Arguments
-        ---------
-        name : str
-            A strategy name, optionally with ``+<choice>`` parts.
-
-        Returns
-        -------
-        float
-            1.0 when ``adaptor_lr`` is None.
         """
         if self.adaptor_lr is None:
             return 1.0
-        return float(self.adaptor_lr) / self.lr_of(name)
+        return float(self.adaptor_lr) / float(lr)
 
 
 @dataclass
@@ -198,6 +162,12 @@ class AlignmentSettings:
         Stages 1b and distillation: epochs and rate.
     distill_topk : int
         Teacher tokens cached per answer position (``distill``).
+    batch_size : int
+        Training and validation batch size of every objective.
+    opt_class : callable or None
+        Builds the optimizer (None: AdamW without weight decay).
+    warmup_fraction : float
+        Share of each objective's steps with a linear warmup (then cosine decay).
 
     Example
     -------
@@ -206,7 +176,7 @@ class AlignmentSettings:
     >>> AlignmentSettings(objectives=["ctc"])
     Traceback (most recent call last):
     ...
-    ValueError: align_objectives: unknown ['ctc']; use some of ('ctc_embeddings', 'lm_loss', 'distill').
+    ValueError: align: objectives: unknown ['ctc']; use some of ('ctc_embeddings', 'lm_loss', 'distill').
     """
 
     objectives: list = field(default_factory=lambda: ["ctc_embeddings", "lm_loss"])
@@ -219,14 +189,110 @@ class AlignmentSettings:
     epochs: int = 3
     lr: float = 1e-3
     distill_topk: int = 64
+    batch_size: int = 8
+    opt_class: object = None
+    warmup_fraction: float = 0.1
 
     def __post_init__(self):
-        """Checks the objectives and the targets."""
+        """Checks the objectives and the targets; AdamW without weight decay by default."""
+        if self.opt_class is None:
+            self.opt_class = functools.partial(torch.optim.AdamW, weight_decay=0.0)
         self.objectives = list(self.objectives or ["ctc_embeddings", "lm_loss"])
         unknown = [name for name in self.objectives if name not in ALIGN_OBJECTIVES]
         if unknown:
             raise ValueError(
-                f"align_objectives: unknown {unknown}; use some of {ALIGN_OBJECTIVES}."
+                f"align: objectives: unknown {unknown}; use some of {ALIGN_OBJECTIVES}."
             )
         if self.targets not in ALIGN_TARGETS:
-            raise ValueError(f"align_targets {self.targets!r} unknown; use one of {ALIGN_TARGETS}.")
+            raise ValueError(
+                f"align: targets {self.targets!r} unknown; use one of {ALIGN_TARGETS}."
+            )
+
+
+@dataclass
+class StudyModels:
+    """How a study loads its models (each call a fresh copy).
+
+    Arguments
+    ---------
+    llm : callable
+        ``llm()`` returns the pretrained LLM.
+    speech_model : callable
+        ``speech_model()`` returns a ``SpeechLLM`` (pretrained LLM, frozen
+        encoder, adaptor) for a fine-tuning stage, no strategy applied.
+    """
+
+    llm: object
+    speech_model: object = None
+
+
+@dataclass
+class StudyData:
+    """The datasets and manifests the stages share.
+
+    Arguments
+    ---------
+    test_sets : dict
+        ``{column prefix: {"text": dataset, "speech": dataset}}``: accuracy
+        columns are ``<prefix>_t2t`` / ``<prefix>_s2t`` (``t2t`` / ``s2t`` for
+        the prefix ``""``); per-item answers go to ``<column>.tsv``.
+    importance_set : DynamicItemDataset
+        Written QA whose answers' loss scores the parameters.
+    perplexity_set : DynamicItemDataset
+        Written QA for text perplexity and the zeroing check.
+    train_set, valid_set : DynamicItemDataset or None
+        Spoken training / validation QA of the fine-tuning and alignment stages.
+    speech_importance_set : DynamicItemDataset or None
+        Spoken QA for speech importance after fine-tuning (None: not scored).
+    replay_set : DynamicItemDataset or None
+        Written training QA that text-side mitigations train on.
+    datasets : dict
+        Every prepared dataset by split (the alignment's ``align`` split).
+    manifests : dict
+        Every prepared manifest by split (the cascade reads the test sets').
+    test_manifests : dict
+        ``{column prefix: spoken test manifest}`` for the cascade reference.
+    """
+
+    test_sets: dict
+    importance_set: object
+    perplexity_set: object
+    train_set: object = None
+    valid_set: object = None
+    speech_importance_set: object = None
+    replay_set: object = None
+    datasets: dict = None
+    manifests: dict = None
+    test_manifests: dict = None
+
+
+@dataclass
+class StageTraining:
+    """How a stage trains: what ``StudyRunner.stage_brain`` builds its Brain with.
+
+    Arguments
+    ---------
+    lr : float
+        Base learning rate.
+    epochs : int
+        Training epochs (0: scoring only).
+    opt_class : callable or None
+        Builds the optimizer from the strategy's parameter groups.
+    warmup_fraction : float
+        Share of the steps with a linear warmup (then cosine decay).
+    brain_class : type or None
+        A ``SpeechLLMBrain`` subclass (None: ``SpeechLLMBrain``).
+    epoch_counter, lr_schedule, train_logger, checkpointer : object or None
+        The stage's own objects from its yaml (None: built for the stage's
+        folder from the fields above).
+    """
+
+    lr: float
+    epochs: int
+    opt_class: object = None
+    warmup_fraction: float = 0.1
+    brain_class: object = None
+    epoch_counter: object = None
+    lr_schedule: object = None
+    train_logger: object = None
+    checkpointer: object = None

@@ -21,6 +21,7 @@ from speechbrain_sllm.data.tokenizers import SentencePieceTokenizer, train_sente
 from speechbrain_sllm.model.embedding_ctc import ctc_loss
 from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
 from speechbrain_sllm.strategies import apply_strategy, build_strategy
+from speechbrain_sllm.study import StageTraining
 
 logger = logging.getLogger(__name__)
 ALPHABET = "abcdefghijklmnopqrstuvwxyz '?."
@@ -74,7 +75,9 @@ def pretrain_lm(runner, data, config, epochs, batch_size, lr):
     model = SpeechLLM(load_causal_lm(config=config))
     strategy = build_strategy("full_ft")
     apply_strategy(model, strategy)
-    brain = runner.stage_brain(model, strategy, lr, "text", folder, epochs)
+    shared = hparams["finetune"]  # the fine-tuning stages' optimizer and warmup
+    training = StageTraining(lr, epochs, shared.opt_class, shared.warmup_fraction)
+    brain = runner.stage_brain(model, strategy, "text", folder, training)
     brain.fit(
         brain.hparams.epoch_counter,
         data["text_train"],
@@ -130,7 +133,7 @@ def pretrain_encoder(hparams, run_opts, data, epochs, lr):
     Arguments
     ---------
     hparams : dict
-        The study's yaml (``encoder``, ``output_folder``, ``seed``, ``ft_batch_size``).
+        The study's yaml (``encoder``, ``output_folder``, ``seed``, ``finetune``'s batch size).
     run_opts : dict
         SpeechBrain run options.
     data : dict
@@ -174,8 +177,8 @@ def pretrain_encoder(hparams, run_opts, data, epochs, lr):
         counter,
         data["speech_train"],
         data["speech_valid"],
-        train_loader_kwargs={"batch_size": hparams["ft_batch_size"], "shuffle": True},
-        valid_loader_kwargs={"batch_size": hparams["ft_batch_size"]},
+        train_loader_kwargs={"batch_size": hparams["finetune"].batch_size, "shuffle": True},
+        valid_loader_kwargs={"batch_size": hparams["finetune"].batch_size},
     )
     brain.checkpointer.recover_if_possible(min_key="loss")
     if sb.utils.distributed.if_main_process():

@@ -2,14 +2,14 @@
 """MiniSpokenQA: the whole textual-degradation study, end to end, on a CPU.
 
 Pretrains a small LM on a synthetic knowledge base and a speech encoder on its
-spoken questions, then runs the package's study protocol (``StudyRunner``):
-base LLM scores and importance, speech fine-tuning with each strategy, T2T / S2T
+spoken questions, then runs the stages its yaml lists (``StudyRunner``): base
+LLM scores and importance, speech fine-tuning with each strategy, T2T / S2T
 accuracy, importance shift, plots.
 
 To run it:
 > python run_study.py hparams/study.yaml            # about 10 min on 2 CPU cores
 > python run_study.py hparams/study.yaml --num_entities=12 --lm_hidden_size=96 --lm_layers=4 \
->     --lm_epochs=30 --ft_epochs=5   # CI's smaller run
+>     --lm_epochs=30 --finetune="{epochs: 5}"   # CI's smaller run
 
 Authors
  * speechbrain-sllm developers 2026
@@ -31,7 +31,14 @@ from speechbrain_sllm.config import load_recipe_hparams
 from speechbrain_sllm.data.dataio import make_qa_dataset
 from speechbrain_sllm.data.prompts import ChatPrompt
 from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
-from speechbrain_sllm.study import StageClock, StudyRunner, print_summary, write_study_outputs
+from speechbrain_sllm.study import (
+    StageClock,
+    StudyData,
+    StudyModels,
+    StudyRunner,
+    print_summary,
+    write_study_outputs,
+)
 
 logger = logging.getLogger(__name__)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -87,41 +94,43 @@ def main(argv):
     clock = StageClock()
     with clock.stage("data"):
         data = dataio_prepare(hparams)
-    runner = StudyRunner(
-        hparams, run_opts, hparams["finetune"], hparams["importance"], hparams["evaluation"], clock
-    )
+    runner = StudyRunner(hparams, run_opts, hparams["importance"], hparams["evaluation"], clock)
     tests = {"": {"text": data["text_test"], "speech": data["speech_test"]}}
+    text_test, speech_test = data["text_test"], data["speech_test"]
     runner.use_data(
-        tests, data["text_test"], data["text_test"], data["speech_test"], data["text_train"]
+        StudyData(
+            tests,
+            text_test,
+            text_test,
+            data["speech_train"],
+            data["speech_valid"],
+            speech_test,
+            replay_set=data["text_train"],
+        )
     )
     with clock.stage("lm_pretraining"):
         lm_dir = pretrain_lm(
             runner,
             data,
-            config=hparams["lm_config"],
-            epochs=hparams["lm_epochs"],
-            batch_size=hparams["lm_batch_size"],
-            lr=hparams["lm_lr"],
+            hparams["lm_config"],
+            hparams["lm_epochs"],
+            hparams["lm_batch_size"],
+            hparams["lm_lr"],
         )
     with clock.stage("encoder_pretraining"):
         encoder_path = pretrain_encoder(
             hparams, run_opts, data, epochs=hparams["encoder_epochs"], lr=hparams["encoder_lr"]
         )
-    with clock.stage("base_evaluation_and_importance"):
-        base_model = SpeechLLM(load_causal_lm(source=lm_dir))
-        folder = os.path.join(hparams["output_folder"], "base")
-        base, base_profile, base_scores = runner.base_stage(base_model, folder)
 
-    def build_model(strategy):
+    def speech_model():
         """The base LLM with the pretrained (frozen) encoder and a fresh adaptor."""
         encoder, adaptor = hparams["encoder"](), hparams["adaptor"]()
         encoder.load_state_dict(torch.load(encoder_path, map_location="cpu", weights_only=True))
         return SpeechLLM(load_causal_lm(source=lm_dir), encoder, adaptor)
 
-    runs, profiles = runner.run_strategies(
-        build_model, data["speech_train"], data["speech_valid"], base_profile, base_scores
-    )
-    return report(hparams, base, runs, {"base LLM": base_profile, **profiles}, clock)
+    runner.use_models(StudyModels(lambda: load_causal_lm(source=lm_dir), speech_model))
+    results = runner.run(hparams["stages"], hparams["stage_choices"])
+    return report(hparams, results["base"], results["strategies"], runner.profiles, clock)
 
 
 def report(hparams, base, runs, profiles, clock):

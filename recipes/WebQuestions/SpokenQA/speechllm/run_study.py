@@ -3,7 +3,8 @@
 
 Whisper encoder (frozen) -> adaptor -> instruct LLM, trained on spoken
 WebQuestions, scored on LLaMA Questions' real recordings and WebQ test by the
-package's ``StudyRunner`` (T2T / S2T per strategy, perplexity, importance shift).
+stages its yaml lists (base LLM, cascade, stage 1, one fine-tuning stage per
+strategy: T2T / S2T, perplexity, importance shift).
 
 To run it (hub ids by default; local folders work the same):
 > python run_study.py hparams/study.yaml \
@@ -30,9 +31,9 @@ from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
 from speechbrain_sllm.model_export import INFERENCE_TEMPLATE
 from speechbrain_sllm.study import (
     StageClock,
+    StudyData,
+    StudyModels,
     StudyRunner,
-    align_stage,
-    free_finished_stage,
     training_targets,
     write_stage_one_results,
 )
@@ -43,7 +44,6 @@ from tables import report  # noqa: E402
 from webquestions_prepare import prepare_study_manifests  # noqa: E402
 
 TEST_SETS = {"llamaq": "llamaq_test", "webq": "webq_test"}
-STOP_AFTER = ("stage1", "strategies")  # stage1: iterate on the alignment alone
 
 
 def load_llm(hparams):
@@ -99,51 +99,44 @@ def main(argv):
     clock = StageClock()
     with clock.stage("data"):
         paths = prepare(hparams)
-    protocol = hparams["finetune"], hparams["importance"], hparams["evaluation"]
-    optional = {"alignment": hparams["alignment"], "cascade_asr": hparams["cascade_asr"]}
-    optional["inference_hparams"] = INFERENCE_TEMPLATE
-    runner = StudyRunner(hparams, run_opts, *protocol, clock, **optional)
-    if hparams["stop_after"] not in STOP_AFTER:
-        raise ValueError(f"stop_after {hparams['stop_after']!r} unknown; use one of {STOP_AFTER}.")
-    full_study = hparams["stop_after"] == "strategies"
-    with clock.stage("targets_and_base"):
-        folder = os.path.join(hparams["output_folder"], "base")
-        base_model = SpeechLLM(load_llm(hparams))
-        paths = training_targets(
-            runner, paths, base_model, hparams["targets"], hparams["target_max_new_tokens"]
-        )
-        data = dataio_prepare(hparams, paths)
-        tests = {key: {"text": data[name], "speech": data[name]} for key, name in TEST_SETS.items()}
-        train = data["train"]  # written: importance and replay; spoken: speech importance
-        runner.use_data(tests, train, data["llamaq_test"], train, replay_set=train)
-        base = {}
-        if full_study:
-            base, base_profile, base_scores = runner.base_stage(base_model, folder)
-    with clock.stage("cascade"):
-        manifests = {key: paths[name] for key, name in TEST_SETS.items()}
-        base["cascade"] = runner.cascade_stage(base_model, manifests)
-    del base_model
-    free_finished_stage()
-    with clock.stage("stage1_alignment"):
-        sb.utils.seed_everything(hparams["seed"])
-        adaptor, encoder = hparams["adaptor"], hparams["encoder"]
-        stage1 = align_stage(runner, paths, data, load_llm(hparams), encoder, adaptor)
-    free_finished_stage()
-    if not full_study:
-        command = {"hparams": hparams_file, "overrides": overrides}
-        folder, device = hparams["output_folder"], run_opts.get("device")
-        return write_stage_one_results(folder, stage1, base["cascade"], command, clock, device)
-    stage1.update({key: base[key] for key in ("llamaq_t2t", "webq_t2t", "text_ppl")})
+    study = hparams["importance"], hparams["evaluation"], clock, INFERENCE_TEMPLATE
+    runner = StudyRunner(hparams, run_opts, *study)
+    encoder, adaptor = hparams["encoder"], hparams["adaptor"]  # the align stage trains it
 
-    def build_model(strategy):
-        """The pretrained LLM with the frozen encoder and a copy of the aligned adaptor."""
+    def speech_model():
+        """The pretrained LLM with the frozen encoder and a copy of the (aligned) adaptor."""
         return SpeechLLM(load_llm(hparams), encoder, copy.deepcopy(adaptor))
 
-    runs, profiles = runner.run_strategies(
-        build_model, data["train"], data["valid"], base_profile, base_scores
+    runner.use_models(StudyModels(lambda: load_llm(hparams), speech_model))
+    with clock.stage("targets"):
+        paths = training_targets(
+            runner, paths, runner.base_model(), hparams["targets"], hparams["target_max_new_tokens"]
+        )
+    data = dataio_prepare(hparams, paths)
+    tests = {key: {"text": data[name], "speech": data[name]} for key, name in TEST_SETS.items()}
+    train = data["train"]  # written: importance and replay; spoken: speech importance
+    manifests = {key: paths[name] for key, name in TEST_SETS.items()}
+    runner.use_data(
+        StudyData(
+            tests,
+            train,
+            data["llamaq_test"],
+            train,
+            data["valid"],
+            train,
+            train,
+            datasets=data,
+            manifests=paths,
+            test_manifests=manifests,
+        )
     )
-    profiles = {"base LLM": base_profile, **profiles}
-    return report(hparams, run_opts, base, stage1, runs, profiles, clock)
+    results = runner.run(hparams["stages"], hparams["stage_choices"])
+    base, stage1, runs = results["base"], results.get("align", {}), results["strategies"]
+    if not runs:  # stage 1 alone: its S2T beside the cascade's
+        command = {"hparams": hparams_file, "overrides": overrides}
+        folder, device = hparams["output_folder"], run_opts.get("device")
+        return write_stage_one_results(folder, stage1, base.get("cascade"), command, clock, device)
+    return report(hparams, run_opts, base, stage1, runs, runner.profiles, clock)
 
 
 if __name__ == "__main__":

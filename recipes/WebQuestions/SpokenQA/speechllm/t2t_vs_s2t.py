@@ -5,7 +5,7 @@
 >     out/results_first.json out/results.json
 
 Each ``results.json`` is a run of ``run_study.py`` from the same stage 1 (the same
-``--output_folder``, different ``--strategies``); a strategy found in several runs
+``--output_folder``, different ``--stages``); a strategy found in several runs
 takes its values from the last file named. The base LLM (its T2T at S2T 0 would
 crowd the picture, so it is a horizontal line), stage 1 (the frozen LLM after
 alignment) and the cascade reference are drawn beside the strategies. Prints the

@@ -45,7 +45,8 @@ def results_table(base, stage1, runs):
     base : dict
         The base LLM's scores.
     stage1 : dict
-        The aligned adaptor's scores (LLM frozen).
+        The aligned adaptor's scores (LLM frozen: its text scores are the base LLM's);
+        empty when the align stage did not run.
     runs : dict
         ``{strategy: scores with shift and top3_iou}``.
 
@@ -68,11 +69,12 @@ def results_table(base, stage1, runs):
             f"| {cell(cascade['llamaq_s2t'])} | {cell(base['webq_t2t'])} "
             f"| {cell(cascade['webq_s2t'])} | {base['text_ppl']:.2f} | 0 | 1 |"
         )
-    lines += [
-        f"| stage 1: adaptor aligned, LLM frozen | {cell(stage1['llamaq_t2t'])} "
-        f"| {cell(stage1['llamaq_s2t'])} | {cell(stage1['webq_t2t'])} "
-        f"| {cell(stage1['webq_s2t'])} | {stage1['text_ppl']:.2f} | 0 | 1 |",
-    ]
+    if "llamaq_s2t" in stage1:  # the align stage ran
+        lines.append(
+            f"| stage 1: adaptor aligned, LLM frozen | {cell(base['llamaq_t2t'])} "
+            f"| {cell(stage1['llamaq_s2t'])} | {cell(base['webq_t2t'])} "
+            f"| {cell(stage1['webq_s2t'])} | {base['text_ppl']:.2f} | 0 | 1 |"
+        )
     for name, run in runs.items():
         lines.append(
             f"| {name} | {cell(run['llamaq_t2t'])} | {cell(run['llamaq_s2t'])} "
@@ -122,6 +124,7 @@ def report(hparams, run_opts, base, stage1, runs, profiles, clock):
     machine = hardware(run_opts.get("device"))
     timings = {"total": clock.total(), "stages": clock.seconds, "hardware": machine}
     write_study_outputs(folder, results, timings, profiles, table + "\n\n" + paper)
-    scope = f"{hparams['zeroing_fraction']:.0%} of the base LLM's {hparams['importance_scope']}"
+    importance = hparams["importance"]
+    scope = f"{importance.zeroing_fraction:.0%} of the base LLM's {importance.scope}"
     print_summary(table + "\n\n" + paper, base["zeroing"], scope, results, timings)
     return results
