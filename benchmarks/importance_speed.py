@@ -26,7 +26,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from speechbrain_sllm.importance.estimators import ImportanceAccumulator
-from speechbrain_sllm.plan import BUILTIN_SHAPES
+from speechbrain_sllm.memory_plan import BUILTIN_SHAPES
 
 SHAPES = {
     "tiny": dict(

@@ -20,11 +20,8 @@ from speechbrain_sllm.checkpointing import AtomicCheckpointer
 from speechbrain_sllm.importance.shift import layer_shift
 from speechbrain_sllm.importance.stage import run_importance, zeroing_check
 from speechbrain_sllm.model.adaptors import ConvDownsampler, FrameStackAdaptor
-from speechbrain_sllm.model.encoders import (
-    FbankTransformerEncoder,
-    HFWav2Vec2Encoder,
-    HFWhisperEncoder,
-)
+from speechbrain_sllm.model.encoders import HFWav2Vec2Encoder, HFWhisperEncoder
+from speechbrain_sllm.model.fbank_encoder import FbankTransformerEncoder
 from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
 from speechbrain_sllm.schedules import WarmupDecaySchedule
 from speechbrain_sllm.strategies import (

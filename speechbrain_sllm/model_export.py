@@ -248,9 +248,49 @@ def adaptor_arguments(adaptor, source):
             f"{type(adaptor).__name__} built from a config (no `source`) cannot be "
             "exported: the inference yaml loads the decoder from its checkpoint."
         )
-    if "source" in arguments:
-        arguments["source"] = source(arguments["source"])
+    for key in ("source", "llm_source"):  # the checkpoints the rebuild loads
+        if arguments.get(key) is not None:
+            arguments[key] = source(arguments[key])
     return arguments
+
+
+def export_stage(model, strategy, folder, hparams, inference_yaml=INFERENCE_TEMPLATE):
+    """Writes ``<folder>/inference`` for ``SpeechLLMInference.from_hparams`` (LoRA: a peft adapter).
+
+    Every rank calls it (an FSDP model is gathered); the main process writes.
+
+    Arguments
+    ---------
+    model : SpeechLLM
+        The trained model (LoRA not merged).
+    strategy : Strategy
+        Its strategy.
+    folder : str
+        The stage's folder.
+    hparams : dict
+        The run's yaml (see ``inference_settings``).
+    inference_yaml : str
+        The template of ``hyperparams.yaml``.
+
+    Returns
+    -------
+    str
+        The exported folder.
+    """
+    export = os.path.join(folder, "inference")
+    frozen_adaptor = model.adaptor is not None and not strategy.train_adaptor
+    if frozen_adaptor:  # the export carries the adaptor a later stage kept as it was
+        model.adaptor.requires_grad_(True)
+    try:
+        trainable = whole_trainable_state(model)
+    finally:
+        if frozen_adaptor:
+            model.adaptor.requires_grad_(False)
+    if if_main_process():
+        settings = inference_settings(hparams, model)
+        export_trained_model(model, strategy, inference_yaml, export, settings, trainable)
+    ddp_barrier()
+    return export
 
 
 def export_recipe_run(hparams, inference_yaml=INFERENCE_TEMPLATE):
@@ -262,8 +302,7 @@ def export_recipe_run(hparams, inference_yaml=INFERENCE_TEMPLATE):
     ---------
     hparams : dict
         The recipe's loaded yaml (``model``, ``training_strategy``, ``llm_source``,
-        ``encoder_source``, ``prompt``, ``sample_rate``, ``max_new_tokens``,
-        ``num_beams``).
+        ``encoder_source``, ``prompt``, ``sample_rate``, ``evaluation``).
     inference_yaml : str
         The template of ``hyperparams.yaml`` (default: the package's).
 

@@ -58,6 +58,7 @@ STUDY_FIELDS = {
 NESTED_FIELDS = {old: field for fields in STUDY_FIELDS.values() for old, field in fields.items()}
 RENAMED_KEYS = {
     "save_folder": "manifest_folder",  # a study's manifests and audio (WebQuestions)
+    "data_folder": "manifest_folder",  # MiniSpokenQA generates its data: no data_folder to read
     "layerwise_lambda": "layerwise_lr",  # the rule's lambda: --layerwise_lr="{lam: 0.2}"
     "strategies": "stages",  # a study's fine-tuning stages are named in `stages`
     "stop_after": "stages",  # --stages=[cascade,align] stops after stage 1

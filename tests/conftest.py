@@ -22,7 +22,7 @@ from speechbrain_sllm.data.synthetic import (
 from speechbrain_sllm.data.tokenizers import train_sentencepiece
 from speechbrain_sllm.data.tts import EspeakTTS
 from speechbrain_sllm.model.adaptors import FrameStackAdaptor
-from speechbrain_sllm.model.encoders import FbankTransformerEncoder
+from speechbrain_sllm.model.fbank_encoder import FbankTransformerEncoder
 from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
 
 HIDDEN = 32

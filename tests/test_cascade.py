@@ -239,12 +239,12 @@ def test_bridge_adaptor_hands_the_llm_the_embeddings_of_what_whisper_heard(real_
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from speechbrain_sllm.model.adaptors import build_adaptor
     from speechbrain_sllm.model.encoders import HFWhisperEncoder
-    from speechbrain_sllm.model.whisper_adaptors import WhisperBridgeAdaptor
+    from speechbrain_sllm.model.whisper_adaptors import WhisperBridgeAdaptor, bridge_table
 
-    adaptor = WhisperBridgeAdaptor(
-        576, source=real_models["whisper"], llm_source=real_models["llm"]
-    )
+    table = bridge_table(real_models["whisper"], real_models["llm"])
+    adaptor = WhisperBridgeAdaptor(576, real_models["whisper"], table, real_models["llm"])
     llm_tokenizer = AutoTokenizer.from_pretrained(real_models["llm"])
     embeddings = AutoModelForCausalLM.from_pretrained(real_models["llm"]).get_input_embeddings()
     # the table: a Whisper token's text as the mean of the LLM's embeddings of that text
@@ -278,12 +278,15 @@ def test_bridge_adaptor_hands_the_llm_the_embeddings_of_what_whisper_heard(real_
     assert torch.equal(adaptor.proj[2].weight, torch.zeros_like(adaptor.proj[2].weight))
     assert not any(p.requires_grad for p in adaptor.decoder.parameters())
     # train_table=False: the same table, only the residual trains
-    kept = WhisperBridgeAdaptor(
-        576, source=real_models["whisper"], llm_source=real_models["llm"], train_table=False
-    )
+    kept = WhisperBridgeAdaptor(576, real_models["whisper"], table, train_table=False)
     kept.requires_grad_(True)
     assert torch.equal(kept.bridge, adaptor.bridge) and not kept.bridge.requires_grad
     kept(frames, frame_lens)[0].sum().backward()
     assert kept.bridge.grad is None and kept.proj[2].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="set output_size to the LLM's width"):
-        WhisperBridgeAdaptor(64, source=real_models["whisper"], llm_source=real_models["llm"])
+        WhisperBridgeAdaptor(64, real_models["whisper"], table)
+    with pytest.raises(ValueError, match="build it with bridge_table"):
+        WhisperBridgeAdaptor(576, real_models["whisper"], table[:-1])
+    # an export rebuilds the table from the recorded sources
+    rebuilt = build_adaptor("WhisperBridgeAdaptor", adaptor.arguments)
+    assert torch.equal(rebuilt.bridge, adaptor.bridge)

@@ -11,7 +11,7 @@ from speechbrain_sllm.model.embedding_ctc import (
     ctc_loss,
     greedy_ctc_tokens,
 )
-from speechbrain_sllm.model.encoders import FbankTransformerEncoder
+from speechbrain_sllm.model.fbank_encoder import FbankTransformerEncoder
 from speechbrain_sllm.study import EmbeddingCTCBrain
 
 

@@ -7,11 +7,8 @@ from hyperpyyaml import load_hyperpyyaml
 from transformers import WavLMConfig
 
 from speechbrain_sllm.model.adaptors import ConvDownsampler, FrameStackAdaptor
-from speechbrain_sllm.model.encoders import (
-    FbankTransformerEncoder,
-    HFWav2Vec2Encoder,
-    HFWhisperEncoder,
-)
+from speechbrain_sllm.model.encoders import HFWav2Vec2Encoder, HFWhisperEncoder
+from speechbrain_sllm.model.fbank_encoder import FbankTransformerEncoder
 from speechbrain_sllm.model.speech_llm import IGNORE_INDEX, SpeechLLM, load_causal_lm
 from speechbrain_sllm.model.whisper_adaptors import WhisperQueryAdaptor
 
@@ -158,7 +155,7 @@ def test_whisper_rejects_audio_longer_than_its_window():
 
 def test_cached_encoder_outputs_equal_encoding_each_item_alone(tmp_path):
     from speechbrain_sllm.model.encoder_caches import EncoderOutputCache
-    from speechbrain_sllm.model.encoders import FbankTransformerEncoder
+    from speechbrain_sllm.model.fbank_encoder import FbankTransformerEncoder
 
     torch.manual_seed(0)
     encoder = FbankTransformerEncoder(n_mels=20, d_model=16, num_layers=1, nhead=2, freeze=True)
@@ -203,7 +200,7 @@ def test_whisper_batch_window_runs_the_same_layers_as_hf_on_the_full_window():
 
 
 def test_fbank_feature_cache_gives_the_uncached_outputs_and_gradients():
-    from speechbrain_sllm.model.encoders import FbankTransformerEncoder
+    from speechbrain_sllm.model.fbank_encoder import FbankTransformerEncoder
 
     torch.manual_seed(0)
     settings = {"n_mels": 20, "d_model": 16, "num_layers": 1, "nhead": 2, "dropout": 0.0}

@@ -8,7 +8,8 @@ import sys
 import pytest
 from transformers import LlamaConfig
 
-from speechbrain_sllm.plan import count_parameters, llm_config, main, plan_memory
+from speechbrain_sllm.memory_plan import count_parameters, llm_config, plan_memory
+from speechbrain_sllm.plan import main
 
 CONFIG = dict(
     vocab_size=16000,

@@ -6,6 +6,7 @@ import os
 import sys
 
 import pytest
+import torch
 from conftest import ROOT
 from helpers import accuracy_from_tsv
 from test_recipes import ROWS, check_files, check_performance, run_row
@@ -97,7 +98,7 @@ def test_a_second_run_on_the_same_prepared_data_gives_identical_results(quick_st
     (eSpeak NG itself is not: the same sentence synthesised twice differs by a few
     samples, so the check shares one prepared data folder.)"""
     first, second = quick_study[0], tmp_path / "second"
-    flags = [f"--data_folder={first / 'data'}", INTERPOLATION, "--stages=[base,full_ft]"]
+    flags = [f"--manifest_folder={first / 'data'}", INTERPOLATION, "--stages=[base,full_ft]"]
     result = run_row(ROW, second, flags)
     assert result.returncode == 0, result.stderr[-4000:]
     before = json.loads((first / "results.json").read_text())
@@ -195,3 +196,145 @@ def test_a_stage_list_is_checked_before_any_stage_runs():
     ):
         check_stage_list(["lora", "base"], choices)
     assert [name for name, _ in check_stage_list(["base", "lora"], choices)] == ["base", "lora"]
+
+
+def tiny_study(manifests, prompt, tokenizer, tmp_path):
+    """A ``StudyRunner`` on the tiny speech LLM and one spoken QA set, base stage run."""
+    from conftest import llama_config, tiny_speech_llm
+
+    from speechbrain_sllm.data.dataio import make_qa_dataset
+    from speechbrain_sllm.evaluation import EvaluationSettings
+    from speechbrain_sllm.study import (
+        BaseStage,
+        ImportanceSettings,
+        StudyData,
+        StudyModels,
+        StudyRunner,
+    )
+
+    hparams = {"output_folder": str(tmp_path), "seed": 0, "prompt": prompt}
+    hparams.update(tokenizer=tokenizer, qa_dataset=make_qa_dataset, max_grad_norm=5.0)
+    settings = ImportanceSettings(batch_size=4), EvaluationSettings(max_new_tokens=4, batch_size=4)
+    runner = StudyRunner(hparams, {"device": "cpu"}, *settings)
+    spoken = make_qa_dataset(manifests["speech"], prompt)
+    runner.use_data(
+        StudyData({"": {"text": spoken, "speech": spoken}}, spoken, spoken, spoken, spoken)
+    )
+    config = llama_config(vocab_size=len(tokenizer))
+    runner.use_models(
+        StudyModels(lambda: tiny_speech_llm(config).llm, lambda: tiny_speech_llm(config))
+    )
+    BaseStage().run(runner, "base")
+    return runner
+
+
+def shared_settings(epochs=1):
+    """What the tiny study's fine-tuning stages share."""
+    import functools
+
+    import torch
+
+    from speechbrain_sllm.study import FinetuneSettings
+
+    return FinetuneSettings(
+        epochs=epochs, batch_size=4, opt_class=functools.partial(torch.optim.AdamW)
+    )
+
+
+def test_the_text_arm_feeds_no_audio_and_trains_what_the_speech_arm_trains(
+    manifests, prompt, tokenizer, tmp_path, monkeypatch
+):
+    """A fine-tuning stage with ``input_mode: text`` trains on the written questions: the
+    encoder never runs while it trains; its trainable parameters and their rates are the
+    speech arm's; both arms are scored on both sides."""
+    from speechbrain_sllm.brains import SpeechLLMBrain
+    from speechbrain_sllm.study import FinetuneStage
+
+    runner = tiny_study(manifests, prompt, tokenizer, tmp_path)
+    encoder_calls, trained = {}, {}
+    fit = SpeechLLMBrain.fit
+
+    def watched_fit(brain, *args, **kwargs):
+        mode, model = brain.hparams.input_mode, brain.modules.model
+        calls = encoder_calls.setdefault(mode, [])
+        hook = model.encoder.register_forward_hook(lambda *_: calls.append(1))
+        try:
+            return fit(brain, *args, **kwargs)
+        finally:
+            hook.remove()
+            groups = brain.optimizer.param_groups
+            trained[mode] = [
+                (g["name"], g["lr"], [tuple(p.shape) for p in g["params"]]) for g in groups
+            ]
+
+    monkeypatch.setattr(SpeechLLMBrain, "fit", watched_fit)
+    shared = shared_settings()
+    for mode in ("text", "speech"):
+        FinetuneStage("full_ft", 1e-3, shared, input_mode=mode).run(runner, f"full_ft_{mode}")
+        scores = runner.results["strategies"][f"full_ft_{mode}"]
+        assert {"t2t", "s2t", "text_ppl", "shift"} <= set(scores), mode
+    assert not encoder_calls["text"] and encoder_calls["speech"]
+    assert trained["text"] == trained["speech"]
+    assert [name for name, _, _ in trained["text"]] == ["adaptor", "llm"]
+    with pytest.raises(ValueError, match="input_mode 'audio' unknown"):
+        FinetuneStage("full_ft", 1e-3, shared, input_mode="audio")
+
+
+def test_a_stage_that_keeps_the_adaptor_leaves_it_bit_identical(
+    manifests, prompt, tokenizer, tmp_path, monkeypatch
+):
+    """``train_adaptor: False``: the adaptor's tensors after training equal those before,
+    bit for bit, while the LLM trains; frozen_llm with nothing else to train is refused."""
+    from speechbrain_sllm.brains import SpeechLLMBrain
+    from speechbrain_sllm.study import FinetuneStage
+
+    runner = tiny_study(manifests, prompt, tokenizer, tmp_path)
+    states = {}
+    fit = SpeechLLMBrain.fit
+
+    def state(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def watched_fit(brain, *args, **kwargs):
+        states["before"] = state(brain.modules.model)
+        result = fit(brain, *args, **kwargs)
+        states["after"] = state(brain.modules.model)
+        return result
+
+    monkeypatch.setattr(SpeechLLMBrain, "fit", watched_fit)
+    FinetuneStage("full_ft", 1e-2, shared_settings(), train_adaptor=False).run(runner, "kept")
+    before, after = states["before"], states["after"]
+    adaptor = [n for n in before if n.startswith("adaptor.")]
+    assert adaptor and all(torch.equal(before[n], after[n]) for n in adaptor)
+    assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith("llm."))
+    with pytest.raises(ValueError, match="trains nothing"):
+        FinetuneStage("frozen_llm", 1e-3, shared_settings(), train_adaptor=False).strategy_object()
+
+
+def test_an_export_of_a_stage_that_kept_the_adaptor_carries_it(recipe_fixtures, tmp_path):
+    """The inference export of a ``train_adaptor: False`` stage loads the adaptor it kept."""
+    from speechbrain_sllm.data.prompts import ChatPrompt
+    from speechbrain_sllm.data.tokenizers import HFTokenizer
+    from speechbrain_sllm.evaluation import EvaluationSettings
+    from speechbrain_sllm.inference import SpeechLLMInference
+    from speechbrain_sllm.model.adaptors import FrameStackAdaptor
+    from speechbrain_sllm.model.encoders import HFWhisperEncoder
+    from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
+    from speechbrain_sllm.model_export import export_stage
+    from speechbrain_sllm.strategies import apply_strategy, build_strategy
+
+    llm_source = os.path.join(recipe_fixtures, "tiny_llm")
+    encoder_source = os.path.join(recipe_fixtures, "tiny_whisper")
+    torch.manual_seed(0)
+    llm = load_causal_lm(llm_source, dtype="float32")
+    adaptor = FrameStackAdaptor(16, llm.config.hidden_size, stack=2, hidden_size=16)
+    model = SpeechLLM(llm, HFWhisperEncoder(source=encoder_source), adaptor)
+    strategy = build_strategy("full_ft", train_adaptor=False)
+    apply_strategy(model, strategy)
+    hparams = {"llm_source": llm_source, "encoder_source": encoder_source, "sample_rate": 16000}
+    hparams.update(prompt=ChatPrompt(HFTokenizer(llm_source)), evaluation=EvaluationSettings())
+    folder = export_stage(model, strategy, str(tmp_path), hparams)
+    assert not any(p.requires_grad for p in adaptor.parameters())  # left as it was
+    loaded = SpeechLLMInference.from_hparams(source=folder).mods.model.adaptor
+    for name, tensor in adaptor.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name

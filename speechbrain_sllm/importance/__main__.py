@@ -122,7 +122,7 @@ def init_distributed(device):
 
 def print_plan(args):
     """The planner's estimate for this command (the base model's config, nothing loaded)."""
-    from speechbrain_sllm.plan import format_compare_plan, plan_compare
+    from speechbrain_sllm.memory_plan import format_compare_plan, plan_compare
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     plan = plan_compare(

@@ -24,6 +24,7 @@ from speechbrain_sllm.fsdp import local_tensor, shard_like
 from speechbrain_sllm.importance.aggregate import ScoreSet, aggregate, topk_threshold
 from speechbrain_sllm.importance.estimators import ImportanceAccumulator
 from speechbrain_sllm.importance.report import save_profile, summarize_profile
+from speechbrain_sllm.importance.structure import write_structure
 from speechbrain_sllm.model.parameter_names import decoder_layer_index
 from speechbrain_sllm.model.speech_llm import shifted_lm_loss
 
@@ -217,6 +218,51 @@ def run_importance(evaluator, dataset, output_folder, topk_percents=(1.0, 3.0, 5
     ddp_barrier()  # other ranks may read the profile next (the layer-wise LR rule)
     logger.info(summarize_profile(profile))
     return profile, accumulator
+
+
+def scored_importance(evaluator, dataset, folder, settings, mode, seed):
+    """``run_importance`` with a study's settings; also the top 3%'s rows / columns.
+
+    Arguments
+    ---------
+    evaluator : QAEvaluator
+        With gradients (``brain.evaluator(for_gradients=True)``).
+    dataset : DynamicItemDataset
+        The QA items scored.
+    folder : str
+        Where the profile and ``structure.json`` go.
+    settings : ImportanceSettings
+        ``topk``, ``estimator``, ``scope``, ``fraction``, ``batch_size``.
+    mode : str
+        ``text`` or ``speech``.
+    seed : int
+        Picks the ``fraction`` of items.
+
+    Returns
+    -------
+    profile : dict
+    scores : dict
+        ``{parameter name: score tensor}``.
+    accumulator : ImportanceAccumulator
+        For the zeroing check.
+    """
+    profile, accumulator = run_importance(
+        evaluator,
+        dataset,
+        folder,
+        topk_percents=settings.topk,
+        estimator=settings.estimator,
+        mode=mode,
+        scope=settings.scope,
+        fraction=settings.fraction,
+        batch_size=settings.batch_size,
+        seed=seed,
+        progress=True,
+    )
+    scores = accumulator.scores()
+    if if_main_process():  # rows / columns of the top 3%
+        write_structure(scores, folder)
+    return profile, scores, accumulator
 
 
 @torch.no_grad()

@@ -185,7 +185,9 @@ def build_adaptor(adaptor_type, arguments):
     adaptor_type : str
         One of ``ADAPTOR_TYPES``.
     arguments : dict
-        Its constructor's arguments (an adaptor's ``arguments`` attribute).
+        Its constructor's arguments (an adaptor's ``arguments`` attribute; a
+        class's ``rebuild_arguments`` adds what they name, e.g. the Whisper
+        bridge's table).
 
     Returns
     -------
@@ -202,7 +204,10 @@ def build_adaptor(adaptor_type, arguments):
         raise ValueError(
             f"adaptor_type {adaptor_type!r} unknown; use one of {list(ADAPTOR_TYPES)}."
         )
-    return ADAPTOR_CLASSES[adaptor_type](**arguments)
+    adaptor_class = ADAPTOR_CLASSES[adaptor_type]
+    if hasattr(adaptor_class, "rebuild_arguments"):  # e.g. a table built from a named source
+        arguments = adaptor_class.rebuild_arguments(arguments)
+    return adaptor_class(**arguments)
 
 
 def adaptor_type_of(adaptor):

@@ -42,7 +42,7 @@ class EncoderOutputCache:
 
     Example
     -------
-    >>> from speechbrain_sllm.model.encoders import FbankTransformerEncoder
+    >>> from speechbrain_sllm.model.fbank_encoder import FbankTransformerEncoder
     >>> encoder = FbankTransformerEncoder(n_mels=20, d_model=16, num_layers=1, nhead=2, freeze=True)
     >>> encoder.output_cache = EncoderOutputCache()
     >>> wavs, lens = torch.randn(2, 8000), torch.tensor([1.0, 0.5])

@@ -114,7 +114,7 @@ class SpeechLLM(nn.Module):
     -------
     >>> from transformers import LlamaConfig
     >>> from speechbrain_sllm.model.adaptors import FrameStackAdaptor
-    >>> from speechbrain_sllm.model.encoders import FbankTransformerEncoder
+    >>> from speechbrain_sllm.model.fbank_encoder import FbankTransformerEncoder
     >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
     ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
     >>> model = SpeechLLM(load_causal_lm(config=cfg),

@@ -16,6 +16,7 @@ Authors
  * speechbrain-sllm developers 2026
 """
 
+import functools
 import itertools
 
 import torch
@@ -300,8 +301,13 @@ class WhisperBridgeAdaptor(WhisperTranscriptAdaptor):
         LLM hidden size ``D_llm``.
     source : str
         Local folder or hub id of the Whisper checkpoint (the encoder's).
-    llm_source : str
-        Local folder or hub id of the LLM (its tokenizer and input embeddings).
+    table : torch.Tensor or callable
+        The bridge table ``(text tokens, D_llm)`` (``bridge_table``), or a
+        function that returns it (a yaml's ``!name:`` partial: only the chosen
+        adaptor builds its table).
+    llm_source : str or None
+        The LLM the table comes from, recorded so that an export rebuilds the
+        table (``build_adaptor``).
     temperature : float
         Divides Whisper's logits before the softmax.
     max_tokens : int
@@ -319,16 +325,17 @@ class WhisperBridgeAdaptor(WhisperTranscriptAdaptor):
 
     Example
     -------
-    >>> adaptor = WhisperBridgeAdaptor(  # doctest: +SKIP
-    ...     576, "openai/whisper-tiny.en", "HuggingFaceTB/SmolLM2-135M-Instruct", train_table=False
-    ... )
+    >>> whisper, llm = "openai/whisper-tiny.en", "HuggingFaceTB/SmolLM2-135M-Instruct"
+    >>> table = bridge_table(whisper, llm)  # doctest: +SKIP
+    >>> adaptor = WhisperBridgeAdaptor(576, whisper, table, llm, train_table=False)  # doctest: +SKIP
     """
 
     def __init__(
         self,
         output_size,
         source,
-        llm_source,
+        table,
+        llm_source=None,
         temperature=1.0,
         max_tokens=64,
         restart_ngram=3,
@@ -360,15 +367,28 @@ class WhisperBridgeAdaptor(WhisperTranscriptAdaptor):
         self.temperature = temperature
         self.train_table = train_table
         self.text_tokens = min(self.decoding.eos, self.decoder.embed_tokens.num_embeddings)
-        table = bridge_table(source, llm_source, self.text_tokens, cache_dir)
+        table = table() if callable(table) else table
         if table.shape[1] != output_size:
             raise ValueError(
                 f"WhisperBridgeAdaptor: the LLM {llm_source!r} has {table.shape[1]}-wide "
                 f"embeddings, output_size is {output_size}; set output_size to the LLM's width."
             )
+        if table.shape[0] != self.text_tokens:
+            raise ValueError(
+                f"WhisperBridgeAdaptor: the table has {table.shape[0]} rows, {source!r} has "
+                f"{self.text_tokens} text tokens; build it with bridge_table(source, llm_source)."
+            )
         self.bridge = nn.Parameter(table)
         nn.init.zeros_(self.proj[2].weight)
         nn.init.zeros_(self.proj[2].bias)
+
+    @staticmethod
+    def rebuild_arguments(arguments):
+        """An export's recorded ``arguments`` with the table they name (``bridge_table``)."""
+        return dict(
+            arguments,
+            table=functools.partial(bridge_table, arguments["source"], arguments["llm_source"]),
+        )
 
     def requires_grad_(self, requires_grad=True):
         """Sets the residual MLP's (and a trained table's) ``requires_grad``; the decoder stays frozen."""
@@ -383,8 +403,11 @@ class WhisperBridgeAdaptor(WhisperTranscriptAdaptor):
         return posterior @ self.bridge + self.proj(states)
 
 
-def bridge_table(source, llm_source, text_tokens, cache_dir=None):
+def bridge_table(source, llm_source, text_tokens=None, cache_dir=None):
     """Each Whisper text token's string as the mean of the LLM's input embeddings of it.
+
+    A study yaml calls it for ``WhisperBridgeAdaptor``'s ``table``; it loads the
+    LLM for its input embeddings.
 
     Arguments
     ---------
@@ -392,8 +415,9 @@ def bridge_table(source, llm_source, text_tokens, cache_dir=None):
         The Whisper checkpoint (its tokenizer).
     llm_source : str
         The LLM (its tokenizer and input embeddings).
-    text_tokens : int
-        Whisper's text vocabulary (the ids below its first special token).
+    text_tokens : int or None
+        Whisper's text vocabulary (the ids below its first special token; None:
+        up to Whisper's end-of-text token).
     cache_dir : str or None
         HF cache folder.
 
@@ -407,6 +431,8 @@ def bridge_table(source, llm_source, text_tokens, cache_dir=None):
 
     whisper_tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=cache_dir)
     llm_tokenizer = AutoTokenizer.from_pretrained(llm_source, cache_dir=cache_dir)
+    if text_tokens is None:
+        text_tokens = whisper_tokenizer.eos_token_id
     llm = AutoModelForCausalLM.from_pretrained(llm_source, cache_dir=cache_dir)
     embeddings = llm.get_input_embeddings().weight.detach().float()
     strings = [whisper_tokenizer.decode([token]) for token in range(text_tokens)]

@@ -43,6 +43,9 @@ class Strategy:
         Whether the speech encoder trains too.
     adaptor_lr_scale : float
         LR multiplier of the adaptor (and encoder) relative to the base rate.
+    train_adaptor : bool
+        Whether the adaptor trains (False: kept as it was, e.g. after stage 1, so
+        that a change of S2T is the LLM's).
     """
 
     name: str
@@ -51,9 +54,17 @@ class Strategy:
     lora: LoRASettings = None
     train_encoder: bool = False
     adaptor_lr_scale: float = 1.0
+    train_adaptor: bool = True
 
 
-def build_strategy(name, lora=None, layerwise_lr=None, train_encoder=False, adaptor_lr_scale=1.0):
+def build_strategy(
+    name,
+    lora=None,
+    layerwise_lr=None,
+    train_encoder=False,
+    adaptor_lr_scale=1.0,
+    train_adaptor=True,
+):
     """Resolves a strategy name and its settings into a ``Strategy``.
 
     Arguments
@@ -68,6 +79,8 @@ def build_strategy(name, lora=None, layerwise_lr=None, train_encoder=False, adap
         Whether the speech encoder trains.
     adaptor_lr_scale : float
         LR multiplier of the adaptor and encoder.
+    train_adaptor : bool
+        Whether the adaptor trains.
 
     Returns
     -------
@@ -91,6 +104,11 @@ def build_strategy(name, lora=None, layerwise_lr=None, train_encoder=False, adap
     if uses_layerwise and layerwise_lr is None:
         raise ValueError(f"Strategy {name!r} needs layer-wise LR settings (`layerwise_lr`).")
     train_llm = {"frozen_llm": "none", "full_ft": "full", "layerwise_lr": "full"}.get(name, "lora")
+    if train_llm == "none" and not train_adaptor and not train_encoder:
+        raise ValueError(
+            "frozen_llm with the adaptor and the encoder frozen trains nothing; train the "
+            "adaptor (train_adaptor: True) or choose a strategy that trains the LLM."
+        )
     return Strategy(
         name=name,
         train_llm=train_llm,
@@ -98,6 +116,7 @@ def build_strategy(name, lora=None, layerwise_lr=None, train_encoder=False, adap
         lora=lora if uses_lora else None,
         train_encoder=train_encoder,
         adaptor_lr_scale=adaptor_lr_scale,
+        train_adaptor=train_adaptor,
     )
 
 
@@ -125,7 +144,7 @@ def apply_strategy(model, strategy):
         model.encoder.freeze = not strategy.train_encoder
         model.encoder.freeze_parameters()
     if model.adaptor is not None:
-        model.adaptor.requires_grad_(True)
+        model.adaptor.requires_grad_(strategy.train_adaptor)
     model.llm.requires_grad_(strategy.train_llm == "full")
     if strategy.train_llm == "lora":
         model.llm = apply_lora(model.llm, strategy.lora)

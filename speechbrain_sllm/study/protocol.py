@@ -20,16 +20,10 @@ import speechbrain as sb
 
 from speechbrain_sllm.brains import SpeechLLMBrain
 from speechbrain_sllm.checkpointing import AtomicCheckpointer, RNGState
-from speechbrain_sllm.data.dataio import make_qa_dataset
 from speechbrain_sllm.evaluation import EvaluationSettings  # noqa: F401  (docstring example)
-from speechbrain_sllm.importance.stage import run_importance
-from speechbrain_sllm.importance.structure import write_structure
+from speechbrain_sllm.importance.stage import scored_importance
 from speechbrain_sllm.model.speech_llm import SpeechLLM
-from speechbrain_sllm.model_export import (
-    export_trained_model,
-    inference_settings,
-    whole_trainable_state,
-)
+from speechbrain_sllm.model_export import export_stage
 from speechbrain_sllm.schedules import WarmupDecaySchedule
 from speechbrain_sllm.study.report import StageClock
 from speechbrain_sllm.study.settings import (  # noqa: F401  (ImportanceSettings: docstring example)
@@ -47,8 +41,8 @@ class StudyRunner:
     ---------
     hparams : dict
         The study's loaded yaml, also each stage Brain's hparams: the runner
-        reads ``output_folder``, ``seed``, ``prompt``, ``tokenizer``,
-        ``sample_rate``, ``max_duration`` and ``min_duration``.
+        reads ``output_folder``, ``seed``, ``prompt`` and ``qa_dataset``
+        (``make_qa_dataset`` with the yaml's audio policy).
     run_opts : dict
         SpeechBrain run options.
     importance : ImportanceSettings
@@ -145,13 +139,7 @@ class StudyRunner:
         -------
         DynamicItemDataset
         """
-        return make_qa_dataset(
-            manifest,
-            prompt or self.hparams["prompt"],
-            sample_rate=self.hparams["sample_rate"],
-            max_duration=self.hparams["max_duration"],
-            min_duration=self.hparams["min_duration"],
-        )
+        return self.hparams["qa_dataset"](manifest, prompt or self.hparams["prompt"])
 
     def stage_brain(self, model, strategy, input_mode, folder, training=None, **overrides):
         """A ``SpeechLLMBrain`` for one stage (scoring only when ``training`` is None).
@@ -302,55 +290,14 @@ class StudyRunner:
         )
         data = self.data
         dataset = data.speech_importance_set if mode == "speech" else data.importance_set
-        profile, accumulator = run_importance(
-            brain.evaluator(for_gradients=True),
-            dataset,
-            folder,
-            topk_percents=settings.topk,
-            estimator=settings.estimator,
-            mode=mode,
-            scope=settings.scope,
-            fraction=settings.fraction,
-            batch_size=settings.batch_size,
-            seed=self.hparams["seed"],
-            progress=True,
-        )
-        scores = accumulator.scores()
-        if sb.utils.distributed.if_main_process():  # rows / columns of the top 3%
-            write_structure(scores, folder)
-        return profile, scores, accumulator
+        evaluator = brain.evaluator(for_gradients=True)
+        return scored_importance(evaluator, dataset, folder, settings, mode, self.hparams["seed"])
 
     def export(self, model, strategy, folder):
-        """Writes ``<folder>/inference`` for ``SpeechLLMInference.from_hparams`` (LoRA: a peft adapter).
-
-        Nothing when the runner has no ``inference_hparams``. Every rank calls
-        it (an FSDP model is gathered); the main process writes.
-
-        Arguments
-        ---------
-        model : SpeechLLM
-            The trained model (LoRA not merged).
-        strategy : Strategy
-            Its strategy.
-        folder : str
-            The stage's folder.
-
-        Returns
-        -------
-        str or None
-            The exported folder.
-        """
+        """``<folder>/inference`` for ``SpeechLLMInference`` (``export_stage``; None: no template)."""
         if self.inference_hparams is None:
             return None
-        export = os.path.join(folder, "inference")
-        trainable = whole_trainable_state(model)
-        if sb.utils.distributed.if_main_process():
-            settings = inference_settings(self.hparams, model)
-            export_trained_model(
-                model, strategy, self.inference_hparams, export, settings, trainable
-            )
-        sb.utils.distributed.ddp_barrier()
-        return export
+        return export_stage(model, strategy, folder, self.hparams, self.inference_hparams)
 
 
 def check_stage_list(names, choices):

@@ -30,6 +30,7 @@ import os
 import speechbrain as sb
 
 from speechbrain_sllm.cascade import cascade_reference, transcribe_test_sets
+from speechbrain_sllm.evaluation import INPUT_MODES
 from speechbrain_sllm.importance.aggregate import ScoreSet
 from speechbrain_sllm.importance.report import summarize_shift
 from speechbrain_sllm.importance.shift import spearman, topk_overlap
@@ -165,7 +166,13 @@ class AlignStage:
 
 
 class FinetuneStage:
-    """Speech fine-tuning with one strategy and its mitigations, both sides scored, importance.
+    """Fine-tuning with one strategy and its mitigations, both sides scored, importance.
+
+    The speech arm (``input_mode: speech``, the paper's) trains on the spoken
+    questions; the text arm (``input_mode: text``) on the written questions of
+    the same items, with the same targets, steps, rates and trainable
+    parameters: the control that tells the text loss of the modality from the
+    text loss of the task.
 
     Each run starts from the run's seed and a fresh model (``runner.models.speech_model``),
     keeps its best checkpoint by validation loss, exports it (LoRA as an
@@ -186,6 +193,12 @@ class FinetuneStage:
         QA, their anchor scores the base LLM's, unless given.
     layerwise_lr : LayerwiseLR or None
         This stage's layer-wise rule (None: the settings' one).
+    input_mode : str
+        ``speech`` (the spoken questions) or ``text`` (their written form; the
+        model is fed no audio while it trains).
+    train_adaptor : bool
+        Whether the adaptor trains (False: it stays as stage 1 left it, so that
+        the stage's change of S2T is the LLM's; the export still carries it).
     opt_class, lr_schedule, epoch_counter, train_logger, checkpointer : object or None
         This stage's own objects (None: built from ``settings`` for the stage's folder).
 
@@ -210,6 +223,8 @@ class FinetuneStage:
         settings,
         mitigations=(),
         layerwise_lr=None,
+        input_mode="speech",
+        train_adaptor=True,
         opt_class=None,
         lr_schedule=None,
         epoch_counter=None,
@@ -221,7 +236,10 @@ class FinetuneStage:
                 "a layer-wise LR rule only applies to the layer-wise strategies "
                 f"(layerwise_lr, lora_layerwise_lr), not to {strategy!r}."
             )
+        if input_mode not in INPUT_MODES:
+            raise ValueError(f"input_mode {input_mode!r} unknown; use one of {INPUT_MODES}.")
         self.strategy, self.lr, self.settings = strategy, float(lr), settings
+        self.input_mode, self.train_adaptor = input_mode, train_adaptor
         self.mitigations = list(mitigations or [])
         self.layerwise_lr = layerwise_lr
         self.own_objects = {
@@ -240,6 +258,7 @@ class FinetuneStage:
             layerwise_lr=self.layerwise_lr or self.settings.layerwise_lr,
             train_encoder=self.settings.train_encoder,
             adaptor_lr_scale=self.settings.adaptor_lr_scale(self.lr),
+            train_adaptor=self.train_adaptor,
         )
 
     def training(self):
@@ -260,7 +279,12 @@ class FinetuneStage:
         apply_strategy(model, strategy)
         folder = os.path.join(runner.folder, "finetune", name)
         brain = runner.stage_brain(
-            model, strategy, "speech", folder, self.training(), mitigations=self.bound(runner)
+            model,
+            strategy,
+            self.input_mode,
+            folder,
+            self.training(),
+            mitigations=self.bound(runner),
         )
         data = runner.data
         runner.fit_and_restore_best(brain, data.train_set, data.valid_set, self.settings.batch_size)

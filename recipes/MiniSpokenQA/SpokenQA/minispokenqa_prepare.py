@@ -1,6 +1,6 @@
 """Data preparation of MiniSpokenQA: a synthetic knowledge base, text QA and spoken QA.
 
-Splits (``<data_folder>/``):
+Splits (``<manifest_folder>/``):
 
 * ``text_train.csv``: every (fact, template) written question; the LM is pretrained on it.
 * ``text_test.csv``: the same questions, scored as T2T accuracy (the facts the
@@ -36,12 +36,12 @@ SPLITS = ("text_train", "text_test", "speech_train", "speech_valid", "speech_tes
 DATA_VERSION = 5  # 5: eSpeak NG re-seeded per utterance (deterministic audio)
 
 
-def prepare_minispokenqa(data_folder, num_entities=40, seed=1234, skip_prep=False):
+def prepare_minispokenqa(manifest_folder, num_entities=40, seed=1234, skip_prep=False):
     """Writes the knowledge base, audio and CSV manifests (skipped if already there).
 
     Arguments
     ---------
-    data_folder : str
+    manifest_folder : str
         Output folder.
     num_entities : int
         Invented countries (4 facts each, 3 question templates per fact).
@@ -55,12 +55,12 @@ def prepare_minispokenqa(data_folder, num_entities=40, seed=1234, skip_prep=Fals
     dict
         ``{split: manifest path}``.
     """
-    paths = {split: os.path.join(data_folder, f"{split}.csv") for split in SPLITS}
-    kb_path = os.path.join(data_folder, "knowledge_base.json")
+    paths = {split: os.path.join(manifest_folder, f"{split}.csv") for split in SPLITS}
+    kb_path = os.path.join(manifest_folder, "knowledge_base.json")
     if skip_prep or (
         all(map(os.path.isfile, paths.values())) and prepared_with(kb_path, num_entities, seed)
     ):
-        logger.info(f"MiniSpokenQA already prepared in {data_folder}")
+        logger.info(f"MiniSpokenQA already prepared in {manifest_folder}")
         return paths
     if os.path.isfile(kb_path):
         os.remove(kb_path)  # the completion marker: written again only once all is done
@@ -70,7 +70,7 @@ def prepare_minispokenqa(data_folder, num_entities=40, seed=1234, skip_prep=Fals
     write_manifest(text_rows(pairs, "text"), paths["text_train"])
     write_manifest(text_rows(pairs, "text"), paths["text_test"])
     spoken = [p for p in pairs if p["template"] in (0, 1)]
-    audio = os.path.join(data_folder, "wav")
+    audio = os.path.join(manifest_folder, "wav")
     rows = {
         "speech_train": speak_pairs(spoken, audio, TRAIN_VOICES, tts, "train", seed=seed),
         "speech_valid": speak_pairs(spoken[::8], audio, VALID_VOICES, tts, "valid", seed=seed + 1),

@@ -28,60 +28,29 @@ import speechbrain as sb
 import torch
 
 from speechbrain_sllm.config import load_recipe_hparams
-from speechbrain_sllm.data.dataio import make_qa_dataset
 from speechbrain_sllm.data.prompts import ChatPrompt
 from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
-from speechbrain_sllm.study import (
-    StageClock,
-    StudyData,
-    StudyModels,
-    StudyRunner,
-    print_summary,
-    write_study_outputs,
-)
+from speechbrain_sllm.study import StageClock, StudyData, StudyModels, StudyRunner
 
 logger = logging.getLogger(__name__)
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.append(HERE)
 from minispokenqa_prepare import prepare_minispokenqa  # noqa: E402
 from pretraining import load_or_train_tokenizer, pretrain_encoder, pretrain_lm  # noqa: E402
+from tables import report  # noqa: E402
 
 
 def dataio_prepare(hparams):
     """Stage 1: the knowledge base, its written and spoken QA, and the tokenizer."""
     paths = prepare_minispokenqa(
-        hparams["data_folder"], hparams["num_entities"], hparams["seed"], hparams["skip_prep"]
+        hparams["manifest_folder"], hparams["num_entities"], hparams["seed"], hparams["skip_prep"]
     )
     tokenizer = load_or_train_tokenizer(hparams, paths)
     hparams["tokenizer"], hparams["prompt"] = tokenizer, ChatPrompt(tokenizer)
     return {
-        split: make_qa_dataset(
-            path,
-            hparams["prompt"],
-            with_audio=split.startswith("speech"),
-            sample_rate=hparams["sample_rate"],
-            max_duration=hparams["max_duration"],
-            min_duration=hparams["min_duration"],
-        )
+        split: hparams["qa_dataset"](path, hparams["prompt"], with_audio=split.startswith("speech"))
         for split, path in paths.items()
     }
-
-
-def results_table(base, runs):
-    """The paper-style table as markdown."""
-    lines = [
-        "| Method | T2T acc % | S2T acc % | text PPL | importance JS vs base | peak layer "
-        "| top-3% IoU vs base |",
-        "|---|---|---|---|---|---|---|",
-        f"| no fine-tuning | {base['t2t']:.1f} | - | {base['text_ppl']:.3f} | 0 "
-        f"| {base['peak']} | 1 |",
-    ]
-    for name, run in runs.items():
-        lines.append(
-            f"| {name} | {run['t2t']:.1f} | {run['s2t']:.1f} | {run['text_ppl']:.3f} | "
-            f"{run['shift']['js']:.4f} | {run['shift']['peak_after']} | {run['top3_iou']:.3f} |"
-        )
-    return "\n".join(lines)
 
 
 def main(argv):
@@ -131,23 +100,6 @@ def main(argv):
     runner.use_models(StudyModels(lambda: load_causal_lm(source=lm_dir), speech_model))
     results = runner.run(hparams["stages"], hparams["stage_choices"])
     return report(hparams, results["base"], results["strategies"], runner.profiles, clock)
-
-
-def report(hparams, base, runs, profiles, clock):
-    """Stage 6: table, results.json, timings.json, plots; returns the results."""
-    folder, table = hparams["output_folder"], results_table(base, runs)
-    threads = torch.get_num_threads()
-    results = {"base": base, "strategies": runs, "table": table, "torch_threads": threads}
-    timings = {"total": clock.total(), "stages": clock.seconds, "torch_threads": threads}
-    timings["openmp_waiting"] = speechbrain_sllm.OPENMP_WAITING
-    write_study_outputs(folder, results, timings, profiles, table)
-    print_summary(table, base["zeroing"], "3% of the base LLM's parameters", results, timings)
-    print(
-        f"Results: {folder}/results.json, "
-        f"{folder}/results.md; plots: {folder}/plots/; importance profiles: "
-        f"{folder}/importance/; predictions and train logs: {folder}/finetune/<strategy>/"
-    )
-    return results
 
 
 if __name__ == "__main__":

@@ -26,8 +26,7 @@ import sys
 import speechbrain as sb
 
 from speechbrain_sllm.config import load_recipe_hparams
-from speechbrain_sllm.data.dataio import make_qa_dataset
-from speechbrain_sllm.model.speech_llm import SpeechLLM, load_causal_lm
+from speechbrain_sllm.model.speech_llm import SpeechLLM
 from speechbrain_sllm.model_export import INFERENCE_TEMPLATE
 from speechbrain_sllm.study import (
     StageClock,
@@ -44,15 +43,6 @@ from tables import report  # noqa: E402
 from webquestions_prepare import prepare_study_manifests  # noqa: E402
 
 TEST_SETS = {"llamaq": "llamaq_test", "webq": "webq_test"}
-
-
-def load_llm(hparams):
-    """A fresh copy of the pretrained LLM."""
-    return load_causal_lm(
-        source=hparams["llm_source"],
-        dtype=hparams["llm_dtype"],
-        gradient_checkpointing=hparams["gradient_checkpointing"],
-    )
 
 
 def prepare(hparams):
@@ -75,20 +65,6 @@ def prepare(hparams):
     )
 
 
-def dataio_prepare(hparams, paths):
-    """Spoken QA datasets of the prepared manifests (their written questions too)."""
-    return {
-        split: make_qa_dataset(
-            path,
-            hparams["prompt"],
-            sample_rate=hparams["sample_rate"],
-            max_duration=hparams["max_duration"],
-            min_duration=hparams["min_duration"],
-        )
-        for split, path in paths.items()
-    }
-
-
 def main(argv):
     """Runs the study; returns the results dict."""
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
@@ -105,14 +81,14 @@ def main(argv):
 
     def speech_model():
         """The pretrained LLM with the frozen encoder and a copy of the (aligned) adaptor."""
-        return SpeechLLM(load_llm(hparams), encoder, copy.deepcopy(adaptor))
+        return SpeechLLM(hparams["llm"](), encoder, copy.deepcopy(adaptor))
 
-    runner.use_models(StudyModels(lambda: load_llm(hparams), speech_model))
+    runner.use_models(StudyModels(hparams["llm"], speech_model))
     with clock.stage("targets"):
         paths = training_targets(
             runner, paths, runner.base_model(), hparams["targets"], hparams["target_max_new_tokens"]
         )
-    data = dataio_prepare(hparams, paths)
+    data = {split: hparams["qa_dataset"](path, hparams["prompt"]) for split, path in paths.items()}
     tests = {key: {"text": data[name], "speech": data[name]} for key, name in TEST_SETS.items()}
     train = data["train"]  # written: importance and replay; spoken: speech importance
     manifests = {key: paths[name] for key, name in TEST_SETS.items()}
