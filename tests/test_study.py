@@ -198,7 +198,7 @@ def test_a_stage_list_is_checked_before_any_stage_runs():
     assert [name for name, _ in check_stage_list(["base", "lora"], choices)] == ["base", "lora"]
 
 
-def tiny_study(manifests, prompt, tokenizer, tmp_path):
+def tiny_study(manifests, prompt, tokenizer, tmp_path, importance=None, llm_seed=0):
     """A ``StudyRunner`` on the tiny speech LLM and one spoken QA set, base stage run."""
     from conftest import llama_config, tiny_speech_llm
 
@@ -214,16 +214,16 @@ def tiny_study(manifests, prompt, tokenizer, tmp_path):
 
     hparams = {"output_folder": str(tmp_path), "seed": 0, "prompt": prompt}
     hparams.update(tokenizer=tokenizer, qa_dataset=make_qa_dataset, max_grad_norm=5.0)
-    settings = ImportanceSettings(batch_size=4), EvaluationSettings(max_new_tokens=4, batch_size=4)
+    importance = importance or ImportanceSettings(batch_size=4)
+    settings = importance, EvaluationSettings(max_new_tokens=4, batch_size=4)
     runner = StudyRunner(hparams, {"device": "cpu"}, *settings)
     spoken = make_qa_dataset(manifests["speech"], prompt)
     runner.use_data(
         StudyData({"": {"text": spoken, "speech": spoken}}, spoken, spoken, spoken, spoken)
     )
     config = llama_config(vocab_size=len(tokenizer))
-    runner.use_models(
-        StudyModels(lambda: tiny_speech_llm(config).llm, lambda: tiny_speech_llm(config))
-    )
+    llm = lambda: tiny_speech_llm(config, seed=llm_seed).llm  # noqa: E731
+    runner.use_models(StudyModels(llm, lambda: tiny_speech_llm(config)))
     BaseStage().run(runner, "base")
     return runner
 
@@ -338,3 +338,30 @@ def test_an_export_of_a_stage_that_kept_the_adaptor_carries_it(recipe_fixtures, 
     loaded = SpeechLLMInference.from_hparams(source=folder).mods.model.adaptor
     for name, tensor in adaptor.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("change", ["importance", "llm"])
+def test_the_base_stage_is_reused_only_when_its_inputs_match(
+    change, manifests, prompt, tokenizer, tmp_path, monkeypatch, caplog
+):
+    """A rerun with the same base LLM, text sets and settings reuses the base stage's
+    results and scores (nothing scored again); another setting or other weights score again,
+    and the log names what changed."""
+    from speechbrain_sllm.study import ImportanceSettings, StudyRunner
+
+    first = tiny_study(manifests, prompt, tokenizer, tmp_path)
+    scored = []
+    importance = StudyRunner.importance
+
+    def counted(runner, *args, **kwargs):
+        scored.append(1)
+        return importance(runner, *args, **kwargs)
+
+    monkeypatch.setattr(StudyRunner, "importance", counted)
+    again = tiny_study(manifests, prompt, tokenizer, tmp_path)
+    assert not scored and again.results["base"] == first.results["base"]
+    assert again.base_profile == json.loads(json.dumps(first.base_profile))
+    assert all(torch.equal(again.base_scores[n], t) for n, t in first.base_scores.items())
+    other = {"importance": {"importance": ImportanceSettings(batch_size=4, fraction=0.5)}}
+    tiny_study(manifests, prompt, tokenizer, tmp_path, **other.get(change, {"llm_seed": 1}))
+    assert scored and f"was made with another {change}" in caplog.text

@@ -417,7 +417,7 @@ def bridge_table(source, llm_source, text_tokens=None, cache_dir=None):
         The LLM (its tokenizer and input embeddings).
     text_tokens : int or None
         Whisper's text vocabulary (the ids below its first special token; None:
-        up to Whisper's end-of-text token).
+        up to the end-of-text token of Whisper's config).
     cache_dir : str or None
         HF cache folder.
 
@@ -427,12 +427,13 @@ def bridge_table(source, llm_source, text_tokens=None, cache_dir=None):
         ``(text_tokens, D_llm)``; a token whose string the LLM tokenizes to
         nothing gets zeros.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     whisper_tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=cache_dir)
     llm_tokenizer = AutoTokenizer.from_pretrained(llm_source, cache_dir=cache_dir)
-    if text_tokens is None:
-        text_tokens = whisper_tokenizer.eos_token_id
+    if text_tokens is None:  # as the adaptor counts them: up to the decoder's end token
+        config = AutoConfig.from_pretrained(source, cache_dir=cache_dir)
+        text_tokens = min(config.eos_token_id, config.vocab_size)
     llm = AutoModelForCausalLM.from_pretrained(llm_source, cache_dir=cache_dir)
     embeddings = llm.get_input_embeddings().weight.detach().float()
     strings = [whisper_tokenizer.decode([token]) for token in range(text_tokens)]

@@ -40,6 +40,7 @@ from speechbrain_sllm.strategies import apply_strategy, build_strategy
 from speechbrain_sllm.strategies.interpolation import interpolated, llm_weights
 from speechbrain_sllm.strategies.lora import merge_lora
 from speechbrain_sllm.study.alignment import align_stage
+from speechbrain_sllm.study.base_cache import base_inputs, load_base_cache, save_base_cache
 from speechbrain_sllm.study.report import importance_shift, layer_sums, peak_layer
 from speechbrain_sllm.study.settings import StageTraining
 
@@ -71,11 +72,29 @@ class BaseStage:
         self.modes = tuple(modes)
 
     def run(self, runner, name):
-        """Scores the base LLM into ``runner.results["base"]`` (``<output>/<name>/``)."""
+        """Scores the base LLM into ``runner.results["base"]`` (``<output>/<name>/``).
+
+        A rerun with the same base LLM, text sets and settings reuses the scores
+        (``study.base_cache``).
+        """
         folder = os.path.join(runner.folder, name)
-        brain = runner.stage_brain(
-            runner.base_model(), build_strategy("frozen_llm"), "text", folder
-        )
+        importance_folder = os.path.join(runner.folder, "importance", BASE)
+        model = runner.base_model()
+        inputs = base_inputs(runner, model, self.modes)
+        cached = load_base_cache(folder, importance_folder, inputs)
+        if cached is None:
+            results, profile, scores = self.score(runner, model, folder)
+            save_base_cache(folder, importance_folder, inputs, results, scores)
+        else:
+            results, profile, scores = cached
+        logger.info(f"base LLM: {results}")
+        runner.results["base"].update(results)
+        runner.base_profile, runner.base_scores = profile, scores
+        runner.profiles["base LLM"] = profile
+
+    def score(self, runner, model, folder):
+        """Accuracy, perplexity, importance, zeroing check and peak layer of ``model``."""
+        brain = runner.stage_brain(model, build_strategy("frozen_llm"), "text", folder)
         results = runner.evaluate(brain, folder, self.modes)
         profile, scores, accumulator = runner.importance(brain, BASE)
         results["zeroing"] = zeroing_check(
@@ -87,10 +106,7 @@ class BaseStage:
             runner.hparams["seed"],
         )
         results["peak"] = peak_layer(profile)
-        logger.info(f"base LLM: {results}")
-        runner.results["base"].update(results)
-        runner.base_profile, runner.base_scores = profile, scores
-        runner.profiles["base LLM"] = profile
+        return results, profile, scores
 
 
 class CascadeStage:
