@@ -66,6 +66,16 @@ def tiny_whisper_config(max_source_positions=50):
     )
 
 
+def tiny_whisper_decoder_config(max_target_positions=20):
+    """A tiny Whisper whose decoder transcribes (vocabulary 60, start token 1, end token 2)."""
+    return WhisperConfig(
+        vocab_size=60, d_model=16, encoder_layers=1, encoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_layers=1, decoder_attention_heads=2,
+        decoder_ffn_dim=32, max_target_positions=max_target_positions,
+        decoder_start_token_id=1, eos_token_id=2, pad_token_id=2,
+    )  # fmt: skip
+
+
 @pytest.fixture(params=["llama", "qwen2"])
 def llm_config(request):
     return llama_config() if request.param == "llama" else qwen2_config()

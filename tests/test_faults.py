@@ -812,10 +812,9 @@ def test_every_item_longer_than_the_context_is_named_before_the_first_step(
     """Once the first such item stopped the run mid-epoch, one item per run. A transcript
     adaptor's length follows what its decoder hears, not the clip's duration."""
     import torch
-    from conftest import HIDDEN
+    from conftest import HIDDEN, tiny_whisper_decoder_config
     from helpers import make_brain
     from speechbrain.dataio.batch import PaddedBatch
-    from transformers import WhisperConfig
 
     from speechbrain_sllm.data.context_lengths import ItemsTooLongError, items_over_context
     from speechbrain_sllm.data.dataio import make_qa_dataset
@@ -823,12 +822,7 @@ def test_every_item_longer_than_the_context_is_named_before_the_first_step(
 
     brain = make_brain("full_ft", tokenizer, prompt, tmp_path, mode=mode)
     if adaptor == "transcript":
-        config = WhisperConfig(
-            vocab_size=60, d_model=16, encoder_layers=1, encoder_attention_heads=2,
-            encoder_ffn_dim=32, decoder_layers=1, decoder_attention_heads=2,
-            decoder_ffn_dim=32, max_target_positions=40, decoder_start_token_id=1,
-            eos_token_id=2, pad_token_id=2,
-        )  # fmt: skip
+        config = tiny_whisper_decoder_config(max_target_positions=40)
         torch.manual_seed(3)
         brain.model.adaptor = WhisperTranscriptAdaptor(HIDDEN, config=config, max_tokens=12)
     dataset = make_qa_dataset(manifests[mode], prompt, with_audio=mode == "speech")

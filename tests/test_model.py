@@ -221,16 +221,11 @@ def test_fbank_feature_cache_gives_the_uncached_outputs_and_gradients():
 
 
 def test_transcript_adaptor_ends_a_transcript_at_its_end_or_where_it_starts_over():
-    from transformers import WhisperConfig
+    from conftest import tiny_whisper_decoder_config
 
     from speechbrain_sllm.model.whisper_adaptors import WhisperTranscriptAdaptor
 
-    config = WhisperConfig(
-        vocab_size=60, d_model=16, encoder_layers=1, encoder_attention_heads=2,
-        encoder_ffn_dim=32, decoder_layers=1, decoder_attention_heads=2,
-        decoder_ffn_dim=32, max_target_positions=20, decoder_start_token_id=1,
-        eos_token_id=2, pad_token_id=2,
-    )  # fmt: skip
+    config = tiny_whisper_decoder_config(max_target_positions=20)
     adaptor = WhisperTranscriptAdaptor(HIDDEN, config=config, restart_ngram=2)
     decoding = adaptor.decoding
     assert decoding.transcript_end([5, 6, 7, 2]) == 3

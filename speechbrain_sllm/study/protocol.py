@@ -95,9 +95,10 @@ class StudyRunner:
         return self._base_model
 
     def release_base_model(self):
-        """Frees the shared base LLM (a later ``base_model()`` loads it again)."""
-        self._base_model = None
-        free_finished_stage()
+        """Frees the shared base LLM, if one is held (a later ``base_model()`` loads it again)."""
+        if self._base_model is not None:
+            self._base_model = None
+            free_finished_stage()
 
     def run(self, names, choices):
         """Runs the stages ``names`` of ``choices`` in order; returns ``results``.
