@@ -22,6 +22,7 @@ from transformers.utils import logging as transformers_logging
 from speechbrain_sllm.data.preparation import completion_record, is_prepared, staged_preparation
 from speechbrain_sllm.metrics import normalize_answer, wer_stats, write_stats
 from speechbrain_sllm.model.padding import absolute_lengths
+from speechbrain_sllm.model.pretrained import pretrained_whisper
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +47,10 @@ class WhisperTranscriber:
     """
 
     def __init__(self, source, device="cpu", max_new_tokens=96):
-        from transformers import (
-            AutoTokenizer,
-            WhisperFeatureExtractor,
-            WhisperForConditionalGeneration,
-        )
+        from transformers import AutoTokenizer, WhisperFeatureExtractor
 
         self.source = source
-        self.model = WhisperForConditionalGeneration.from_pretrained(source).to(device).eval()
+        self.model = pretrained_whisper(source, with_head=True).to(device).eval()
         self.feature_extractor = WhisperFeatureExtractor.from_pretrained(source)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         self.device = device

@@ -207,7 +207,7 @@ def keep_previous_hyperparams(folder):
 
 
 def check_data_files(settings):
-    """Names a data file (``train_file``, ``eval_files``) that is missing or holds no item.
+    """Names a data file (``train_file``, ``test_files``) that is missing or holds no item.
 
     A ``train_file`` that is a folder or a ``.parquet`` file is VoiceAssistant-400K as
     published: the folder must hold parquet shards.
@@ -222,9 +222,9 @@ def check_data_files(settings):
     if settings.get("skip_prep"):
         return
     files = {"train_file": settings.get("train_file")}
-    evaluation = settings.get("eval_files")
+    evaluation = settings.get("test_files")
     if hasattr(evaluation, "items"):
-        files.update({f"eval_files.{name}": path for name, path in evaluation.items()})
+        files.update({f"test_files.{name}": path for name, path in evaluation.items()})
     for key, path in files.items():
         if not isinstance(path, str):
             continue

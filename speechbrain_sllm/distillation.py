@@ -4,7 +4,7 @@ The LLM is frozen; the adaptor is trained so that the LLM's next-token
 distributions over the response positions given the *spoken* question match
 those the same LLM gives for the *written* question (KL(teacher || student),
 teacher = text input, student = speech input; DiVA and Ultravox align this way).
-The responses are the base LLM's own answers (the study's self-distilled
+The responses are the base LLM's own answers (the study's ``base_answers``
 targets), so the teacher is on its own distribution.
 
 With the LLM frozen the teacher never changes: its distributions are computed

@@ -37,7 +37,7 @@ STUDY_FIELDS = {
         "align_targets": "targets",
         "align_epochs": "epochs",
         "align_lr": "lr",
-        "align_distill_topk": "distill_topk",
+        "align_distill_topk": "teacher_topk",
     },
     "importance": {
         "importance_estimator": "estimator",
@@ -65,7 +65,14 @@ RENAMED_KEYS = {
     "ft_lr": "stage_choices",  # each fine-tuning stage has its own `lr`
     "mitigation_choices": "stage_choices",  # a stage lists its mitigations
     "cascade_asr": "stage_choices",  # the cascade stage's `transcriber`
+    "eval_files": "test_files",  # VoiceAssistant: the held-out sets are test sets
     **{old: key for key, fields in STUDY_FIELDS.items() for old in fields},
+}
+
+# Values renamed (one name per concept): the old one is refused naming the new
+RENAMED_VALUES = {
+    "self_distilled": "base_answers",  # a study's `targets`: the base LLM's own answers
+    "distill": "text_teacher",  # an `align` objective: the LLM given text teaches itself
 }
 
 

@@ -235,6 +235,43 @@ def test_a_speech_llm_with_the_transcript_adaptor_is_exported_and_loads_back(rea
     assert isinstance(assistant.answer_file(wav_files[0]), str)
 
 
+def test_one_whisper_checkpoint_is_read_once_and_each_part_keeps_its_own_weights(
+    real_models, monkeypatch
+):
+    """The encoder, the transcript adaptor's decoder and the cascade's recogniser read the
+    checkpoint once between them; each holds its own copy (one trains, the others do not
+    move), equal to the checkpoint's; after release the next part reads it again."""
+    from transformers import PreTrainedModel
+
+    from speechbrain_sllm.model import pretrained
+    from speechbrain_sllm.model.encoders import HFWhisperEncoder
+    from speechbrain_sllm.model.whisper_adaptors import WhisperTranscriptAdaptor
+
+    reads, original = [], PreTrainedModel.from_pretrained.__func__
+
+    def counted(cls, *args, **kwargs):
+        reads.append(cls.__name__)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(counted))
+    pretrained.release_pretrained()
+    source = real_models["whisper"]
+    encoder = HFWhisperEncoder(source=source)
+    adaptor = WhisperTranscriptAdaptor(32, source)
+    transcriber = WhisperTranscriber(source)
+    assert reads == ["WhisperForConditionalGeneration"]
+    heard = transcriber.model.model
+    for mine, theirs in ((encoder.encoder, heard.encoder), (adaptor.decoder, heard.decoder)):
+        pairs = zip(mine.state_dict().values(), theirs.state_dict().values())
+        assert all(torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in pairs)
+    with torch.no_grad():
+        next(encoder.encoder.parameters()).add_(1.0)
+    assert not torch.equal(next(encoder.encoder.parameters()), next(heard.encoder.parameters()))
+    pretrained.release_pretrained()
+    HFWhisperEncoder(source=source)
+    assert reads == ["WhisperForConditionalGeneration"] * 2
+
+
 def test_bridge_adaptor_hands_the_llm_the_embeddings_of_what_whisper_heard(real_models, tmp_path):
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer

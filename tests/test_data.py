@@ -194,7 +194,7 @@ def test_paired_test_counts_changed_items_and_gives_the_exact_binomial_p_value()
 
 def test_rewriting_a_manifest_with_the_same_rows_keeps_the_file(tmp_path):
     """Later stages record a manifest's size and mtime: an identical rewrite must not
-    make them redo their work (e.g. the study's self-distilled targets)."""
+    make them redo their work (e.g. the study's base_answers targets)."""
     from speechbrain_sllm.data.dataio import write_csv_manifest
 
     path = str(tmp_path / "train.csv")

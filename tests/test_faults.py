@@ -48,6 +48,14 @@ def folder_files(folder):
     return folder_snapshot(folder)
 
 
+@pytest.fixture(scope="module")
+def trained_lora_folder(recipe_fixtures, tmp_path_factory):
+    """The spoken-QA LoRA row run once with its checkpoints kept (``--debug_persistently``)."""
+    out = tmp_path_factory.mktemp("trained_lora") / "out"
+    assert run_row(SPOKEN_QA_LORA, out, ["--debug_persistently"]).returncode == 0
+    return out
+
+
 @pytest.mark.parametrize(
     "change, expected",
     [
@@ -68,10 +76,9 @@ def folder_files(folder):
     ],
 )
 def test_resuming_with_other_tensor_shaping_settings_stops_before_anything_runs(
-    change, expected, recipe_fixtures, tmp_path
+    change, expected, trained_lora_folder
 ):
-    out = tmp_path / "out"
-    assert run_row(SPOKEN_QA_LORA, out, ["--debug_persistently"]).returncode == 0
+    out = trained_lora_folder  # one run for the three refusals: each leaves it untouched
     before = folder_files(out)
     result = run_row(SPOKEN_QA_LORA, out, ["--debug_persistently", change])
     assert result.returncode != 0
@@ -317,7 +324,7 @@ def test_an_empty_data_file_is_named_before_any_model_loads(recipe_fixtures, tmp
     assert result.returncode != 0
     message = last_error(result)
     assert (
-        f"`eval_files.llama_questions`: data file '{data}/llama_questions.jsonl' holds no item"
+        f"`test_files.llama_questions`: data file '{data}/llama_questions.jsonl' holds no item"
         in message
     )
     assert not (tmp_path / "out").exists()  # nothing built, nothing written

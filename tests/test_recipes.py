@@ -341,7 +341,7 @@ def test_a_trained_spoken_qa_run_loads_for_inference_and_as_a_peft_adapter(
     with open(out / "llama_questions_s2t.tsv") as handle:
         recipe = {line.split("\t")[0]: line.split("\t")[2] for line in handle}
     # the recipe decoded batches of 2 in manifest order: decode the first batch the same way
-    with open(out / "manifests" / "eval_llama_questions.csv") as handle:
+    with open(out / "manifests" / "test_llama_questions.csv") as handle:
         first_two = list(csv.DictReader(handle))[:2]
     wavs = [load_audio(item["wav"]) for item in first_two]
     batch = PaddedBatch([{"sig": wav} for wav in wavs])

@@ -122,8 +122,10 @@ def code_text(suffixes=(".py", ".yaml")):
 
 def test_the_names_table_matches_the_code():
     """Each concept's name is in the code; each retired name is gone, or (a yaml key)
-    refused by RENAMED_KEYS with the new name."""
-    from speechbrain_sllm.overrides import RENAMED_KEYS
+    refused by RENAMED_KEYS (a yaml key) or RENAMED_VALUES (a value) with the new name."""
+    from speechbrain_sllm.overrides import RENAMED_KEYS, RENAMED_VALUES
+
+    renamed = {**RENAMED_KEYS, **RENAMED_VALUES}
 
     texts = code_text()
     everything = "\n".join(text for _, text in texts)
@@ -137,9 +139,9 @@ def test_the_names_table_matches_the_code():
         if not any(identifier.split(".")[-1] in everything for identifier in identifiers):
             problems.append(f"{concept}: none of {identifiers} is in the code")
         for old in re.findall(r"`([^`]+)`", retired):
-            if old in RENAMED_KEYS:
-                if RENAMED_KEYS[old] not in name:  # (a yaml that lacks the new key refuses it)
-                    problems.append(f"{old} is refused naming {RENAMED_KEYS[old]}, not in {name}")
+            if old in renamed:
+                if renamed[old] not in name:  # (a yaml that lacks the new key refuses it)
+                    problems.append(f"{old} is refused naming {renamed[old]}, not in {name}")
                 continue
             problems += [f"{path}: retired name {old}" for path, text in texts if old in text]
     assert not problems, problems

@@ -81,13 +81,14 @@ def test_two_process_run_killed_mid_epoch_resumes_like_an_uninterrupted_one(
     )
 
 
-@pytest.mark.parametrize("name", ["full_ft+replay", "full_ft+text_kd", "full_ft+anchor"])
-def test_each_mitigation_trains_under_torchrun_and_resumes_like_an_uninterrupted_run(
-    name, tokenizer, manifests, tmp_path
+def test_the_mitigations_train_under_torchrun_and_resume_like_an_uninterrupted_run(
+    tokenizer, manifests, tmp_path
 ):
-    """Two gloo processes (DDP): the ranks stay identical with the mitigation's extra
-    forward, and a run killed mid-epoch resumes to the uninterrupted run's weights and
-    optimizer state, bit for bit (replay's batch order and the anchor's base restored)."""
+    """Two gloo processes (DDP), all three mitigations in one run (each adds its own term
+    and state): the ranks stay identical with the extra forwards, and a run killed
+    mid-epoch resumes to the uninterrupted run's weights and optimizer state, bit for bit
+    (replay's batch order, the teacher and the anchor's base restored)."""
+    name = "full_ft+replay+text_kd+anchor"
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     straight.mkdir(), killed.mkdir()
     common = (tokenizer.model_path, manifests["speech"])

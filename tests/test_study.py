@@ -153,6 +153,46 @@ def test_seed_table_gives_mean_and_range_per_method_and_draws_the_picture(tmp_pa
     assert (tmp_path / "t2t_vs_s2t.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_seed_table_gives_each_seeds_exact_mcnemar_test_against_the_base(tmp_path):
+    """Per-item T2T answers beside each results.json: lost/gained counted per seed, the
+    exact two-sided p (6 lost, 0 gained: 2 / 2**6) and the seeds in their given order."""
+    sys.path.insert(0, os.path.join(ROOT, "recipes", "MiniSpokenQA", "SpokenQA"))
+    from seed_table import paired_t2t_lines
+
+    def write(path, correct):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"q{i}\t{int(c)}\tanswer\n" for i, c in enumerate(correct)))
+
+    folders, runs = [], []
+    for seed, after in [(1, [False] * 6 + [True] * 4), (2, [True] * 9 + [False])]:
+        folder = tmp_path / str(seed)
+        write(folder / "base" / "t2t.tsv", [True] * 10)
+        write(folder / "finetune" / "full_ft_text_arm" / "t2t.tsv", after)
+        folders.append(str(folder))
+        runs.append({"strategies": {"full_ft_text_arm": {}}})
+    assert paired_t2t_lines(folders, runs) == [
+        "* full FT, text arm (written questions, no audio): 6/0 (p 0.031), 1/0 (p 1)"
+    ]
+
+
+def test_seed_table_gives_the_importance_shift_between_the_two_arms(tmp_path):
+    """Each seed's layer profiles of the speech arm and the text arm: equal profiles are
+    0 bits apart, profiles on disjoint layers 1 bit; the cell is mean (min-max)."""
+    sys.path.insert(0, os.path.join(ROOT, "recipes", "MiniSpokenQA", "SpokenQA"))
+    from seed_table import arm_shift_line
+
+    folders = []
+    for seed, (speech, text) in enumerate([([1.0, 3.0], [2.0, 6.0]), ([1.0, 0.0], [0.0, 1.0])]):
+        for name, sums in (("full_ft", speech), ("full_ft_text_arm", text)):
+            folder = tmp_path / str(seed) / "importance" / name
+            folder.mkdir(parents=True)
+            profile = {"layers": [{"sum": value} for value in sums]}
+            (folder / "profile.json").write_text(json.dumps(profile))
+        folders.append(str(tmp_path / str(seed)))
+    line = arm_shift_line(folders)
+    assert line == "importance JS full_ft vs full_ft_text_arm (bits): 0.5000 (0.0000-1.0000)"
+
+
 def test_real_model_picture_merges_runs_and_keeps_the_last_value(tmp_path):
     """Two runs from one stage 1: a strategy in both takes the later run's scores; the
     base LLM's T2T, stage 1 and the cascade are placed at the base T2T."""
@@ -365,3 +405,15 @@ def test_the_base_stage_is_reused_only_when_its_inputs_match(
     other = {"importance": {"importance": ImportanceSettings(batch_size=4, fraction=0.5)}}
     tiny_study(manifests, prompt, tokenizer, tmp_path, **other.get(change, {"llm_seed": 1}))
     assert scored and f"was made with another {change}" in caplog.text
+
+
+def test_a_renamed_targets_value_is_refused_naming_the_new_one():
+    """`targets: self_distilled` became `base_answers`: the old value names the new one
+    before any answer is generated; an unknown one lists the choices."""
+    from speechbrain_sllm.study.alignment import training_targets
+
+    with pytest.raises(ValueError, match="'self_distilled' is now 'base_answers'"):
+        training_targets(None, {}, None, "self_distilled", 8)
+    with pytest.raises(ValueError, match=r"unknown; use one of \('gold', 'base_answers'\)"):
+        training_targets(None, {}, None, "teacher", 8)
+    assert training_targets(None, {"train": "a.csv"}, None, "gold", 8) == {"train": "a.csv"}

@@ -70,7 +70,7 @@ def test_every_character_survives_preparation_manifest_batch_and_evaluation(tmp_
         expected_ids = prompt.answer_ids(text)
         assert answer_ids[: len(expected_ids)] == expected_ids
 
-    batch = batch_of(make_qa_dataset(str(save / "eval_qa.csv"), prompt))
+    batch = batch_of(make_qa_dataset(str(save / "test_qa.csv"), prompt))
     expected = {f"e{i}": [text, "AC|DC", "x, y"] for i, text in enumerate(HARD_TEXTS)}
     assert dict(zip(batch.id, batch.references)) == expected
     assert dict(zip(batch.id, batch.question)) == {f"e{i}": t for i, t in enumerate(HARD_TEXTS)}

@@ -39,7 +39,7 @@ def test_parquet_shards_are_prepared_with_their_audio_ids_and_a_counted_bad_row(
     train, valid = read_csv(save / "train.csv"), read_csv(save / "valid.csv")
     rows = {row["ID"]: row for row in train + valid}
     assert len(rows) == 11 and "identity_9_0" not in rows  # the bad row, skipped
-    assert len(valid) == 2 and len(read_csv(save / "eval_llama_questions.csv")) == 1
+    assert len(valid) == 2 and len(read_csv(save / "test_llama_questions.csv")) == 1
     assert "train-00001-of-00002.parquet:3: skipped (undecodable audio" in caplog.text
     row = rows["qa_2_0"]
     assert (row["split_name"], row["index_in_split"], row["round"]) == ("qa", "2", "0")

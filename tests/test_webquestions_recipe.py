@@ -194,7 +194,7 @@ def test_debug_run_of_every_strategy_on_real_models(real_models, study_data, tmp
     assert zeroing["top"] > zeroing["bottom"]
     with open(output / "importance" / "base" / "profile.json") as handle:
         assert json.load(handle)["scope"] == "decoder_linear"
-    # self-distilled targets: the base LLM's own answers, one per training question
+    # base_answers targets: the base LLM's own answers, one per training question
     with open(output / "targets" / "train.csv") as handle:
         targets = list(csv.DictReader(handle))
     assert 0 < len(targets) <= 6 and all(row["answer"].strip() for row in targets)

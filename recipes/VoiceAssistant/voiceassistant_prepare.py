@@ -20,7 +20,7 @@ file (or absolute) and text fields:
 * evaluation files (Llama Questions / Web Questions style):
   ``{"id", "audio", "question", "answers": [...]}``.
 
-Output: SpeechBrain CSVs ``train.csv``, ``valid.csv`` and ``eval_<name>.csv``
+Output: SpeechBrain CSVs ``train.csv``, ``valid.csv`` and ``test_<name>.csv``
 with ``ID, wav, duration, question, answer, alternatives`` (every accepted answer as a
 JSON list); from parquet, ``split_name``, ``index_in_split`` and ``round`` too.
 
@@ -57,14 +57,14 @@ FIELDS = ["ID", "wav", "duration", "question", "answer", "alternatives"]
 
 def prepare_spoken_qa(
     train_file,
-    eval_files,
+    test_files,
     save_folder,
     valid_fraction=0.02,
     seed=0,
     skip_prep=False,
     on_change="redo",
 ):
-    """Writes train / valid / eval manifests, atomically, unless they are up to date.
+    """Writes train / valid / test manifests, atomically, unless they are up to date.
 
     The manifests are redone when a source file (path, size, modification time)
     or an option differs from the completion record of the previous
@@ -75,8 +75,8 @@ def prepare_spoken_qa(
     train_file : str
         VoiceAssistant-400K's folder of parquet shards (or one ``.parquet`` file),
         or a JSON-lines training file.
-    eval_files : dict
-        ``{name: JSON-lines evaluation file}``.
+    test_files : dict
+        ``{name: JSON-lines test file}``.
     save_folder : str
         Output folder.
     valid_fraction : float
@@ -94,16 +94,16 @@ def prepare_spoken_qa(
     parquet = is_parquet(train_file)
     train_sources = parquet_shards(train_file) if parquet else [train_file]
     record = completion_record(
-        [*train_sources, *eval_files.values()],
-        {"valid_fraction": valid_fraction, "seed": seed, "eval_sets": sorted(eval_files)},
+        [*train_sources, *test_files.values()],
+        {"valid_fraction": valid_fraction, "seed": seed, "test_sets": sorted(test_files)},
     )
-    outputs = ["train.csv", "valid.csv"] + [f"eval_{name}.csv" for name in eval_files]
+    outputs = ["train.csv", "valid.csv"] + [f"test_{name}.csv" for name in test_files]
     if is_prepared(save_folder, record, outputs, on_change):
         logger.info(f"Spoken-QA manifests in {save_folder} are up to date.")
         return
     evaluation = {
-        f"eval_{name}.csv": read_items(path, answers_key="answers", split=name)
-        for name, path in eval_files.items()
+        f"test_{name}.csv": read_items(path, answers_key="answers", split=name)
+        for name, path in test_files.items()
     }
     sets = dict(evaluation)
     if not parquet:

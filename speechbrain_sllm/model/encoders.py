@@ -17,6 +17,7 @@ from torch import nn
 
 from speechbrain_sllm.model.encoder_caches import EncoderOutputCache
 from speechbrain_sllm.model.padding import absolute_lengths
+from speechbrain_sllm.model.pretrained import pretrained_whisper
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class HFWhisperEncoder(SpeechEncoder):
         if (source is None) == (config is None):
             raise ValueError("HFWhisperEncoder: give exactly one of `source` or `config`.")
         if source is not None:
-            model = WhisperModel.from_pretrained(source, cache_dir=cache_dir)
+            model = pretrained_whisper(source, cache_dir)  # read once per run
             self.feature_extractor = WhisperFeatureExtractor.from_pretrained(
                 source, cache_dir=cache_dir
             )

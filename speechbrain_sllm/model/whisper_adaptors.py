@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from speechbrain_sllm.model.padding import absolute_lengths
+from speechbrain_sllm.model.pretrained import llm_input_embeddings, pretrained_whisper
 from speechbrain_sllm.model.tensor_cache import TensorMemo, tensor_key
 from speechbrain_sllm.model.whisper_decoding import WhisperGreedyDecoder
 
@@ -79,7 +80,7 @@ class WhisperQueryAdaptor(nn.Module):
         if (source is None) == (config is None):
             raise ValueError("WhisperQueryAdaptor: give exactly one of `source` or `config`.")
         if source is not None:
-            model = WhisperModel.from_pretrained(source, cache_dir=cache_dir)
+            model = pretrained_whisper(source, cache_dir)  # read once per run
         else:
             model = WhisperModel(config)
         config = model.config
@@ -203,7 +204,7 @@ class WhisperTranscriptAdaptor(nn.Module):
         if (source is None) == (config is None):
             raise ValueError("WhisperTranscriptAdaptor: give exactly one of `source` or `config`.")
         model = (
-            WhisperModel.from_pretrained(source, cache_dir=cache_dir)
+            pretrained_whisper(source, cache_dir)  # read once per run
             if source is not None
             else WhisperModel(config)
         )
@@ -406,8 +407,8 @@ class WhisperBridgeAdaptor(WhisperTranscriptAdaptor):
 def bridge_table(source, llm_source, text_tokens=None, cache_dir=None):
     """Each Whisper text token's string as the mean of the LLM's input embeddings of it.
 
-    A study yaml calls it for ``WhisperBridgeAdaptor``'s ``table``; it loads the
-    LLM for its input embeddings.
+    A study yaml calls it for ``WhisperBridgeAdaptor``'s ``table``; it reads the
+    LLM's input embeddings alone (``pretrained.llm_input_embeddings``).
 
     Arguments
     ---------
@@ -427,15 +428,14 @@ def bridge_table(source, llm_source, text_tokens=None, cache_dir=None):
         ``(text_tokens, D_llm)``; a token whose string the LLM tokenizes to
         nothing gets zeros.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     whisper_tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=cache_dir)
     llm_tokenizer = AutoTokenizer.from_pretrained(llm_source, cache_dir=cache_dir)
     if text_tokens is None:  # as the adaptor counts them: up to the decoder's end token
         config = AutoConfig.from_pretrained(source, cache_dir=cache_dir)
         text_tokens = min(config.eos_token_id, config.vocab_size)
-    llm = AutoModelForCausalLM.from_pretrained(llm_source, cache_dir=cache_dir)
-    embeddings = llm.get_input_embeddings().weight.detach().float()
+    embeddings = llm_input_embeddings(llm_source, cache_dir)
     strings = [whisper_tokenizer.decode([token]) for token in range(text_tokens)]
     encoded = llm_tokenizer(strings, add_special_tokens=False)["input_ids"]
     table = torch.zeros(text_tokens, embeddings.shape[1])

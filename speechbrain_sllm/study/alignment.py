@@ -9,7 +9,7 @@ its ``objectives`` in sequence, each skipped at 0 epochs:
 * ``lm_loss`` (``epochs``): the frozen LLM's own loss on the ``targets``,
   ``answer`` (the training targets) or ``transcript`` (repeat the spoken
   question, with ``transcript_prompt``);
-* ``distill`` (``epochs``): the frozen LLM given the spoken question
+* ``text_teacher`` (``epochs``): the frozen LLM given the spoken question
   matches its own next-token distributions given the written one
   (``speechbrain_sllm.distillation``).
 
@@ -37,11 +37,12 @@ from speechbrain_sllm.distillation import DistillationBrain, TeacherCache
 from speechbrain_sllm.metrics import wer_stats
 from speechbrain_sllm.model.embedding_ctc import EmbeddingCTCHead, ctc_loss, greedy_ctc_tokens
 from speechbrain_sllm.model.speech_llm import SpeechLLM
+from speechbrain_sllm.overrides import RENAMED_VALUES
 from speechbrain_sllm.strategies import apply_strategy, build_strategy
 from speechbrain_sllm.study.settings import StageTraining
 
 logger = logging.getLogger(__name__)
-TARGETS = ("gold", "self_distilled")
+TARGETS = ("gold", "base_answers")
 SPLITS = ("train", "valid")  # the manifests whose targets a study rewrites
 
 
@@ -136,7 +137,7 @@ def rewrite_answers(manifest, answers, path):
     write_csv_manifest(kept, fields, path)
 
 
-def self_distilled_targets(runner, paths, model, max_new_tokens):
+def base_answer_targets(runner, paths, model, max_new_tokens):
     """Training / validation targets: the base LLM's answers to the written questions.
 
     Redone only when the manifests or the LLM change (completion record).
@@ -155,7 +156,7 @@ def self_distilled_targets(runner, paths, model, max_new_tokens):
     Returns
     -------
     dict
-        ``paths`` with ``train`` and ``valid`` replaced by the self-distilled manifests.
+        ``paths`` with ``train`` and ``valid`` replaced by the base-answer manifests.
     """
     hparams = runner.hparams
     folder = os.path.join(hparams["output_folder"], "targets")
@@ -190,21 +191,26 @@ def training_targets(runner, paths, model, targets, max_new_tokens):
     paths : dict
         Manifests from the preparation.
     model : SpeechLLM
-        The base LLM (answers the written questions for ``self_distilled``).
+        The base LLM (answers the written questions for ``base_answers``).
     targets : str
-        ``gold`` (the dataset's answers) or ``self_distilled`` (the base LLM's).
+        ``gold`` (the dataset's answers) or ``base_answers`` (the base LLM's).
     max_new_tokens : int
         Decoding budget of the base LLM's answers.
 
     Returns
     -------
     dict
-        ``paths``, with ``train`` / ``valid`` replaced for ``self_distilled``.
+        ``paths``, with ``train`` / ``valid`` replaced for ``base_answers``.
     """
+    if targets in RENAMED_VALUES:
+        new = RENAMED_VALUES[targets]
+        raise ValueError(
+            f"targets {targets!r} is now {new!r} (one name per concept): --targets={new}"
+        )
     if targets not in TARGETS:
         raise ValueError(f"targets {targets!r} unknown; use one of {TARGETS}.")
-    if targets == "self_distilled":
-        return self_distilled_targets(runner, paths, model, max_new_tokens)
+    if targets == "base_answers":
+        return base_answer_targets(runner, paths, model, max_new_tokens)
     return paths
 
 
@@ -288,8 +294,8 @@ def align_stage(runner, settings, llm, encoder, adaptor):
 
     The ``settings.objectives`` run in their order (default
     ``[ctc_embeddings, lm_loss]``): ``ctc_embeddings`` for ``ctc_epochs``,
-    ``lm_loss`` (the LLM's loss on the ``targets``) and ``distill`` (the LLM
-    given speech matches itself given text, ``distill_topk`` tokens cached per
+    ``lm_loss`` (the LLM's loss on the ``targets``) and ``text_teacher`` (the LLM
+    given speech matches itself given text, ``teacher_topk`` tokens cached per
     position) for ``epochs`` each; 0 epochs skips one.
     The LLM is frozen: its text scores are the base LLM's, so only S2T is scored.
 
@@ -323,8 +329,8 @@ def align_stage(runner, settings, llm, encoder, adaptor):
             results.update(ctc_alignment(runner, settings, encoder, adaptor, embeddings))
         elif objective == "lm_loss":
             brain = lm_loss_alignment(runner, settings, model, strategy, results)
-        elif objective == "distill":
-            brain = distill_alignment(runner, settings, model, strategy)
+        elif objective == "text_teacher":
+            brain = text_teacher_alignment(runner, settings, model, strategy)
     if brain is None:  # only CTC (or nothing) ran: a Brain that scores
         brain = runner.stage_brain(model, strategy, "speech", folder)
     runner.export(model, strategy, folder)
@@ -355,10 +361,10 @@ def lm_loss_alignment(runner, settings, model, strategy, results):
     return brain
 
 
-def distill_alignment(runner, settings, model, strategy):
+def text_teacher_alignment(runner, settings, model, strategy):
     """Stage 1 by distillation from the same frozen LLM given text; returns the Brain."""
-    folder = os.path.join(runner.hparams["output_folder"], "align", "distill")
-    cache = TeacherCache(k=settings.distill_topk)
+    folder = os.path.join(runner.hparams["output_folder"], "align", "text_teacher")
+    cache = TeacherCache(k=settings.teacher_topk)
     training = stage_training(settings, brain_class=DistillationBrain)
     brain = runner.stage_brain(model, strategy, "speech", folder, training, teacher_cache=cache)
     if settings.epochs > 0:

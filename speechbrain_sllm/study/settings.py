@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-ALIGN_OBJECTIVES = ("ctc_embeddings", "lm_loss", "distill")
+from speechbrain_sllm.overrides import RENAMED_VALUES
+
+ALIGN_OBJECTIVES = ("ctc_embeddings", "lm_loss", "text_teacher")
 ALIGN_TARGETS = ("answer", "transcript")
 
 
@@ -149,7 +151,7 @@ class AlignmentSettings:
         Run in order, each from the adaptor the previous one left:
         ``ctc_embeddings`` (CTC onto the LLM's input embeddings, stage 1a),
         ``lm_loss`` (the frozen LLM's loss on the targets, stage 1b),
-        ``distill`` (KL to the LLM's distributions given the written question).
+        ``text_teacher`` (KL to the LLM's distributions given the written question).
     ctc_epochs, ctc_lr, ctc_scale, ctc_norm_weight
         Stage 1a: epochs (0 skips it), rate, logit scale of the cosine
         similarities, weight of the norm penalty.
@@ -160,8 +162,8 @@ class AlignmentSettings:
         The prompt of ``targets: transcript``.
     epochs, lr
         Stages 1b and distillation: epochs and rate.
-    distill_topk : int
-        Teacher tokens cached per answer position (``distill``).
+    teacher_topk : int
+        Teacher tokens cached per answer position (``text_teacher``).
     batch_size : int
         Training and validation batch size of every objective.
     opt_class : callable or None
@@ -171,12 +173,16 @@ class AlignmentSettings:
 
     Example
     -------
-    >>> AlignmentSettings(objectives=["lm_loss", "distill"]).objectives
-    ['lm_loss', 'distill']
+    >>> AlignmentSettings(objectives=["lm_loss", "text_teacher"]).objectives
+    ['lm_loss', 'text_teacher']
     >>> AlignmentSettings(objectives=["ctc"])
     Traceback (most recent call last):
     ...
-    ValueError: align: objectives: unknown ['ctc']; use some of ('ctc_embeddings', 'lm_loss', 'distill').
+    ValueError: align: objectives: unknown ['ctc']; use some of ('ctc_embeddings', 'lm_loss', 'text_teacher').
+    >>> AlignmentSettings(objectives=["distill"])
+    Traceback (most recent call last):
+    ...
+    ValueError: align: objectives: {'distill': 'text_teacher'} (old name: new name, one per concept).
     """
 
     objectives: list = field(default_factory=lambda: ["ctc_embeddings", "lm_loss"])
@@ -188,7 +194,7 @@ class AlignmentSettings:
     transcript_prompt: object = None
     epochs: int = 3
     lr: float = 1e-3
-    distill_topk: int = 64
+    teacher_topk: int = 64
     batch_size: int = 8
     opt_class: object = None
     warmup_fraction: float = 0.1
@@ -198,6 +204,9 @@ class AlignmentSettings:
         if self.opt_class is None:
             self.opt_class = functools.partial(torch.optim.AdamW, weight_decay=0.0)
         self.objectives = list(self.objectives or ["ctc_embeddings", "lm_loss"])
+        renamed = {old: RENAMED_VALUES[old] for old in self.objectives if old in RENAMED_VALUES}
+        if renamed:
+            raise ValueError(f"align: objectives: {renamed} (old name: new name, one per concept).")
         unknown = [name for name in self.objectives if name not in ALIGN_OBJECTIVES]
         if unknown:
             raise ValueError(

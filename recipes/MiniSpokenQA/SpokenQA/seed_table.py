@@ -8,7 +8,9 @@ Prints one markdown row per method found in every run (each strategy, each
 ``+mitigation`` and, when the runs interpolated weights, each strategy at each
 alpha): ``mean (min-max)`` of T2T, S2T, text perplexity, importance JS vs base
 and top-3% IoU vs base; then, per method, in how many seeds it keeps at least
-layer-wise LR's T2T with at least full FT's S2T. ``--plot`` also draws T2T against S2T, one point per
+layer-wise LR's T2T with at least full FT's S2T, and each method's exact
+McNemar test of T2T against the base LLM per seed (from the per-item answers
+beside each ``results.json``). ``--plot`` also draws T2T against S2T, one point per
 method at its mean with its seed range as error bars.
 
 Authors
@@ -16,7 +18,14 @@ Authors
 """
 
 import json
+import os
 import sys
+
+from speechbrain_sllm.importance.shift import layer_shift
+from speechbrain_sllm.study import paired_tests
+from speechbrain_sllm.study.report import layer_sums
+
+ARMS = ("full_ft", "full_ft_text_arm")  # the speech arm and its text control
 
 LABELS = {
     "full_ft": "full FT",
@@ -27,6 +36,7 @@ LABELS = {
     "full_ft+replay": "full FT + text replay",
     "full_ft+text_kd": "full FT + text self-distillation",
     "full_ft+anchor": "full FT + importance anchor",
+    "full_ft_text_arm": "full FT, text arm (written questions, no audio)",
 }
 
 
@@ -118,6 +128,57 @@ def goal_seeds(runs):
     return met
 
 
+def paired_t2t_lines(folders, runs):
+    """Per method, each seed's exact McNemar test of its T2T answers against the base LLM's.
+
+    Arguments
+    ---------
+    folders : list of str
+        Each run's output folder (``base/t2t.tsv``, ``finetune/<name>/t2t.tsv``).
+    runs : list of dict
+        The loaded ``results.json`` of each folder.
+
+    Returns
+    -------
+    list of str
+        ``* <method>: <lost>/<gained> (p <p>), ...`` one seed after another.
+    """
+    names = [name for name in runs[0]["strategies"] if all(name in r["strategies"] for r in runs)]
+    lines = []
+    for name in names:
+        cells = []
+        for folder in folders:
+            test = paired_tests(folder, os.path.join(folder, "base"), [name], ["t2t"])[name]["t2t"]
+            cells.append(f"{test['lost']}/{test['gained']} (p {test['p']:.2g})")
+        lines.append(f"* {LABELS.get(name, name)}: " + ", ".join(cells))
+    return lines
+
+
+def arm_shift_line(folders, arms=ARMS):
+    """The layer-wise importance JS between two stages of each seed (e.g. the two arms).
+
+    Arguments
+    ---------
+    folders : list of str
+        Each run's output folder (``importance/<stage>/profile.json``).
+    arms : tuple of str
+        The two stages compared.
+
+    Returns
+    -------
+    str
+        ``importance JS <first> vs <second> (bits): <mean> (<min>-<max>)``.
+    """
+    values = []
+    for folder in folders:
+        profiles = []
+        for name in arms:
+            with open(os.path.join(folder, "importance", name, "profile.json")) as handle:
+                profiles.append(layer_sums(json.load(handle)))
+        values.append(layer_shift(*profiles)["js"])
+    return f"importance JS {arms[0]} vs {arms[1]} (bits): {cell(values, 4)}"
+
+
 def plotted_methods(runs):
     """``method_rows`` without the interpolation rows (those stay in the table)."""
     return {
@@ -172,11 +233,19 @@ def main(argv):
     (``--hardware="<machine>"`` names the machine in its title)."""
     options = {a[2:].split("=", 1)[0]: a.split("=", 1)[1] for a in argv if a.startswith("--")}
     plot = [options["plot"]] if "plot" in options else []
+    paths = [a for a in argv if not a.startswith("--")]
     runs = []
-    for path in (a for a in argv if not a.startswith("--")):
+    for path in paths:
         with open(path) as handle:
             runs.append(json.load(handle))
     print(seed_table(runs))
+    folders = [os.path.dirname(os.path.abspath(path)) for path in paths]
+    if all(os.path.isfile(os.path.join(folder, "base", "t2t.tsv")) for folder in folders):
+        print("\nT2T items lost/gained against the base LLM, exact McNemar p (seed by seed):")
+        print("\n".join(paired_t2t_lines(folders, runs)))
+    arm_profiles = [os.path.join(f, "importance", a, "profile.json") for f in folders for a in ARMS]
+    if all(os.path.isfile(path) for path in arm_profiles):
+        print("\n" + arm_shift_line(folders))
     if all({"full_ft", "layerwise_lr"} <= set(run["strategies"]) for run in runs):
         print("\nSeeds with at least layer-wise LR's T2T and full FT's S2T (same seed):")
         for label, count in goal_seeds(runs).items():

@@ -41,7 +41,7 @@ from voiceassistant_prepare import prepare_spoken_qa  # noqa: E402
 
 
 def dataio_prepare(hparams):
-    """Train / valid spoken QA, the written training questions and the evaluation sets."""
+    """Train / valid spoken QA, the written training questions and the test sets."""
 
     def dataset(name, with_audio=True):
         """The QA dataset of one prepared manifest."""
@@ -54,7 +54,7 @@ def dataio_prepare(hparams):
             min_duration=hparams["min_duration"],
         )
 
-    evals = {name: dataset(f"eval_{name}") for name in hparams["eval_files"]}
+    evals = {name: dataset(f"test_{name}") for name in hparams["test_files"]}
     return dataset("train"), dataset("valid"), dataset("train", with_audio=False), evals
 
 
@@ -75,10 +75,10 @@ def textual_importance(brain, text_set, folder, hparams):
 if __name__ == "__main__":
     hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
     hparams = load_recipe_hparams(hparams_file, overrides, run_opts)  # checked, then built
-    if not hparams["eval_files"]:
+    if not hparams["test_files"]:
         raise ValueError(
-            "eval_files is empty: pass the evaluation sets, e.g. "
-            '--eval_files="{llama_questions: /data/llamaq.jsonl, web_questions: /data/webq.jsonl}"'
+            "test_files is empty: pass the test sets, e.g. "
+            '--test_files="{llama_questions: /data/llamaq.jsonl, web_questions: /data/webq.jsonl}"'
         )
     sb.utils.distributed.ddp_init_group(run_opts)
     sb.create_experiment_directory(
@@ -88,14 +88,14 @@ if __name__ == "__main__":
         prepare_spoken_qa,
         kwargs={
             "train_file": hparams["train_file"],
-            "eval_files": hparams["eval_files"],
+            "test_files": hparams["test_files"],
             "save_folder": hparams["manifest_folder"],
             "valid_fraction": hparams["valid_fraction"],
             "skip_prep": hparams["skip_prep"],
             "on_change": hparams["prepare_on_change"],
         },
     )
-    train_set, valid_set, text_set, eval_sets = dataio_prepare(hparams)
+    train_set, valid_set, text_set, test_sets = dataio_prepare(hparams)
     importance_folder = os.path.join(hparams["output_folder"], "importance")
 
     # LoRA starts as an exact no-op (B = 0), so the base profile can be scored on
@@ -134,7 +134,7 @@ if __name__ == "__main__":
             name=name,
             **best,
         )
-        for name, dataset in eval_sets.items()
+        for name, dataset in test_sets.items()
     }
     export_recipe_run(hparams)  # the best checkpoint, before LoRA merging
     merge_lora(hparams["model"])  # under FSDP: merged into the shards in place
