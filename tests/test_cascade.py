@@ -238,9 +238,10 @@ def test_a_speech_llm_with_the_transcript_adaptor_is_exported_and_loads_back(rea
 def test_one_whisper_checkpoint_is_read_once_and_each_part_keeps_its_own_weights(
     real_models, monkeypatch
 ):
-    """The encoder, the transcript adaptor's decoder and the cascade's recogniser read the
-    checkpoint once between them; each holds its own copy (one trains, the others do not
-    move), equal to the checkpoint's; after release the next part reads it again."""
+    """In a study's scope the encoder, the transcript adaptor's decoder and the cascade's
+    recogniser read the checkpoint once between them; each holds its own copy (one trains,
+    the others do not move), equal to the checkpoint's; the scope's end frees it. Outside
+    a scope (a training recipe) each part reads its own and nothing is held."""
     from transformers import PreTrainedModel
 
     from speechbrain_sllm.model import pretrained
@@ -254,12 +255,14 @@ def test_one_whisper_checkpoint_is_read_once_and_each_part_keeps_its_own_weights
         return original(cls, *args, **kwargs)
 
     monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(counted))
-    pretrained.release_pretrained()
     source = real_models["whisper"]
-    encoder = HFWhisperEncoder(source=source)
-    adaptor = WhisperTranscriptAdaptor(32, source)
-    transcriber = WhisperTranscriber(source)
+    with pretrained.sharing_pretrained():
+        encoder = HFWhisperEncoder(source=source)
+        adaptor = WhisperTranscriptAdaptor(32, source)
+        transcriber = WhisperTranscriber(source)
+        assert pretrained._whisper_checkpoint.cache_info().currsize == 1
     assert reads == ["WhisperForConditionalGeneration"]
+    assert pretrained._whisper_checkpoint.cache_info().currsize == 0  # freed
     heard = transcriber.model.model
     for mine, theirs in ((encoder.encoder, heard.encoder), (adaptor.decoder, heard.decoder)):
         pairs = zip(mine.state_dict().values(), theirs.state_dict().values())
@@ -267,9 +270,9 @@ def test_one_whisper_checkpoint_is_read_once_and_each_part_keeps_its_own_weights
     with torch.no_grad():
         next(encoder.encoder.parameters()).add_(1.0)
     assert not torch.equal(next(encoder.encoder.parameters()), next(heard.encoder.parameters()))
-    pretrained.release_pretrained()
-    HFWhisperEncoder(source=source)
-    assert reads == ["WhisperForConditionalGeneration"] * 2
+    HFWhisperEncoder(source=source)  # outside a scope: the part alone, nothing held
+    assert reads == ["WhisperForConditionalGeneration", "WhisperModel"]
+    assert pretrained._whisper_checkpoint.cache_info().currsize == 0
 
 
 def test_bridge_adaptor_hands_the_llm_the_embeddings_of_what_whisper_heard(real_models, tmp_path):

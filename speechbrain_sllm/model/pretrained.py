@@ -3,15 +3,19 @@
 A study with a Whisper adaptor uses one Whisper checkpoint three times: the
 speech encoder, the adaptor's decoder and the cascade's recogniser. Each part
 gets its own copy of the weights (one part may train while another only
-decodes), but the checkpoint is read from disk once: ``pretrained_whisper``
-keeps the last checkpoint it read (one at most) until ``release_pretrained``.
-The vocabulary bridge needs only the LLM's input embeddings:
-``llm_input_embeddings`` reads that one tensor, not the whole LLM.
+decodes), but inside ``sharing_pretrained()`` (a study's whole run) the
+checkpoint is read from disk once: ``pretrained_whisper`` keeps the last
+checkpoint it read (one at most) until the outermost scope ends. Outside a
+scope nothing is held (a training recipe, one process per GPU, keeps no
+second copy of Whisper in host memory). The vocabulary bridge needs only the
+LLM's input embeddings: ``llm_input_embeddings`` reads that one tensor, not
+the whole LLM.
 
 Authors
  * speechbrain-sllm developers 2026
 """
 
+import contextlib
 import copy
 import functools
 import json
@@ -32,8 +36,31 @@ def _whisper_checkpoint(source, cache_dir):
     return WhisperForConditionalGeneration.from_pretrained(source, cache_dir=cache_dir).eval()
 
 
+_SCOPES = []  # the open ``sharing_pretrained`` scopes
+
+
+@contextlib.contextmanager
+def sharing_pretrained():
+    """A scope (e.g. a study's run) in which each Whisper checkpoint is read once.
+
+    Example
+    -------
+    >>> with sharing_pretrained():
+    ...     pass
+    >>> _whisper_checkpoint.cache_info().currsize
+    0
+    """
+    _SCOPES.append(True)
+    try:
+        yield
+    finally:
+        _SCOPES.pop()
+        if not _SCOPES:
+            release_pretrained()
+
+
 def pretrained_whisper(source, cache_dir=None, with_head=False):
-    """A fresh copy of a pretrained Whisper; the checkpoint is read once per process.
+    """A fresh copy of a pretrained Whisper, read once per ``sharing_pretrained`` scope.
 
     Arguments
     ---------
@@ -50,12 +77,17 @@ def pretrained_whisper(source, cache_dir=None, with_head=False):
     transformers.WhisperModel or transformers.WhisperForConditionalGeneration
         Its own tensors: training it leaves the other copies as they were.
     """
+    if not _SCOPES:  # nothing shares it: read the part alone, hold nothing
+        from transformers import WhisperForConditionalGeneration, WhisperModel
+
+        model_class = WhisperForConditionalGeneration if with_head else WhisperModel
+        return model_class.from_pretrained(source, cache_dir=cache_dir).eval()
     checkpoint = _whisper_checkpoint(source, cache_dir)
     return copy.deepcopy(checkpoint if with_head else checkpoint.model)
 
 
 def release_pretrained():
-    """Frees the held checkpoint (the next ``pretrained_whisper`` reads it again)."""
+    """Frees the held checkpoint (the next ``pretrained_whisper`` in a scope reads it again)."""
     _whisper_checkpoint.cache_clear()
 
 

@@ -22,7 +22,6 @@ from speechbrain_sllm.brains import SpeechLLMBrain
 from speechbrain_sllm.checkpointing import AtomicCheckpointer, RNGState
 from speechbrain_sllm.evaluation import EvaluationSettings  # noqa: F401  (docstring example)
 from speechbrain_sllm.importance.stage import scored_importance
-from speechbrain_sllm.model.pretrained import release_pretrained
 from speechbrain_sllm.model.speech_llm import SpeechLLM
 from speechbrain_sllm.model_export import export_stage
 from speechbrain_sllm.schedules import WarmupDecaySchedule
@@ -125,7 +124,6 @@ class StudyRunner:
                 stage.run(self, name)
             free_finished_stage()
         self.release_base_model()
-        release_pretrained()  # the Whisper checkpoint its parts were copied from
         return self.results
 
     def qa_dataset(self, manifest, prompt=None):

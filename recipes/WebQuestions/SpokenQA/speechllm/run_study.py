@@ -26,6 +26,7 @@ import sys
 import speechbrain as sb
 
 from speechbrain_sllm.config import load_recipe_hparams
+from speechbrain_sllm.model.pretrained import sharing_pretrained
 from speechbrain_sllm.model.speech_llm import SpeechLLM
 from speechbrain_sllm.model_export import INFERENCE_TEMPLATE
 from speechbrain_sllm.study import (
@@ -116,4 +117,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with sharing_pretrained():  # Whisper read once for the encoder, adaptor and cascade
+        main(sys.argv[1:])
