@@ -165,7 +165,7 @@ class HFWhisperEncoder(SpeechEncoder):
         if (source is None) == (config is None):
             raise ValueError("HFWhisperEncoder: give exactly one of `source` or `config`.")
         if source is not None:
-            model = pretrained_whisper(source, cache_dir)  # read once per run
+            model = pretrained_whisper(source, cache_dir)  # read once in a sharing scope
             self.feature_extractor = WhisperFeatureExtractor.from_pretrained(
                 source, cache_dir=cache_dir
             )

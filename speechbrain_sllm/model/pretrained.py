@@ -1,4 +1,4 @@
-"""Pretrained checkpoints read once per run and shared by the parts built from them.
+"""Pretrained checkpoints read once per study and shared by the parts built from them.
 
 A study with a Whisper adaptor uses one Whisper checkpoint three times: the
 speech encoder, the adaptor's decoder and the cascade's recogniser. Each part

@@ -80,7 +80,7 @@ class WhisperQueryAdaptor(nn.Module):
         if (source is None) == (config is None):
             raise ValueError("WhisperQueryAdaptor: give exactly one of `source` or `config`.")
         if source is not None:
-            model = pretrained_whisper(source, cache_dir)  # read once per run
+            model = pretrained_whisper(source, cache_dir)  # read once in a sharing scope
         else:
             model = WhisperModel(config)
         config = model.config
@@ -204,7 +204,7 @@ class WhisperTranscriptAdaptor(nn.Module):
         if (source is None) == (config is None):
             raise ValueError("WhisperTranscriptAdaptor: give exactly one of `source` or `config`.")
         model = (
-            pretrained_whisper(source, cache_dir)  # read once per run
+            pretrained_whisper(source, cache_dir)  # read once in a sharing scope
             if source is not None
             else WhisperModel(config)
         )
