@@ -846,3 +846,40 @@ def test_every_item_longer_than_the_context_is_named_before_the_first_step(
         brain.fit(brain.hparams.epoch_counter, dataset, train_loader_kwargs={"batch_size": 2})
     assert all(item in str(error.value) for item in expected)
     assert brain.step == 0 and not os.listdir(tmp_path / "save")  # nothing ran, nothing saved
+
+
+def test_a_study_stage_rerun_with_other_training_settings_is_refused_naming_them(tmp_path):
+    from test_run_lock import folder_snapshot
+
+    from speechbrain_sllm.config import load_recipe_hparams
+    from speechbrain_sllm.study.stage_record import STAGE_RECORD
+
+    study = os.path.join(ROOT, "recipes", "MiniSpokenQA", "SpokenQA", "hparams", "study.yaml")
+    run = {"output_folder": str(tmp_path), "stages": ["base", "full_ft+replay", "lora"]}
+
+    def load(**changes):  # one run after another: this process's lock is let go each time
+        try:
+            load_recipe_hparams(study, {**run, **changes})
+        finally:
+            (tmp_path / ".run.lock").unlink()
+
+    load()  # records each trained stage's settings
+    replay = tmp_path / "finetune" / "full_ft+replay"
+    assert sorted(os.listdir(tmp_path / "finetune")) == ["full_ft+replay", "lora"]
+    (replay / "save" / "CKPT+2026-12-07+00-00-00+00").mkdir(parents=True)
+    (tmp_path / "finetune" / "lora" / STAGE_RECORD).unlink()  # no checkpoint: rewritten
+    load()  # the same settings resume
+    load(evaluation={"batch_size": 3}, anchor={"strength": 9})  # scoring; another stage's
+    load(lora={"rank": 4})  # full_ft+replay trains no LoRA
+    assert (tmp_path / "finetune" / "lora" / STAGE_RECORD).is_file()
+    before = folder_snapshot(tmp_path)
+    message = (
+        r"stage 'full_ft\+replay' \(.*finetune/full_ft\+replay\):\n"
+        r"    replay.weight: 1.0 in the folder, 4.0 now\n"
+        r"    stage_choices.full_ft\+replay.mitigations.0.weight: 1.0 in the folder, 4.0 now"
+    )
+    with pytest.raises(ValueError, match=message):
+        load(replay={"weight": 4.0})
+    with pytest.raises(ValueError, match=r"seed: 1234 in the folder, 7 now"):
+        load(seed=7)
+    assert folder_snapshot(tmp_path) == before  # refused before anything was written

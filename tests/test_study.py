@@ -201,7 +201,7 @@ def test_real_model_picture_merges_runs_and_keeps_the_last_value(tmp_path):
 
     def run(strategies):
         base = {"llamaq_t2t": 30.0, "cascade": {"llamaq_s2t": 29.5}}
-        return {"base": base, "stage1": {"llamaq_s2t": 28.0}, "strategies": strategies}
+        return {"base": base, "align": {"llamaq_s2t": 28.0}, "strategies": strategies}
 
     first = run(
         {

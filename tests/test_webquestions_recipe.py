@@ -172,13 +172,13 @@ def test_debug_run_of_every_strategy_on_real_models(real_models, study_data, tmp
     assert len(heard) == 8 and all(question.strip() for question in heard)
     assert "| cascade: Whisper's own decoder" in (output / "results.md").read_text()
     stage1_s2t, _ = accuracy_from_tsv(output / "align" / "llamaq_s2t.tsv")
-    assert results["stage1"]["llamaq_s2t"] == pytest.approx(stage1_s2t)
+    assert results["align"]["llamaq_s2t"] == pytest.approx(stage1_s2t)
     # a frozen LLM's text scores are the base LLM's; a fine-tuned one's perplexity moves
     assert strategies["frozen_llm"]["text_ppl"] == pytest.approx(results["base"]["text_ppl"])
     assert strategies["full_ft"]["text_ppl"] != pytest.approx(results["base"]["text_ppl"])
     # stage 1a (CTC onto the LLM's input embeddings) ran and logged its epochs
     ctc_keys = {"ctc_valid_loss", "ctc_valid_wer", "ctc_llamaq_wer", "ctc_webq_wer"}
-    assert ctc_keys <= set(results["stage1"])  # best-path WER on each test set too
+    assert ctc_keys <= set(results["align"])  # best-path WER on each test set too
     assert "WER" in (output / "align" / "ctc" / "train_log.txt").read_text()
     # the LLM trains in every strategy but frozen_llm: its importance moves, or not at all
     for name in ("full_ft", "layerwise_lr", "lora"):

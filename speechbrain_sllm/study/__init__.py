@@ -23,7 +23,7 @@ from speechbrain_sllm.study.report import (
     paired_tests,
     peak_layer,
     print_summary,
-    write_stage_one_results,
+    write_align_results,
     write_study_outputs,
     zeroing_line,
 )
@@ -60,7 +60,7 @@ __all__ = [
     "print_summary",
     "read_rows",
     "training_targets",
-    "write_stage_one_results",
+    "write_align_results",
     "write_study_outputs",
     "zeroing_line",
 ]

@@ -39,6 +39,7 @@ from speechbrain_sllm.model.embedding_ctc import EmbeddingCTCHead, ctc_loss, gre
 from speechbrain_sllm.model.speech_llm import SpeechLLM
 from speechbrain_sllm.overrides import RENAMED_VALUES
 from speechbrain_sllm.strategies import apply_strategy, build_strategy
+from speechbrain_sllm.study.protocol import fit_and_restore_best
 from speechbrain_sllm.study.settings import StageTraining
 
 logger = logging.getLogger(__name__)
@@ -353,7 +354,7 @@ def lm_loss_alignment(runner, settings, model, strategy, results):
     training = stage_training(settings)
     brain = runner.stage_brain(model, strategy, "speech", folder, training, prompt=prompt)
     if settings.epochs > 0:
-        runner.fit_and_restore_best(brain, train, valid, settings.batch_size)
+        fit_and_restore_best(brain, train, valid, settings.batch_size)
     if target == "transcript":
         results["valid_wer"] = brain.evaluator().word_error_rate(
             valid, os.path.join(folder, "valid_wer.txt"), batch_size=runner.evaluation.batch_size
@@ -369,7 +370,7 @@ def text_teacher_alignment(runner, settings, model, strategy):
     brain = runner.stage_brain(model, strategy, "speech", folder, training, teacher_cache=cache)
     if settings.epochs > 0:
         data = runner.data
-        runner.fit_and_restore_best(brain, data.train_set, data.valid_set, settings.batch_size)
+        fit_and_restore_best(brain, data.train_set, data.valid_set, settings.batch_size)
     return brain
 
 

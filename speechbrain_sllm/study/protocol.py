@@ -60,8 +60,8 @@ class StudyRunner:
     -------
     >>> runner = StudyRunner({"output_folder": "out"}, {}, ImportanceSettings(),
     ...     EvaluationSettings())
-    >>> runner.column("", "text")
-    't2t'
+    >>> runner.results
+    {'base': {}, 'strategies': {}}
     """
 
     def __init__(
@@ -194,35 +194,6 @@ class StudyRunner:
             or sb.utils.train_logger.FileTrainLogger(os.path.join(folder, "train_log.txt")),
         )
 
-    def fit_and_restore_best(self, brain, train_set, valid_set, batch_size):
-        """Trains for the brain's epochs, then reloads the lowest-validation-loss checkpoint.
-
-        Arguments
-        ---------
-        brain : SpeechLLMBrain
-            From ``stage_brain`` with training.
-        train_set : DynamicItemDataset
-            Training data.
-        valid_set : DynamicItemDataset
-            Validation data (its loss picks the checkpoint).
-        batch_size : int
-            Batch size of both loaders.
-        """
-        brain.fit(
-            brain.hparams.epoch_counter,
-            train_set,
-            valid_set,
-            train_loader_kwargs={"batch_size": batch_size, "shuffle": True},
-            valid_loader_kwargs={"batch_size": batch_size},
-        )
-        brain.checkpointer.recover_if_possible(min_key="loss")
-
-    @staticmethod
-    def column(prefix, mode):
-        """The results key of an accuracy: ``<prefix>_t2t`` / ``<prefix>_s2t``."""
-        name = "t2t" if mode == "text" else "s2t"
-        return f"{prefix}_{name}" if prefix else name
-
     def evaluate(self, brain, folder, modes=("text", "speech")):
         """Accuracy on every test set in ``modes``; with text, the text perplexity.
 
@@ -244,7 +215,7 @@ class StudyRunner:
         results = {}
         for prefix, sets in self.data.test_sets.items():
             for mode in modes:
-                column = self.column(prefix, mode)
+                column = accuracy_column(prefix, mode)
                 results[column] = evaluator.qa_accuracy(
                     sets[mode],
                     mode,
@@ -299,6 +270,42 @@ class StudyRunner:
         if self.inference_hparams is None:
             return None
         return export_stage(model, strategy, folder, self.hparams, self.inference_hparams)
+
+
+def fit_and_restore_best(brain, train_set, valid_set, batch_size):
+    """Trains for the brain's epochs, then reloads the lowest-validation-loss checkpoint.
+
+    Arguments
+    ---------
+    brain : SpeechLLMBrain
+        From ``stage_brain`` with training.
+    train_set : DynamicItemDataset
+        Training data.
+    valid_set : DynamicItemDataset
+        Validation data (its loss picks the checkpoint).
+    batch_size : int
+        Batch size of both loaders.
+    """
+    brain.fit(
+        brain.hparams.epoch_counter,
+        train_set,
+        valid_set,
+        train_loader_kwargs={"batch_size": batch_size, "shuffle": True},
+        valid_loader_kwargs={"batch_size": batch_size},
+    )
+    brain.checkpointer.recover_if_possible(min_key="loss")
+
+
+def accuracy_column(prefix, mode):
+    """The results key of an accuracy: ``<prefix>_t2t`` / ``<prefix>_s2t``.
+
+    Example
+    -------
+    >>> accuracy_column("", "text"), accuracy_column("llamaq", "speech")
+    ('t2t', 'llamaq_s2t')
+    """
+    name = "t2t" if mode == "text" else "s2t"
+    return f"{prefix}_{name}" if prefix else name
 
 
 def check_stage_list(names, choices):

@@ -159,14 +159,14 @@ def write_study_outputs(folder, results, timings, profiles, markdown):
         handle.write(markdown + "\n")
 
 
-def write_stage_one_results(folder, stage1, cascade, settings, clock, device=None):
+def write_align_results(folder, align, cascade, settings, clock, device=None):
     """Stage 1's S2T beside the cascade's, with settings and times, in ``align/results.json``.
 
     Arguments
     ---------
     folder : str
         The study's output folder.
-    stage1 : dict
+    align : dict
         Stage 1's scores (``<set>_s2t`` per test set).
     cascade : dict or None
         The cascade reference (``<set>_s2t``, ``<set>_wer``).
@@ -183,7 +183,7 @@ def write_stage_one_results(folder, stage1, cascade, settings, clock, device=Non
         What was written; ``s2t_over_cascade`` per set when the cascade ran.
     """
     results = {
-        "stage1": stage1,
+        "align": align,
         "cascade": cascade,
         "settings": settings,
         "seconds": clock.seconds,
@@ -192,7 +192,7 @@ def write_stage_one_results(folder, stage1, cascade, settings, clock, device=Non
     if cascade:
         sets = [key[: -len("_s2t")] for key in cascade if key.endswith("_s2t")]
         results["s2t_over_cascade"] = {
-            name: stage1[f"{name}_s2t"] / cascade[f"{name}_s2t"] if cascade[f"{name}_s2t"] else None
+            name: align[f"{name}_s2t"] / cascade[f"{name}_s2t"] if cascade[f"{name}_s2t"] else None
             for name in sets
         }
     if sb.utils.distributed.if_main_process():

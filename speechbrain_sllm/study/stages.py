@@ -41,6 +41,7 @@ from speechbrain_sllm.strategies.interpolation import interpolated, llm_weights
 from speechbrain_sllm.strategies.lora import merge_lora
 from speechbrain_sllm.study.alignment import align_stage
 from speechbrain_sllm.study.base_cache import base_inputs, load_base_cache, save_base_cache
+from speechbrain_sllm.study.protocol import fit_and_restore_best
 from speechbrain_sllm.study.report import importance_shift, layer_sums, peak_layer
 from speechbrain_sllm.study.settings import StageTraining
 
@@ -168,6 +169,8 @@ class AlignStage:
         The adaptor to align.
     """
 
+    training_folder = "align"  # its checkpoints' settings: study.stage_record
+
     def __init__(self, settings, encoder, adaptor):
         self.settings = settings
         self.encoder = encoder
@@ -231,6 +234,7 @@ class FinetuneStage:
     """
 
     needs_base = True
+    training_folder = "finetune/{name}"  # its checkpoints' settings: study.stage_record
 
     def __init__(
         self,
@@ -303,7 +307,7 @@ class FinetuneStage:
             mitigations=self.bound(runner),
         )
         data = runner.data
-        runner.fit_and_restore_best(brain, data.train_set, data.valid_set, self.settings.batch_size)
+        fit_and_restore_best(brain, data.train_set, data.valid_set, self.settings.batch_size)
         runner.export(model, strategy, folder)
         results = runner.evaluate(brain, folder)
         merge_lora(model)

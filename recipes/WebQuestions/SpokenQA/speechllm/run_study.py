@@ -35,7 +35,7 @@ from speechbrain_sllm.study import (
     StudyModels,
     StudyRunner,
     training_targets,
-    write_stage_one_results,
+    write_align_results,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -108,12 +108,12 @@ def main(argv):
         )
     )
     results = runner.run(hparams["stages"], hparams["stage_choices"])
-    base, stage1, runs = results["base"], results.get("align", {}), results["strategies"]
+    base, align, runs = results["base"], results.get("align", {}), results["strategies"]
     if not runs:  # stage 1 alone: its S2T beside the cascade's
         command = {"hparams": hparams_file, "overrides": overrides}
         folder, device = hparams["output_folder"], run_opts.get("device")
-        return write_stage_one_results(folder, stage1, base.get("cascade"), command, clock, device)
-    return report(hparams, run_opts, base, stage1, runs, runner.profiles, clock)
+        return write_align_results(folder, align, base.get("cascade"), command, clock, device)
+    return report(hparams, run_opts, base, align, runs, runner.profiles, clock)
 
 
 if __name__ == "__main__":

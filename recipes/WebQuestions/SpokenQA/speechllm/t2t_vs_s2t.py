@@ -49,7 +49,7 @@ def merged_points(runs, test="llamaq"):
     -------
     >>> run = {
     ...     "base": {"llamaq_t2t": 30.0, "cascade": {"llamaq_s2t": 29.0}},
-    ...     "stage1": {"llamaq_s2t": 28.0},
+    ...     "align": {"llamaq_s2t": 28.0},
     ...     "strategies": {"lora": {"llamaq_s2t": 1.0, "llamaq_t2t": 31.0}},
     ... }
     >>> merged_points([run])
@@ -60,7 +60,7 @@ def merged_points(runs, test="llamaq"):
     cascade = runs[-1]["base"].get("cascade")
     if cascade:
         points["cascade (Whisper decoder -> base LLM)"] = (cascade[f"{test}_s2t"], base_t2t)
-    points["stage 1 (LLM frozen)"] = (runs[-1]["stage1"][f"{test}_s2t"], base_t2t)
+    points["stage 1 (LLM frozen)"] = (runs[-1]["align"][f"{test}_s2t"], base_t2t)
     strategies = {}
     for run in runs:
         strategies.update(run["strategies"])

@@ -37,14 +37,14 @@ def cell(value, digits=1):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def results_table(base, stage1, runs):
+def results_table(base, align, runs):
     """Table 2 of the paper, measured here (markdown).
 
     Arguments
     ---------
     base : dict
         The base LLM's scores.
-    stage1 : dict
+    align : dict
         The aligned adaptor's scores (LLM frozen: its text scores are the base LLM's);
         empty when the align stage did not run.
     runs : dict
@@ -69,11 +69,11 @@ def results_table(base, stage1, runs):
             f"| {cell(cascade['llamaq_s2t'])} | {cell(base['webq_t2t'])} "
             f"| {cell(cascade['webq_s2t'])} | {base['text_ppl']:.2f} | 0 | 1 |"
         )
-    if "llamaq_s2t" in stage1:  # the align stage ran
+    if "llamaq_s2t" in align:  # the align stage ran
         lines.append(
             f"| stage 1: adaptor aligned, LLM frozen | {cell(base['llamaq_t2t'])} "
-            f"| {cell(stage1['llamaq_s2t'])} | {cell(base['webq_t2t'])} "
-            f"| {cell(stage1['webq_s2t'])} | {base['text_ppl']:.2f} | 0 | 1 |"
+            f"| {cell(align['llamaq_s2t'])} | {cell(base['webq_t2t'])} "
+            f"| {cell(align['webq_s2t'])} | {base['text_ppl']:.2f} | 0 | 1 |"
         )
     for name, run in runs.items():
         lines.append(
@@ -101,13 +101,13 @@ def paper_table():
     return "\n".join(lines)
 
 
-def report(hparams, run_opts, base, stage1, runs, profiles, clock):
+def report(hparams, run_opts, base, align, runs, profiles, clock):
     """Tables, paired tests, results.json, timings.json and plots; returns the results."""
     folder = hparams["output_folder"]
-    table, paper = results_table(base, stage1, runs), paper_table()
+    table, paper = results_table(base, align, runs), paper_table()
     results = {
         "base": base,
-        "stage1": stage1,
+        "align": align,
         "strategies": runs,
         "table": table,
         "llm": hparams["llm_source"],
