@@ -9,10 +9,14 @@ Authors
  * speechbrain-sllm developers 2026
 """
 
+import gc
+import logging
 import pathlib
 
 import torch
 from speechbrain.utils.distributed import ddp_broadcast
+
+logger = logging.getLogger(__name__)
 
 
 def is_distributed():
@@ -130,6 +134,36 @@ def all_reduce_max(value, device="cpu"):
     tensor = torch.tensor([value], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
     return int(tensor.item())
+
+
+def close_process_group():
+    """Waits for every rank, then closes the process group: the end of a torchrun script.
+
+    A rank that leaves with the group alive finalizes Python while gloo's worker
+    threads still run; a thread that then needs the GIL (to free a tensor of the
+    last collectives) is ended by the interpreter inside C++, and the rank aborts
+    ("terminate called without an active exception") after all its work is
+    written, failing the run (seen in CI about once in a hundred torchrun runs).
+    The group's threads stop only when its last reference goes: the FSDP modules
+    hold one (their mesh), so call this after the function that built the model
+    has returned (a recipe's ``main``); the collection after ``destroy`` frees
+    what is left. The barrier also keeps a rank from leaving while the main
+    process still writes. Call it on every rank, on success only (a rank that
+    failed never reaches the barrier). A no-op outside ``torch.distributed``.
+
+    Example
+    -------
+    >>> close_process_group()
+    >>> is_distributed()
+    False
+    """
+    if not is_distributed():
+        return
+    world = torch.distributed.get_world_size()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    gc.collect()  # objects in reference cycles holding the group (its threads with it)
+    logger.info(f"Closed the process group of {world} ranks.")
 
 
 def share_debug_checkpoint_folder(checkpointer):

@@ -28,6 +28,7 @@ from speechbrain_sllm.checkpointing import (  # noqa: E402
 from speechbrain_sllm.data.dataio import make_qa_dataset  # noqa: E402
 from speechbrain_sllm.data.prompts import ChatPrompt  # noqa: E402
 from speechbrain_sllm.data.tokenizers import SentencePieceTokenizer  # noqa: E402
+from speechbrain_sllm.distributed import close_process_group  # noqa: E402
 from speechbrain_sllm.fsdp import full_tensor  # noqa: E402
 from speechbrain_sllm.mitigations import (  # noqa: E402
     ImportanceAnchor,
@@ -135,9 +136,7 @@ def main(strategy_name, folder, spm_model, manifest, kill_at=None, distributed="
     }
     if sb.utils.distributed.if_main_process():
         torch.save(final, os.path.join(folder, "final.pt"))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    close_process_group()
     # A rank sometimes aborts in C++ static destruction at interpreter exit, after all
     # the work above is done and written ("terminate called without an active
     # exception"; 2 of about 20 runs on a loaded 2-core machine, with or without the

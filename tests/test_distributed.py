@@ -44,7 +44,13 @@ def _worker(rank, world, init_file, manifest, spm_path, out, debug):
     from speechbrain_sllm.checkpointing import TrainableState
     from speechbrain_sllm.data.prompts import ChatPrompt
     from speechbrain_sllm.data.tokenizers import SentencePieceTokenizer
-    from speechbrain_sllm.distributed import all_reduce_sum, gather_in_order, rank_shard
+    from speechbrain_sllm.distributed import (
+        all_reduce_sum,
+        close_process_group,
+        gather_in_order,
+        is_distributed,
+        rank_shard,
+    )
 
     init_group(rank, world, init_file)
     gathered = gather_in_order([f"item{i}" for i in rank_shard(range(5))], rank_shard(range(5)))
@@ -67,9 +73,10 @@ def _worker(rank, world, init_file, manifest, spm_path, out, debug):
         "kept": kept,
         **evaluate(brain, manifest, prompt),
     }
+    close_process_group()  # the end of a torchrun script: both ranks leave together
+    result["group_closed"] = not is_distributed()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
         json.dump(result, handle)
-    torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize("debug", [False, True], ids=["output-folder", "debug-tempdir"])
@@ -96,6 +103,7 @@ def test_two_ranks_checkpoint_evaluate_and_reduce_like_one_process(
         # three saved; keep-only deleted one (kept: the best and the most recent)
         assert len([name for name in result["kept"] if name.startswith("CKPT")]) == 2
         assert not [name for name in result["kept"] if name.startswith(".staging")]
+        assert result["group_closed"]
     assert ranks[0]["ckpt_dir"] == ranks[1]["ckpt_dir"]
     assert ranks[0]["speech"] == ranks[1]["speech"]
 

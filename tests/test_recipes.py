@@ -230,8 +230,12 @@ def run_row_under_torchrun(row, output_folder, extra_flags=()):
         script,
         *arguments,
     ]
-    returncode, _, stderr = run_torchrun(command, ROOT, row_env(script))
+    # a rank that aborts prints every thread's Python stack (faulthandler)
+    env = dict(row_env(script), PYTHONFAULTHANDLER="1")
+    returncode, _, stderr = run_torchrun(command, ROOT, env)
     assert returncode == 0, stderr[-4000:]
+    log = (output_folder / "log.txt").read_text()
+    assert "Closed the process group of 2 ranks." in log  # every rank left together
 
 
 @pytest.mark.parametrize("persistent", [False, True], ids=["debug", "debug_persistently"])

@@ -144,6 +144,7 @@ def main(argv=None):
     argv : list of str or None
         Arguments (``sys.argv[1:]`` when None).
     """
+    from speechbrain_sllm.distributed import close_process_group
     from speechbrain_sllm.importance.checkpoints import ComparisonError
     from speechbrain_sllm.importance.text_sets import TextSetError
 
@@ -175,6 +176,7 @@ def main(argv=None):
         sys.exit(f"compare: {error}")
     print(f"JS {shift['js']:.5f} bits, Spearman {shift['spearman']:.3f}, top-3% IoU "
           f"{shift['top3_iou']:.3f}: {os.path.join(args.output_folder, 'report.md')}")  # fmt: skip
+    close_process_group()  # under torchrun: every rank leaves together, the group closed
 
 
 if __name__ == "__main__":

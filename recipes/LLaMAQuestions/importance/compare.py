@@ -27,11 +27,20 @@ import sys
 import speechbrain as sb
 
 from speechbrain_sllm.config import load_recipe_hparams
+from speechbrain_sllm.distributed import close_process_group
 from speechbrain_sllm.importance.compare import compare_checkpoints
 from speechbrain_sllm.importance.report import summarize_shift
 
-if __name__ == "__main__":
-    hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
+
+def main(argv):
+    """Scores both checkpoints' importance and writes their shift.
+
+    Arguments
+    ---------
+    argv : list of str
+        The hparams file, then run options and yaml overrides.
+    """
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     hparams = load_recipe_hparams(hparams_file, overrides, run_opts)  # checked, then built
     sb.utils.distributed.ddp_init_group(run_opts)
     sb.create_experiment_directory(
@@ -49,3 +58,9 @@ if __name__ == "__main__":
         trust_remote_code=hparams["trust_remote_code"],
     )
     print(summarize_shift(shift), f"top-3% IoU {shift['top3_iou']:.3f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+    # after main: its model and brain are freed, so closing the group stops gloo's threads
+    close_process_group()

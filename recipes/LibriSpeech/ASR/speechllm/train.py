@@ -31,6 +31,7 @@ from speechbrain.utils.distributed import if_main_process, run_on_main
 from speechbrain_sllm.brains import SpeechLLMBrain
 from speechbrain_sllm.config import load_recipe_hparams
 from speechbrain_sllm.data.dataio import load_manifest, make_qa_dataset
+from speechbrain_sllm.distributed import close_process_group
 from speechbrain_sllm.importance.stage import run_importance
 from speechbrain_sllm.model_export import export_recipe_run
 from speechbrain_sllm.outputs import write_json
@@ -122,8 +123,15 @@ def base_importance(brain, hparams, text_set):
     )
 
 
-if __name__ == "__main__":
-    hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
+def main(argv):
+    """Trains, scores and exports the ASR model: every step of the module docstring.
+
+    Arguments
+    ---------
+    argv : list of str
+        The hparams file, then run options and yaml overrides.
+    """
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     hparams = load_recipe_hparams(hparams_file, overrides, run_opts)  # checked, then built
     sb.utils.distributed.ddp_init_group(run_opts)
     sb.create_experiment_directory(
@@ -186,3 +194,9 @@ if __name__ == "__main__":
             {"test": results, "training": training},
             os.path.join(hparams["output_folder"], "results.json"),
         )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+    # after main: its model and brain are freed, so closing the group stops gloo's threads
+    close_process_group()

@@ -30,6 +30,7 @@ from speechbrain.utils.distributed import if_main_process, run_on_main
 from speechbrain_sllm.brains import MAX_METRICS, SpeechLLMBrain
 from speechbrain_sllm.config import load_recipe_hparams
 from speechbrain_sllm.data.dataio import make_qa_dataset
+from speechbrain_sllm.distributed import close_process_group
 from speechbrain_sllm.importance.report import compare_profiles, summarize_shift
 from speechbrain_sllm.importance.stage import run_importance
 from speechbrain_sllm.model_export import export_recipe_run
@@ -72,8 +73,15 @@ def textual_importance(brain, text_set, folder, hparams):
     return profile
 
 
-if __name__ == "__main__":
-    hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
+def main(argv):
+    """Fine-tunes, scores and compares the importance: every step of the module docstring.
+
+    Arguments
+    ---------
+    argv : list of str
+        The hparams file, then run options and yaml overrides.
+    """
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     hparams = load_recipe_hparams(hparams_file, overrides, run_opts)  # checked, then built
     if not hparams["test_files"]:
         raise ValueError(
@@ -154,3 +162,9 @@ if __name__ == "__main__":
             os.path.join(hparams["output_folder"], "results.json"),
         )
         print(summarize_shift(shift))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+    # after main: its model and brain are freed, so closing the group stops gloo's threads
+    close_process_group()
