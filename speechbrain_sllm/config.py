@@ -22,7 +22,11 @@ from speechbrain_sllm.model_sources import check_model_folder, looks_like_a_path
 from speechbrain_sllm.overrides import keys_read_as_run_options, plain_settings
 from speechbrain_sllm.run_lock import lock_output_folder
 from speechbrain_sllm.strategies.core import STRATEGIES
-from speechbrain_sllm.study.stage_record import check_stage_folders, write_stage_records
+from speechbrain_sllm.study.stage_record import (
+    check_stage_folders,
+    folder_holds_checkpoints,
+    write_stage_records,
+)
 from speechbrain_sllm.value_checks import device_problem, value_problems
 
 SOURCE_KEYS = ("llm_source", "encoder_source")
@@ -145,7 +149,7 @@ def holds_checkpoints(settings):
     """Whether the run's ``save_folder`` holds a checkpoint."""
     folder = settings.get("output_folder")
     save = settings.get("save_folder", os.path.join(folder, "save"))
-    return os.path.isdir(save) and any(name.startswith("CKPT") for name in os.listdir(save))
+    return folder_holds_checkpoints(save)
 
 
 def check_existing_run(settings):
@@ -329,8 +333,7 @@ def load_recipe_hparams(hparams_file, overrides, run_opts=None):
     if isinstance(folder, str):
         lock_output_folder(folder)  # before anything is written into the folder
     check_existing_run(settings)
-    if "stage_choices" in settings:
-        check_stage_folders(settings)
+    untrained_stages = check_stage_folders(settings) if "stage_choices" in settings else {}
     if isinstance(folder, str):
         keep_previous_hyperparams(folder)
     with open(hparams_file) as handle:
@@ -339,6 +342,5 @@ def load_recipe_hparams(hparams_file, overrides, run_opts=None):
     if isinstance(folder, str) and not holds_checkpoints(settings):
         with open(os.path.join(folder, RUN_RECORD), "w") as handle:
             json.dump(shaping_settings(settings), handle, indent=1)
-    if "stage_choices" in settings:
-        write_stage_records(settings)
+    write_stage_records(settings, untrained_stages)
     return hparams

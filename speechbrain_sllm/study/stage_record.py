@@ -47,6 +47,17 @@ NOT_TRAINING_KEYS = (
 SHOWN_DIFFERENCES = 12
 
 
+def node_tag(node):
+    """The yaml tag of a ruamel node (``!new:...``), or None for a plain value.
+
+    Example
+    -------
+    >>> node_tag({"lr": 0.1}) is None
+    True
+    """
+    return getattr(getattr(node, "tag", None), "value", None)
+
+
 def flat_settings(node, prefix=""):
     """A yaml node as ``{dotted key: scalar}``; a tagged node's tag under ``<key>.tag``.
 
@@ -67,7 +78,7 @@ def flat_settings(node, prefix=""):
     {'full_ft.lr': 0.1, 'full_ft.mitigations.0.weight': 1.0}
     """
     flat = {}
-    tag = getattr(getattr(node, "tag", None), "value", None)
+    tag = node_tag(node)
     if tag and prefix:
         flat[f"{prefix}.tag"] = str(tag)
     if hasattr(node, "items"):
@@ -164,7 +175,7 @@ def trained_stage_folders(settings):
     """
     choices, folders = settings.get("stage_choices") or {}, {}
     for name in settings.get("stages") or []:
-        tag = str(getattr(getattr(choices.get(name), "tag", None), "value", None) or "")
+        tag = str(node_tag(choices.get(name)) or "")
         stage_class = pydoc.locate(tag.split(":", 1)[1]) if tag.startswith("!new:") else None
         pattern = getattr(stage_class, "training_folder", None)
         if pattern:
@@ -173,7 +184,13 @@ def trained_stage_folders(settings):
 
 
 def folder_holds_checkpoints(folder):
-    """Whether ``folder`` or a folder below it holds a SpeechBrain checkpoint (``CKPT*``)."""
+    """Whether ``folder`` or a folder below it holds a SpeechBrain checkpoint (``CKPT*``).
+
+    Example
+    -------
+    >>> folder_holds_checkpoints("no/such/folder")
+    False
+    """
     for _, subfolders, _ in os.walk(folder):
         if any(sub.startswith("CKPT") for sub in subfolders):
             return True
@@ -215,10 +232,17 @@ def check_stage_folders(settings):
     ---------
     settings : dict
         The study's plain settings.
+
+    Returns
+    -------
+    dict
+        ``{name: folder}`` of the listed trained stages without checkpoints yet
+        (for ``write_stage_records``).
     """
-    refused = []
+    refused, untrained = [], {}
     for name, folder in trained_stage_folders(settings).items():
         if not folder_holds_checkpoints(folder):
+            untrained[name] = folder
             continue
         previous = read_record(folder)
         if previous is None:
@@ -234,18 +258,20 @@ def check_stage_folders(settings):
             "Rerun with the folder's settings, give another --output_folder, or remove the "
             "stage's folder to train it again. Nothing in the folder was changed."
         )
+    return untrained
 
 
-def write_stage_records(settings):
-    """Writes each listed trained stage's ``stage.json`` where no checkpoint is held yet.
+def write_stage_records(settings, untrained):
+    """Writes the ``stage.json`` of each trained stage that holds no checkpoint yet.
 
     Arguments
     ---------
     settings : dict
-        The study's plain settings (checked by ``check_stage_folders``).
+        The study's plain settings.
+    untrained : dict
+        ``{name: folder}`` from ``check_stage_folders``.
     """
     if not sb.utils.distributed.if_main_process():
         return
-    for name, folder in trained_stage_folders(settings).items():
-        if not folder_holds_checkpoints(folder):
-            write_json(stage_record(settings, name), os.path.join(folder, STAGE_RECORD))
+    for name, folder in untrained.items():
+        write_json(stage_record(settings, name), os.path.join(folder, STAGE_RECORD))
