@@ -53,6 +53,8 @@ def test_quick_study_produces_the_table_profiles_and_plots(quick_study):
         profile = json.loads((out / "importance" / name / "profile.json").read_text())
         expected = layer_shift(layer_sums(base_profile), layer_sums(profile))
         assert run["shift"]["js"] == pytest.approx(expected["js"]), name
+        # each stage's scores, written beside it when it ended, are the table's
+        assert json.loads((out / "finetune" / name / "results.json").read_text()) == run, name
     # weight interpolation: alpha 0 is the base LLM (text scores equal, item by item),
     # alpha 1 the fine-tuned one (every score equal)
     for name, run in runs.items():

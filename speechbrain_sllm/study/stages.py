@@ -47,6 +47,7 @@ from speechbrain_sllm.study.settings import StageTraining
 
 logger = logging.getLogger(__name__)
 BASE = "base"
+STAGE_RESULTS = "results.json"  # each fine-tuning stage's scores, in its folder
 
 
 class BaseStage:
@@ -324,6 +325,8 @@ class FinetuneStage:
         )
         results["shift"]["peak_after"] = peak_layer(profile)
         logger.info(f"{name}: {summarize_shift(results['shift'])}")
+        # readable as soon as the stage ends (a long run stopped later keeps it)
+        write_json(results, os.path.join(folder, STAGE_RESULTS))
         runner.results["strategies"][name] = results
         runner.profiles[name] = profile
 
