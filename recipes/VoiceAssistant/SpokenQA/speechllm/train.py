@@ -166,5 +166,5 @@ def main(argv):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
-    # after main: its model and brain are freed, so closing the group stops gloo's threads
+    # under torchrun: every rank waits for the others, then the group is closed
     close_process_group()
