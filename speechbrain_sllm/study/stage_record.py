@@ -48,7 +48,7 @@ SHOWN_DIFFERENCES = 12
 
 
 def node_tag(node):
-    """The yaml tag of a ruamel node (``!new:...``), or None for a plain value.
+    """The yaml tag of a ruamel node (such as ``!new:``), or None for a plain value.
 
     Example
     -------
